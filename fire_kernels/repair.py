@@ -1,0 +1,202 @@
+"""Fused repair kernels.
+
+Per row x (D elements), with V (K x D), per-row weights alpha, centre mu and thresholds tau:
+
+    c_k   = <v_k, x - mu>                          (the projection scores)
+    w_k   = alpha_k            (shift)
+          = alpha_k * c_k      (project)
+          = alpha_k * max(c_k - tau_k, 0)  (clamp)
+    out   = x - sum_k w_k v_k
+
+Two kernels cover all row lengths:
+- `_repair_fused_kernel`: a program owns a block of whole rows (D <= FUSED_MAX_D), reads each
+  row once, keeps it in registers while the K scores are reduced, and writes it once.
+- `_partial_scores_kernel` + `_apply_chunk_kernel`: long rows are split in chunks across
+  programs; the first launch writes per-chunk partial scores, the second sums them (in a fixed
+  order, so results are deterministic) and writes its chunk. No host round trip in between.
+
+All arithmetic is fp32: loads are upcast at once (the Triton interpreter also computes bf16
+wrongly otherwise).
+"""
+import torch
+
+from .blocks import MAX_K, FUSED_MAX_D, fused_blocks, next_pow2, split_blocks
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # the CPU and CUDA C++ kernels still work
+    triton = None
+    HAVE_TRITON = False
+
+SHIFT, PROJECT, CLAMP = 0, 1, 2
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _weights(c_k, alpha_k, tau_k, MODE: tl.constexpr):
+        if MODE == 0:
+            w = alpha_k + 0.0 * c_k
+        elif MODE == 1:
+            w = alpha_k * c_k
+        else:
+            w = alpha_k * tl.maximum(c_k - tau_k, 0.0)
+        return w
+
+    @triton.jit
+    def _repair_fused_kernel(
+        x_ptr, out_ptr, v_ptr, alpha_ptr, center_ptr, tau_ptr, scores_ptr,
+        N, D, K, stride_xn, stride_an,
+        MODE: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_TAU: tl.constexpr,
+        NEED_C: tl.constexpr, WANT_SCORES: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_D)
+        kidx = tl.arange(0, BLOCK_K)
+        rmask = rows < N
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+        c = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if NEED_C:
+            xc = x
+            if HAS_CENTER:
+                mu = tl.load(center_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+                xc = tl.where(mask, x - mu[None, :], 0.0)
+            for k in range(K):
+                v = tl.load(v_ptr + k * D + cols, mask=cmask, other=0.0).to(tl.float32)
+                c_k = tl.sum(xc * v[None, :], axis=1)
+                c = tl.where(kidx[None, :] == k, c_k[:, None], c)
+            if WANT_SCORES:
+                smask = rmask[:, None] & (kidx[None, :] < K)
+                tl.store(scores_ptr + rows64[:, None] * K + kidx[None, :], c, mask=smask)
+
+        y = x
+        for k in range(K):
+            v = tl.load(v_ptr + k * D + cols, mask=cmask, other=0.0).to(tl.float32)
+            a = tl.load(alpha_ptr + rows64 * stride_an + k, mask=rmask, other=0.0).to(tl.float32)
+            c_k = tl.sum(tl.where(kidx[None, :] == k, c, 0.0), axis=1)
+            t = 0.0
+            if HAS_TAU:
+                t = tl.load(tau_ptr + k).to(tl.float32)
+            w = _weights(c_k, a, t, MODE)
+            y = y - w[:, None] * v[None, :]
+        tl.store(out_ptr + rows64[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _partial_scores_kernel(
+        x_ptr, v_ptr, center_ptr, partial_ptr,
+        D, K, stride_xn, n_chunks,
+        HAS_CENTER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+        kidx = tl.arange(0, BLOCK_K)
+        cmask = cols < D
+        x = tl.load(x_ptr + row * stride_xn + cols, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_CENTER:
+            x = x - tl.load(center_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        p = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k in range(K):
+            v = tl.load(v_ptr + k * D + cols, mask=cmask, other=0.0).to(tl.float32)
+            p = tl.where(kidx == k, tl.sum(x * v, axis=0), p)
+        tl.store(partial_ptr + (row * n_chunks + chunk) * BLOCK_K + kidx, p)
+
+    @triton.jit
+    def _apply_chunk_kernel(
+        x_ptr, out_ptr, v_ptr, alpha_ptr, tau_ptr, partial_ptr, scores_ptr,
+        D, K, stride_xn, stride_an, n_chunks,
+        MODE: tl.constexpr, HAS_TAU: tl.constexpr, NEED_C: tl.constexpr, WANT_SCORES: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        kidx = tl.arange(0, BLOCK_K)
+        c = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        if NEED_C:
+            # Every program of the row sums the same partials in the same order.
+            for c0 in range(0, n_chunks, BLOCK_C):
+                cidx = c0 + tl.arange(0, BLOCK_C)
+                part = tl.load(
+                    partial_ptr + (row * n_chunks + cidx[:, None]) * BLOCK_K + kidx[None, :],
+                    mask=(cidx < n_chunks)[:, None], other=0.0,
+                )
+                c += tl.sum(part, axis=0)
+            if WANT_SCORES:
+                if chunk == 0:
+                    tl.store(scores_ptr + row * K + kidx, c, mask=kidx < K)
+        cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        y = tl.load(x_ptr + row * stride_xn + cols, mask=cmask, other=0.0).to(tl.float32)
+        for k in range(K):
+            v = tl.load(v_ptr + k * D + cols, mask=cmask, other=0.0).to(tl.float32)
+            a = tl.load(alpha_ptr + row * stride_an + k).to(tl.float32)
+            c_k = tl.sum(tl.where(kidx == k, c, 0.0), axis=0)
+            t = 0.0
+            if HAS_TAU:
+                t = tl.load(tau_ptr + k).to(tl.float32)
+            w = _weights(c_k, a, t, MODE)
+            y = y - w * v
+        tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+def repair_rows(x, directions, alpha, center, tau, mode: int, want_scores: bool):
+    """Launch the repair on prepared rows.
+
+    x: (N, D) with unit stride along D; directions: (K, D) fp32 contiguous; alpha: (K,) or
+    (N, K) fp32 contiguous; center: (D,) fp32 or None; tau: (K,) fp32 or None.
+    Returns out (N, D) contiguous in x's dtype and scores (N, K) fp32 (empty if not wanted).
+    Safe inside `torch.library.triton_op` (every launch goes through `wrap_triton`).
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("fire_kernels: Triton is not installed; use the C++/CUDA backend instead")
+    N, D = x.shape
+    K = directions.shape[0]
+    if K > MAX_K:
+        raise ValueError(f"fire_kernels: at most {MAX_K} directions per call, got K={K}")
+    out = torch.empty((N, D), dtype=x.dtype, device=x.device)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    scores = torch.empty((N, K), **f32) if want_scores else torch.empty((0,), **f32)
+    if N == 0 or D == 0:
+        if want_scores:
+            scores.zero_()  # an empty row projects to zero
+        return out, scores
+    need_c = mode != SHIFT or want_scores
+    block_k = next_pow2(K)
+    stride_an = K if alpha.dim() == 2 else 0
+    center_arg = center if center is not None else directions  # never read when absent
+    tau_arg = tau if tau is not None else alpha
+    scores_arg = scores if want_scores else alpha
+    wrap = torch.library.wrap_triton
+    if D <= FUSED_MAX_D:
+        block_n, block_d, warps = fused_blocks(D)
+        grid = (triton.cdiv(N, block_n),)
+        wrap(_repair_fused_kernel)[grid](
+            x, out, directions, alpha, center_arg, tau_arg, scores_arg,
+            N, D, K, x.stride(0), stride_an,
+            MODE=mode, HAS_CENTER=center is not None, HAS_TAU=tau is not None,
+            NEED_C=need_c, WANT_SCORES=want_scores,
+            BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
+        )
+        return out, scores
+    block_d, n_chunks, warps = split_blocks(D)
+    partial = torch.empty((N, n_chunks, block_k), **f32) if need_c else torch.empty((1,), **f32)
+    if need_c:
+        wrap(_partial_scores_kernel)[(N, n_chunks)](
+            x, directions, center_arg, partial, D, K, x.stride(0), n_chunks,
+            HAS_CENTER=center is not None, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
+        )
+    wrap(_apply_chunk_kernel)[(N, n_chunks)](
+        x, out, directions, alpha, tau_arg, partial, scores_arg,
+        D, K, x.stride(0), stride_an, n_chunks,
+        MODE=mode, HAS_TAU=tau is not None, NEED_C=need_c, WANT_SCORES=want_scores,
+        BLOCK_D=block_d, BLOCK_K=block_k, BLOCK_C=min(64, next_pow2(n_chunks)), num_warps=warps,
+    )
+    return out, scores

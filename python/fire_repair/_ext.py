@@ -1,0 +1,27 @@
+"""Loads the compiled extension `fire_repair._C` (the C++ CPU kernel and the CUDA C++ fallback).
+
+The package still imports without it; the native backends then raise `NativeUnavailable`
+with the reason and the command that builds it.
+"""
+import warnings
+
+BUILD_HINT = "build it with `pip install --no-build-isolation .` from the repository root (next to torch==2.13)"
+
+try:
+    from . import _C  # noqa: F401  (importing registers torch.ops.fire._repair_native)
+
+    AVAILABLE = True
+    LOAD_ERROR = None
+except ImportError as e:  # missing, or built against another torch
+    AVAILABLE = False
+    LOAD_ERROR = str(e)
+    warnings.warn(f"fire_repair._C could not be loaded ({e}); CPU repair is unavailable: {BUILD_HINT}", stacklevel=2)
+
+
+class NativeUnavailable(RuntimeError):
+    pass
+
+
+def require_native() -> None:
+    if not AVAILABLE:
+        raise NativeUnavailable(f"fire_repair._C is not loaded ({LOAD_ERROR}); {BUILD_HINT}")

@@ -1,0 +1,319 @@
+"""`torch.ops.fire.repair` and `torch.ops.fire.repair_with_scores`: validation, layout, backend
+choice, fake (meta) implementation and autograd.
+
+The public ops are `torch.library.triton_op`s: their body is plain PyTorch plus kernel calls, so
+it doubles as the fake implementation and `torch.compile` traces straight through it. The body
+sends
+- CUDA tensors to the Triton kernels in `fire_kernels` (or to the CUDA C++ fallback when Triton
+  is missing or FIRE_BACKEND=cuda);
+- CPU tensors to the C++ kernel (`torch.ops.fire._repair_native`, which has its own fake), or to
+  the Triton kernels under TRITON_INTERPRET=1 with FIRE_BACKEND=triton (how CI runs them).
+
+Layouts: the kernels see rows in x's *physical* order, so a channels_last (or any permuted
+dense) input is never copied; the directions and centre are permuted instead (K*D + D
+elements) and `out` comes back in x's memory format. Only inputs whose rows are not dense
+(e.g. x[:, ::2]) are copied first.
+"""
+import os
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import fire_kernels
+from fire_kernels import MAX_K, HAVE_TRITON
+
+from . import _ext
+from .reference import MODES
+
+MODE_IDS = {"shift": fire_kernels.SHIFT, "project": fire_kernels.PROJECT, "clamp": fire_kernels.CLAMP}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "triton", "cuda", "cpu")
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _is_eager(t: Tensor) -> bool:
+    """A real tensor outside tracing and CUDA-graph capture: value checks may read it."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+_checked_finite: dict = {}  # id(tensor) -> (weakref, version); tensors compare elementwise, so no WeakKeyDictionary
+
+
+def _check_values(name: str, t: Tensor, allow_inf: bool = False) -> None:
+    """Rejects NaN (and inf unless allowed). Checked once per tensor version, so a module's
+    buffer costs one check (one sync on CUDA), not one per call."""
+    if not _is_eager(t):
+        return
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors have no version counter
+        version = None
+    seen = _checked_finite.get(id(t))
+    if version is not None and seen is not None and seen[0]() is t and seen[1] == version:
+        return
+    ok = bool((~torch.isnan(t)).all()) if allow_inf else bool(torch.isfinite(t).all())
+    if not ok:
+        what = "NaN" if allow_inf else "NaN or inf"
+        raise ValueError(f"fire.repair: {name} contains {what}")
+    if version is not None:
+        key = id(t)
+        _checked_finite[key] = (weakref.ref(t, lambda _, key=key: _checked_finite.pop(key, None)), version)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _validate(x, directions, alpha, center, tau, mode):
+    """Checks the public arguments; returns (mode_id, V (K, D) fp32, alpha fp32, center fp32 or
+    None, tau fp32 or None) in x's logical order. Nothing is broadcast."""
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"fire.repair: mode must be one of {MODES}, got {mode!r}")
+    if x.dim() < 1:
+        raise ValueError("fire.repair: x must be (N, ...) with a batch dimension, got a 0-d tensor")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"fire.repair: x must be float32, float16 or bfloat16, got {x.dtype}")
+    for name, t in (("directions", directions), ("alpha", alpha), ("center", center), ("tau", tau)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"fire.repair: {name} is on {t.device} but x is on {x.device}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"fire.repair: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    feat = tuple(x.shape[1:])
+    D = _numel(feat)
+    if not (directions.dim() == 2 and directions.shape[1] == D) and tuple(directions.shape[1:]) != feat:
+        raise ValueError(f"fire.repair: directions must be (K, {D}) or (K, *{feat}), got {tuple(directions.shape)}")
+    K = directions.shape[0]
+    if not 1 <= K <= MAX_K:
+        raise ValueError(f"fire.repair: directions must hold 1 to {MAX_K} directions, got K={K}")
+    if tuple(alpha.shape) != (K,):
+        raise ValueError(f"fire.repair: alpha must be (K,) = ({K},), got {tuple(alpha.shape)}")
+    if center is not None and tuple(center.shape) not in ((D,), feat):
+        raise ValueError(f"fire.repair: center must be ({D},) or {feat}, got {tuple(center.shape)}")
+    if tau is not None:
+        if mode != "clamp":
+            raise ValueError(f"fire.repair: tau is only used by mode='clamp', got mode={mode!r}")
+        if tuple(tau.shape) != (K,):
+            raise ValueError(f"fire.repair: tau must be (K,) = ({K},), got {tuple(tau.shape)}")
+    _check_values("directions", directions)
+    _check_values("alpha", alpha)
+    if center is not None:
+        _check_values("center", center)
+    if tau is not None:
+        _check_values("tau", tau, allow_inf=True)
+    f32 = torch.float32
+    return (
+        MODE_IDS[mode],
+        directions.reshape(K, D).to(f32),
+        alpha.to(f32).contiguous(),
+        None if center is None else center.reshape(D).to(f32),
+        None if tau is None else tau.to(f32).contiguous(),
+    )
+
+
+# ----------------------------------------------------------------------------- backends
+
+def backend_for(device: torch.device) -> str:
+    """'triton' or 'native' for tensors on `device`, per FIRE_BACKEND (auto|triton|cuda|cpu)."""
+    choice = os.environ.get("FIRE_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"FIRE_BACKEND must be one of {BACKENDS}, got {choice!r}")
+    if device.type == "cuda":
+        if choice == "cuda":
+            return "native"
+        if HAVE_TRITON:
+            return "triton"
+        if choice == "triton":
+            raise RuntimeError("FIRE_BACKEND=triton but Triton is not installed")
+        return "native"
+    if device.type == "cpu":
+        if choice == "triton":
+            if os.environ.get("TRITON_INTERPRET") != "1" or not HAVE_TRITON:
+                raise RuntimeError("FIRE_BACKEND=triton on CPU tensors needs Triton and TRITON_INTERPRET=1")
+            return "triton"
+        return "native"
+    raise ValueError(f"fire.repair: x is on {device}; supported devices are cpu and cuda")
+
+
+def _physical_perm(x: Tensor):
+    """The order of x's feature dims in memory (outermost first), if each row is dense in it."""
+    dims = sorted(range(1, x.dim()), key=lambda d: -x.stride(d))  # stable: ties keep logical order
+    expected = 1
+    for d in reversed(dims):
+        if x.shape[d] != 1 and x.stride(d) != expected:
+            return None
+        expected *= x.shape[d]
+    return dims
+
+
+def _run(x, V, alpha, center, tau, mode_id: int, want_scores: bool):
+    """The repair of x (any layout) with V (K, D) fp32 in logical order; alpha (K,) or (N, K).
+    Returns out (x's shape and memory format) and scores (N, K) fp32 or an empty tensor."""
+    N, K = x.shape[0], V.shape[0]
+    feat = list(x.shape[1:])
+    perm = _physical_perm(x)
+    if perm is None:  # rows not dense in any order: the one case that copies x
+        x = x.contiguous()
+        perm = list(range(1, x.dim()))
+    if perm != list(range(1, x.dim())):
+        xp = x.permute(0, *perm)
+        V = V.reshape(K, *feat).permute(0, *perm)
+        if center is not None:
+            center = center.reshape(feat).permute(*[p - 1 for p in perm])
+    else:
+        xp = x
+    D = V.shape[1] if V.dim() == 2 else _numel(feat)
+    x2 = xp.reshape(N, D)
+    V = V.reshape(K, D).contiguous()
+    center = None if center is None else center.reshape(D).contiguous()
+    if backend_for(x.device) == "triton":
+        out2, scores = fire_kernels.repair_rows(x2, V, alpha, center, tau, mode_id, want_scores)
+    else:
+        _ext.require_native()
+        out2, scores = torch.ops.fire._repair_native(x2, V, alpha, center, tau, mode_id, want_scores)
+    out = out2.reshape(xp.shape)
+    if xp is not x:
+        inverse = [0] * x.dim()
+        for i, p in enumerate([0, *perm]):
+            inverse[p] = i
+        out = out.permute(*inverse)
+    return out, scores
+
+
+# ----------------------------------------------------------------------------- the ops
+
+def _define(name: str):
+    """A triton_op where Triton exists; otherwise a custom_op whose fake is the same body."""
+
+    def deco(fn):
+        if HAVE_TRITON:
+            return torch.library.triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+
+    return deco
+
+
+@_define("fire::repair")
+def repair(
+    x: Tensor,
+    directions: Tensor,
+    alpha: Tensor,
+    center: Optional[Tensor] = None,
+    tau: Optional[Tensor] = None,
+    mode: str = "project",
+) -> Tensor:
+    mode_id, V, a, mu, t = _validate(x, directions, alpha, center, tau, mode)
+    return _run(x, V, a, mu, t, mode_id, False)[0]
+
+
+@_define("fire::repair_with_scores")
+def repair_with_scores(
+    x: Tensor,
+    directions: Tensor,
+    alpha: Tensor,
+    center: Optional[Tensor] = None,
+    tau: Optional[Tensor] = None,
+    mode: str = "project",
+) -> tuple[Tensor, Tensor]:
+    mode_id, V, a, mu, t = _validate(x, directions, alpha, center, tau, mode)
+    out, scores = _run(x, V, a, mu, t, mode_id, True)
+    return out, scores
+
+
+@_define("fire::_repair_grad")
+def _repair_grad(grad: Tensor, directions: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """grad - sum_k weights[n, k] <grad_n, v_k> v_k, and <grad_n, v_k>, in one pass (backward)."""
+    out, p = _run(grad, directions, weights, None, None, fire_kernels.PROJECT, True)
+    return out, p
+
+
+if _ext.AVAILABLE:
+
+    @torch.library.register_fake("fire::_repair_native")
+    def _repair_native_fake(x, directions, alpha, center, tau, mode, want_scores):
+        N, K = x.shape[0], directions.shape[0]
+        out = x.new_empty((N, x.shape[1]))
+        scores = x.new_empty((N, K) if want_scores else (0,), dtype=torch.float32)
+        return out, scores
+
+
+# ----------------------------------------------------------------------------- autograd
+#
+# With w_nk = alpha_k g'(c_nk), G_nk = g(c_nk) (g = 1, c or relu(c - tau) by mode) and
+# P = grad_out V^T:
+#   dx     = grad_out - sum_k w_nk P_nk v_k            (fused: fire::_repair_grad)
+#   dV     = -(alpha * G)^T grad_out - (w * P)^T (x - mu)
+#   dalpha = -sum_n G * P,   dmu = sum_n (w * P) V,   dtau = sum_n (w * P)   (clamp)
+# plus, for repair_with_scores, the scores' own gradient (c = V (x - mu)).
+
+def _setup(ctx, inputs, output):
+    x, directions, alpha, center, tau, mode = inputs
+    scores = output[1] if isinstance(output, tuple) else None
+    ctx.mode = mode
+    ctx.has_center, ctx.has_tau = center is not None, tau is not None
+    ctx.save_for_backward(x, directions, alpha, center, tau, scores)
+
+
+def _backward(ctx, grad_out, grad_scores=None):
+    x, directions, alpha, center, tau, c = ctx.saved_tensors
+    n_inputs = len(ctx.needs_input_grad)  # trailing defaulted arguments may be absent
+    need_x, need_v, need_a, need_mu, need_tau = (list(ctx.needs_input_grad) + [False] * 5)[:5]
+    mode = ctx.mode
+    N, K = x.shape[0], directions.shape[0]
+    V = directions.reshape(K, -1).float()
+    a = alpha.float()
+    xc = x.reshape(N, -1).float()
+    if center is not None:
+        xc = xc - center.reshape(1, -1).float()
+    if c is None and mode != "shift":
+        c = xc @ V.T
+    if mode == "shift":
+        G, w = torch.ones(N, K, dtype=torch.float32, device=x.device), None
+    elif mode == "project":
+        G, w = c, a.expand(N, K)
+    else:
+        t = tau.float() if tau is not None else torch.zeros_like(a)
+        active = (c > t).float()
+        G, w = torch.clamp(c - t, min=0), a * active
+
+    if w is None:  # shift: out = x - const
+        dx = grad_out
+        P = grad_out.reshape(N, -1).float() @ V.T if need_a else None
+    else:
+        dx, P = _repair_grad(grad_out, V, w.contiguous())
+    if grad_scores is not None:
+        gs = grad_scores.float()
+        dx = dx + (gs @ V).reshape(x.shape).to(dx.dtype)
+
+    g2 = grad_out.reshape(N, -1).float()
+    dV = da = dmu = dtau = None
+    if need_v:
+        dV = -(a[:, None] * g2.sum(0)[None, :]) if w is None else -(a * G).T @ g2 - (w * P).T @ xc
+        if grad_scores is not None:
+            dV = dV + grad_scores.float().T @ xc
+        dV = dV.reshape(directions.shape).to(directions.dtype)
+    if need_a:
+        da = (-(G * P).sum(0)).to(alpha.dtype)
+    if need_mu:
+        dmu = torch.zeros(V.shape[1], device=x.device) if w is None else (w * P).sum(0) @ V
+        if grad_scores is not None:
+            dmu = dmu - grad_scores.float().sum(0) @ V
+        dmu = dmu.reshape(center.shape).to(center.dtype)
+    if need_tau:
+        dtau = (w * P).sum(0).to(tau.dtype)
+    return (dx, dV, da, dmu, dtau, None)[:n_inputs]
+
+
+repair.register_autograd(_backward, setup_context=_setup)
+repair_with_scores.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,27 @@
+"""Plain PyTorch statement of the repair maths: the reference the kernels are tested against,
+and the 'eager PyTorch' baseline of the benchmarks (what a user would write without us)."""
+import torch
+
+MODES = ("shift", "project", "clamp")
+
+
+def repair_reference(x, directions, alpha, center=None, tau=None, mode="project", compute_dtype=torch.float64):
+    """Returns (out, scores) computed in `compute_dtype`; out is cast back to x's dtype."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    N = x.shape[0]
+    K = directions.shape[0]
+    xr = x.reshape(N, -1).to(compute_dtype)
+    V = directions.reshape(K, -1).to(compute_dtype)
+    a = alpha.to(compute_dtype)
+    xc = xr if center is None else xr - center.reshape(-1).to(compute_dtype)
+    c = xc @ V.T
+    if mode == "shift":
+        w = a.expand(N, K)
+    elif mode == "project":
+        w = a * c
+    else:
+        t = torch.zeros_like(a) if tau is None else tau.to(compute_dtype)
+        w = a * torch.clamp(c - t, min=0)
+    out = (xr - w @ V).to(x.dtype).reshape(x.shape)
+    return out, c.float()

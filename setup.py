@@ -1,0 +1,59 @@
+"""Builds fire_repair._C: the C++ CPU kernel always, the CUDA C++ fallback where CUDA is really there.
+
+Install with `pip install --no-build-isolation .` next to an installed torch (an isolated build
+environment would download another torch).
+"""
+import os
+import platform
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _cpu_flags():
+    flags = ["-O3", "-fopenmp-simd", "-std=c++20"]
+    # The extension is built on the machine that runs it; FIRE_PORTABLE=1 gives a generic build.
+    if os.environ.get("FIRE_PORTABLE", "0") != "1" and platform.machine() in ("x86_64", "AMD64"):
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        if " avx2" in info and " fma" in info:
+            flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _want_cuda():
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extension():
+    sources = ["csrc/repair_cpu.cpp"]
+    extra = {"cxx": _cpu_flags()}
+    if _want_cuda():
+        sources.append("csrc/cuda/repair_cuda.cu")
+        extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
+        return CUDAExtension("fire_repair._C", sources, extra_compile_args=extra, py_limited_api=True)
+    return CppExtension("fire_repair._C", sources, extra_compile_args=extra, py_limited_api=True)
+
+
+setup(
+    name="fire-kernels",
+    version="0.1.0",
+    description="Fused kernels for FIRE: inference-time repair of backdoored networks",
+    package_dir={"": "python", "fire_kernels": "fire_kernels"},
+    packages=["fire_repair", "fire_repair.eval", "fire_kernels"],
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp311"}},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy", "safetensors", "tqdm"],
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "eval": ["scikit-learn", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["fire-repair=fire_repair.cli:main"]},
+)
