@@ -14,6 +14,7 @@ dense) input is never copied; the directions and centre are permuted instead (K*
 elements) and `out` comes back in x's memory format. Only inputs whose rows are not dense
 (e.g. x[:, ::2]) are copied first.
 """
+import math
 import os
 import weakref
 from typing import Optional
@@ -65,13 +66,6 @@ def _check_values(name: str, t: Tensor, allow_inf: bool = False) -> None:
         _checked_finite[key] = (weakref.ref(t, lambda _, key=key: _checked_finite.pop(key, None)), version)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _validate(x, directions, alpha, center, tau, mode):
     """Checks the public arguments; returns (mode_id, V (K, D) fp32, alpha fp32, center fp32 or
     None, tau fp32 or None) in x's logical order. Nothing is broadcast."""
@@ -89,7 +83,7 @@ def _validate(x, directions, alpha, center, tau, mode):
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"fire.repair: {name} must be float32, float16 or bfloat16, got {t.dtype}")
     feat = tuple(x.shape[1:])
-    D = _numel(feat)
+    D = math.prod(feat)
     if not (directions.dim() == 2 and directions.shape[1] == D) and tuple(directions.shape[1:]) != feat:
         raise ValueError(f"fire.repair: directions must be (K, {D}) or (K, *{feat}), got {tuple(directions.shape)}")
     K = directions.shape[0]
@@ -171,7 +165,7 @@ def _run(x, V, alpha, center, tau, mode_id: int, want_scores: bool):
             center = center.reshape(feat).permute(*[p - 1 for p in perm])
     else:
         xp = x
-    D = V.shape[1] if V.dim() == 2 else _numel(feat)
+    D = V.shape[1] if V.dim() == 2 else math.prod(feat)
     x2 = xp.reshape(N, D)
     V = V.reshape(K, D).contiguous()
     center = None if center is None else center.reshape(D).contiguous()
@@ -271,11 +265,12 @@ def _backward(ctx, grad_out, grad_scores=None):
     need_x, need_v, need_a, need_mu, need_tau = (list(ctx.needs_input_grad) + [False] * 5)[:5]
     mode = ctx.mode
     N, K = x.shape[0], directions.shape[0]
-    V = directions.reshape(K, -1).float()
+    D = math.prod(x.shape[1:])
+    V = directions.reshape(K, D).float()
     a = alpha.float()
-    xc = x.reshape(N, -1).float()
+    xc = x.reshape(N, D).float()
     if center is not None:
-        xc = xc - center.reshape(1, -1).float()
+        xc = xc - center.reshape(1, D).float()
     if c is None and mode != "shift":
         c = xc @ V.T
     if mode == "shift":
@@ -289,14 +284,14 @@ def _backward(ctx, grad_out, grad_scores=None):
 
     if w is None:  # shift: out = x - const
         dx = grad_out
-        P = grad_out.reshape(N, -1).float() @ V.T if need_a else None
+        P = grad_out.reshape(N, D).float() @ V.T if need_a else None
     else:
         dx, P = _repair_grad(grad_out, V, w.contiguous())
     if grad_scores is not None:
         gs = grad_scores.float()
         dx = dx + (gs @ V).reshape(x.shape).to(dx.dtype)
 
-    g2 = grad_out.reshape(N, -1).float()
+    g2 = grad_out.reshape(N, D).float()
     dV = da = dmu = dtau = None
     if need_v:
         dV = -(a[:, None] * g2.sum(0)[None, :]) if w is None else -(a * G).T @ g2 - (w * P).T @ xc

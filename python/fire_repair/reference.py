@@ -1,5 +1,7 @@
 """Plain PyTorch statement of the repair maths: the reference the kernels are tested against,
 and the 'eager PyTorch' baseline of the benchmarks (what a user would write without us)."""
+import math
+
 import torch
 
 MODES = ("shift", "project", "clamp")
@@ -11,8 +13,9 @@ def repair_reference(x, directions, alpha, center=None, tau=None, mode="project"
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     N = x.shape[0]
     K = directions.shape[0]
-    xr = x.reshape(N, -1).to(compute_dtype)
-    V = directions.reshape(K, -1).to(compute_dtype)
+    D = math.prod(x.shape[1:])
+    xr = x.reshape(N, D).to(compute_dtype)
+    V = directions.reshape(K, D).to(compute_dtype)
     a = alpha.to(compute_dtype)
     xc = xr if center is None else xr - center.reshape(-1).to(compute_dtype)
     c = xc @ V.T

@@ -1,0 +1,51 @@
+"""Test setup. Without a GPU, the Triton kernels run under the Triton interpreter, which must
+be switched on before triton is first imported."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fire_kernels  # noqa: E402
+from fire_repair import _ext  # noqa: E402
+
+
+def _cuda_native_available() -> bool:
+    if not (torch.cuda.is_available() and _ext.AVAILABLE):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fire::_repair_native", "CUDA")
+
+
+def available_backends():
+    """(name, device, FIRE_BACKEND value) for each backend that can run here."""
+    out = [("cpu-native", "cpu", "cpu")]
+    if fire_kernels.HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+        out.append(("cpu-triton-interpreted", "cpu", "triton"))
+    if torch.cuda.is_available():
+        if fire_kernels.HAVE_TRITON:
+            out.append(("cuda-triton", "cuda", "triton"))
+        if _cuda_native_available():
+            out.append(("cuda-native", "cuda", "cuda"))
+    return out
+
+
+BACKENDS = available_backends()
+
+
+@pytest.fixture(params=BACKENDS, ids=[b[0] for b in BACKENDS])
+def backend(request, monkeypatch):
+    name, device, env = request.param
+    monkeypatch.setenv("FIRE_BACKEND", env)
+    return device
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped cleanly without one)")
+    config.addinivalue_line("markers", "slow: end-to-end runs of a few seconds or more")
+
+
+def pytest_report_header(config):
+    return "fire backends here: " + ", ".join(b[0] for b in BACKENDS)

@@ -1,0 +1,75 @@
+"""GPU-only checks: Triton and the CUDA C++ fallback against each other and the reference,
+opcheck and torch.compile on CUDA, CUDA-graph capture. Skipped cleanly without a GPU; the
+CPU-side suites also run every CUDA backend (see conftest.available_backends)."""
+import pytest
+import torch
+
+import fire_repair as fr
+from conftest import _cuda_native_available
+from helpers import OUT_TOL, make_params, make_x
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("mode", fr.MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(256, 64, 32, 32), (7, 512, 4, 4), (1024, 640), (3, 300001)], ids=str)
+def test_triton_and_cuda_fallback_agree(monkeypatch, mode, dtype, shape):
+    if not _cuda_native_available():
+        pytest.skip("the extension was built without CUDA")
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    if x.dim() == 4:
+        x = x.to(memory_format=torch.channels_last)
+    V, a, mu, tau = make_params(x, 16, mode, "cuda")
+    monkeypatch.setenv("FIRE_BACKEND", "triton")
+    t_out, t_sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode)
+    monkeypatch.setenv("FIRE_BACKEND", "cuda")
+    c_out, c_sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode)
+    exact, ref_sc = fr.repair_reference(x.double(), V, a, mu, tau, mode)
+    rtol, atol = OUT_TOL[dtype]
+    for out, sc in ((t_out, t_sc), (c_out, c_sc)):
+        torch.testing.assert_close(out.double(), exact, rtol=rtol, atol=atol)
+        torch.testing.assert_close(sc, ref_sc, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("op", ["repair", "repair_with_scores"])
+def test_opcheck_cuda(op):
+    for mode in fr.MODES:
+        x = make_x("channels_last", torch.float32, "cuda").requires_grad_()
+        V, a, mu, tau = make_params(x, 3, mode, "cuda")
+        torch.library.opcheck(getattr(torch.ops.fire, op).default, (x, V, a, mu, tau, mode))
+
+
+def test_compile_cuda_matches_eager():
+    torch._dynamo.reset()
+    x = torch.randn(64, 32, 8, 8, device="cuda")
+    V, a, mu, tau = make_params(x, 4, "clamp", "cuda")
+
+    def f(h):
+        return torch.ops.fire.repair(h.relu(), V, a, mu, tau, "clamp") * 2
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    for n in (64, 100):
+        h = torch.randn(n, 32, 8, 8, device="cuda")
+        torch.testing.assert_close(compiled(h), f(h))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture(monkeypatch, backend):
+    if backend == "cuda" and not _cuda_native_available():
+        pytest.skip("the extension was built without CUDA")
+    monkeypatch.setenv("FIRE_BACKEND", backend)
+    x = torch.randn(32, 64, 16, 16, device="cuda")
+    V, a, mu, tau = make_params(x, 4, "clamp", "cuda")
+    torch.ops.fire.repair(x, V, a, mu, tau, "clamp")  # warm-up: compiles kernels, checks values
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        out = torch.ops.fire.repair(x, V, a, mu, tau, "clamp")
+    torch.cuda.current_stream().wait_stream(stream)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected, _ = fr.repair_reference(x, V, a, mu, tau, "clamp", compute_dtype=torch.float32)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

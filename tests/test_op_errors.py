@@ -1,0 +1,83 @@
+"""Bad input raises a clear error that names the argument; nothing is broadcast."""
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import make_params, make_x
+
+
+def _args(mode="clamp"):
+    x = make_x("4d", torch.float32, "cpu")
+    V, a, mu, tau = make_params(x, 3, mode, "cpu")
+    return dict(x=x, directions=V, alpha=a, center=mu, tau=tau, mode=mode)
+
+
+def _call(**kw):
+    return torch.ops.fire.repair(kw["x"], kw["directions"], kw["alpha"], kw["center"], kw["tau"], kw["mode"])
+
+
+CASES = {
+    "unknown mode": (dict(mode="projct"), ValueError, "mode"),
+    "integer x": (dict(x=torch.zeros(5, 3, 5, 7, dtype=torch.int32)), TypeError, "x must be"),
+    "float64 x": (dict(x=torch.zeros(5, 3, 5, 7, dtype=torch.float64)), TypeError, "x must be"),
+    "0-d x": (dict(x=torch.tensor(1.0)), ValueError, "x must be (N, ...)"),
+    "directions of the wrong D": (dict(directions=torch.randn(3, 104)), ValueError, "directions must be"),
+    "directions of the wrong feature shape": (dict(directions=torch.randn(3, 3, 7, 5)), ValueError, "directions"),
+    "directions without K": (dict(directions=torch.randn(105)), ValueError, "directions"),
+    "too many directions": (dict(directions=torch.randn(65, 105), alpha=torch.ones(65), tau=torch.ones(65)), ValueError, "directions must hold"),
+    "alpha of the wrong K": (dict(alpha=torch.ones(2)), ValueError, "alpha must be"),
+    "scalar alpha": (dict(alpha=torch.tensor(1.0)), ValueError, "alpha must be"),
+    "center of the wrong size": (dict(center=torch.zeros(104)), ValueError, "center must be"),
+    "center to broadcast": (dict(center=torch.zeros(3, 1, 1)), ValueError, "center must be"),
+    "tau of the wrong K": (dict(tau=torch.zeros(4)), ValueError, "tau must be"),
+    "tau with project": (dict(mode="project"), ValueError, "tau is only used"),
+    "integer directions": (dict(directions=torch.ones(3, 105, dtype=torch.int64)), TypeError, "directions must be"),
+    "NaN in directions": (dict(directions=torch.full((3, 105), float("nan"))), ValueError, "directions contains"),
+    "inf in alpha": (dict(alpha=torch.tensor([1.0, float("inf"), 1.0])), ValueError, "alpha contains"),
+    "NaN in center": (dict(center=torch.full((105,), float("nan"))), ValueError, "center contains"),
+    "NaN in tau": (dict(tau=torch.tensor([0.0, float("nan"), 0.0])), ValueError, "tau contains"),
+    "directions on another device": (dict(directions=torch.randn(3, 105, device="meta")), ValueError, "directions is on meta"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_named(case):
+    change, exc, text = CASES[case]
+    kw = {**_args(), **change}
+    with pytest.raises(exc, match=re.escape(text)):
+        _call(**kw)
+
+
+def test_nan_check_follows_in_place_edits():
+    kw = _args()
+    _call(**kw)  # checked and cached for this version of the tensor
+    kw["directions"][0, 0] = float("nan")  # bumps the version counter
+    with pytest.raises(ValueError, match="directions contains"):
+        _call(**kw)
+
+
+def test_unknown_backend_variable(monkeypatch):
+    monkeypatch.setenv("FIRE_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="FIRE_BACKEND"):
+        _call(**_args())
+
+
+def test_package_imports_without_extension():
+    """With _C missing, import still works and the CPU op says how to build it."""
+    code = (
+        "import sys, warnings; sys.modules['fire_repair._C'] = None\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always'); import fire_repair\n"
+        "assert any('could not be loaded' in str(m.message) for m in w)\n"
+        "import torch\n"
+        "try:\n"
+        "    torch.ops.fire.repair(torch.ones(2, 3), torch.ones(1, 3), torch.ones(1), None, None, 'shift')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'pip install --no-build-isolation' in str(e), e; print('clear error')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "clear error" in res.stdout

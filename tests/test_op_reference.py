@@ -1,0 +1,109 @@
+"""Every backend against the plain PyTorch reference: modes, K, dtypes, layouts, sizes, N=0."""
+import pytest
+import torch
+
+import fire_repair as fr
+from helpers import OUT_TOL, SCORE_TOL, make_params, make_x
+
+LAYOUTS = ["2d", "4d", "channels_last", "transposed", "strided", "row_strided", "3d"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _check(out, scores, x, V, a, mu, tau, mode):
+    ref_out, ref_scores = fr.repair_reference(x, V, a, mu, tau, mode, compute_dtype=torch.float64)
+    # against the exact (fp64, unrounded) answer: the output may differ by the final rounding
+    exact, _ = fr.repair_reference(x.double(), V, a, mu, tau, mode)
+    rtol, atol = OUT_TOL[x.dtype]
+    assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+    torch.testing.assert_close(out.double(), exact, rtol=rtol, atol=atol)
+    if scores is not None:
+        assert scores.shape == (x.shape[0], V.shape[0]) and scores.dtype == torch.float32
+        torch.testing.assert_close(scores, ref_scores, rtol=SCORE_TOL[0], atol=SCORE_TOL[1])
+    return ref_out
+
+
+@pytest.mark.parametrize("mode", fr.MODES)
+@pytest.mark.parametrize("k", [1, 3, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matches_reference(backend, mode, k, dtype, layout):
+    x = make_x(layout, dtype, backend)
+    V, a, mu, tau = make_params(x, k, mode, backend)
+    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode)
+    _check(out, scores, x, V, a, mu, tau, mode)
+    out_only = torch.ops.fire.repair(x, V, a, mu, tau, mode)
+    torch.testing.assert_close(out_only, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["4d", "channels_last", "transposed", "strided", "row_strided"])
+def test_output_keeps_memory_format(backend, layout):
+    x = make_x(layout, torch.float32, backend)
+    V, a, mu, _ = make_params(x, 2, "project", backend)
+    out = torch.ops.fire.repair(x, V, a, mu, None, "project")
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        assert out.stride() == torch.empty_like(x).stride()
+    else:
+        assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("mode", fr.MODES)
+def test_directions_in_feature_shape(backend, mode):
+    x = make_x("channels_last", torch.float32, backend)
+    V, a, mu, tau = make_params(x, 3, mode, backend, directions_shape="full")
+    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode)
+    _check(out, scores, x, V, a, mu, tau, mode)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 33, 70])
+@pytest.mark.parametrize("mode", fr.MODES)
+def test_batch_sizes(backend, n, mode):
+    x = make_x("2d", torch.float32, backend, n=n)
+    V, a, mu, tau = make_params(x, 3, mode, backend)
+    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode)
+    assert out.shape == (n, 37) and scores.shape == (n, 3)
+    _check(out, scores, x, V, a, mu, tau, mode)
+
+
+# D from 1 to 2^18: odd sizes, both sides of the fused/split boundary of the Triton kernels.
+@pytest.mark.parametrize("D", [1, 2, 7, 100, 1000, 4097, 16384, 16385, 65537, 2**18])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_lengths(backend, D, dtype):
+    g = torch.Generator().manual_seed(D)
+    x = torch.randn(2, D, generator=g).to(backend, dtype)
+    V = (torch.randn(3, D, generator=g) / D**0.5).to(backend)
+    a = torch.rand(3, generator=g).to(backend)
+    mu = (0.1 * torch.randn(D, generator=g)).to(backend)
+    tau = (0.1 * torch.rand(3, generator=g)).to(backend)
+    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, "clamp")
+    exact, ref_scores = fr.repair_reference(x.double(), V, a, mu, tau, "clamp")
+    rtol, atol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1.6e-2, 1.6e-2)}[dtype]
+    torch.testing.assert_close(out.double(), exact, rtol=rtol, atol=atol)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-3)
+
+
+def test_shift_is_a_constant_offset(backend):
+    x = make_x("4d", torch.float32, backend)
+    V, a, _, _ = make_params(x, 2, "shift", backend)
+    out = torch.ops.fire.repair(x, V, a, None, None, "shift")
+    offset = (a[:, None] * V).sum(0).reshape(x.shape[1:])
+    torch.testing.assert_close(out, x - offset, rtol=1e-6, atol=1e-6)
+
+
+def test_clamp_leaves_samples_below_tau_untouched(backend):
+    x = make_x("2d", torch.float32, backend, n=8)
+    V, a, mu, _ = make_params(x, 2, "clamp", backend)
+    tau = torch.full((2,), 1e6, device=backend)
+    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, "clamp")
+    assert torch.equal(out, x)
+    tau = torch.full((2,), float("inf"), device=backend)  # inf means "never repair"
+    assert torch.equal(torch.ops.fire.repair(x, V, a, mu, tau, "clamp"), x)
+
+
+def test_parameter_dtypes_are_accepted(backend):
+    x = make_x("2d", torch.bfloat16, backend)
+    V, a, mu, tau = make_params(x, 3, "clamp", backend)
+    out = torch.ops.fire.repair(x, V.bfloat16(), a.half(), mu.bfloat16(), tau, "clamp")
+    ref, _ = fr.repair_reference(x, V.bfloat16(), a.half(), mu.bfloat16(), tau, "clamp")
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1.6e-2, atol=1.6e-2)
