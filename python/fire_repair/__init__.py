@@ -1,10 +1,24 @@
 """fire_repair: inference-time repair of backdoored networks (FIRE), on fused kernels.
 
 Importing registers `torch.ops.fire.repair` and `torch.ops.fire.repair_with_scores`.
+
+    est = fire_repair.Estimator(model, layers=["layer3"], k=1)
+    est.observe(x_clean, poisoned=False); est.observe(x_poisoned, poisoned=True)
+    profile = est.profile(mode="clamp", alpha=1.0)
+    fire_repair.attach(model, profile)
 """
 from . import _ext
+from .attach import RepairModule, attach, detach, repair_modules
+from .estimate import Estimator
+from .online import Online
 from .ops import backend_for, repair, repair_with_scores
+from .profile import LayerRepair, Profile, ProfileError, fingerprint
 from .reference import MODES, repair_reference
+from .select import Selection, select
 
 __version__ = "0.1.0"
-__all__ = ["MODES", "backend_for", "repair", "repair_reference", "repair_with_scores"]
+__all__ = [
+    "Estimator", "LayerRepair", "MODES", "Online", "Profile", "ProfileError", "RepairModule", "Selection",
+    "attach", "backend_for", "detach", "fingerprint", "repair", "repair_modules", "repair_reference",
+    "repair_with_scores", "select",
+]

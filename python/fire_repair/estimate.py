@@ -1,0 +1,336 @@
+"""Streaming, mergeable estimation of backdoor directions at named layers.
+
+Per layer the estimator keeps, in memory that does not grow with the number of samples:
+- clean, poisoned and paired-difference counts and sums (float64);
+- a Frequent Directions sketch of the poisoned rows (unpaired) and of the paired differences,
+  for the K > 1 principal directions;
+- a seeded reservoir of clean rows, to calibrate tau and the score scale on the final
+  directions.
+
+Directions (`LayerStats.directions`):
+- beta = mean(h(x_p) - h(x_c)) over pairs, or mean h(A(x_p)) - mean h(A(x_c)) unpaired;
+- v_1 = beta / |beta| (so K = 1 is exactly the paper's direction);
+- v_2..v_K: the top principal directions of the differences (poisoned rows minus the clean
+  mean when unpaired) after removing the v_1 component, orthonormal to v_1 and each other.
+"""
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .profile import LayerRepair, Profile, fingerprint
+from .reference import MODES
+from .sketch import FrequentDirections, Reservoir
+
+
+class LayerStats:
+    def __init__(self, feature_shape, sketch_rows: int = 32, reservoir: int = 512, seed: int = 0):
+        self.feature_shape = tuple(feature_shape)
+        D = 1
+        for s in self.feature_shape:
+            D *= s
+        self.dim = D
+        f64 = dict(dtype=torch.float64)
+        self.n_clean, self.sum_clean = 0, torch.zeros(D, **f64)
+        self.n_poison, self.sum_poison = 0, torch.zeros(D, **f64)
+        self.n_pairs, self.sum_diff = 0, torch.zeros(D, **f64)
+        self.poison_sketch = FrequentDirections(D, sketch_rows)
+        self.diff_sketch = FrequentDirections(D, sketch_rows)
+        self.clean_sample = Reservoir(D, reservoir, seed)
+
+    # -- streaming updates: rows are (n, D) float tensors
+    def add_clean(self, h: torch.Tensor) -> None:
+        h = h.detach().cpu().double()
+        self.n_clean += h.shape[0]
+        self.sum_clean += h.sum(0)
+        self.clean_sample.update(h)
+
+    def add_poisoned(self, h: torch.Tensor) -> None:
+        h = h.detach().cpu()
+        self.n_poison += h.shape[0]
+        self.sum_poison += h.double().sum(0)
+        self.poison_sketch.update(h)
+
+    def add_pairs(self, h_clean: torch.Tensor, h_poisoned: torch.Tensor) -> None:
+        d = (h_poisoned.detach().double() - h_clean.detach().double()).cpu()
+        self.n_pairs += d.shape[0]
+        self.sum_diff += d.sum(0)
+        self.diff_sketch.update(d)
+        self.add_clean(h_clean)
+        self.add_poisoned(h_poisoned)
+
+    def merge(self, other: "LayerStats") -> None:
+        if other.feature_shape != self.feature_shape:
+            raise ValueError(f"cannot merge stats of shapes {self.feature_shape} and {other.feature_shape}")
+        self.n_clean += other.n_clean
+        self.sum_clean += other.sum_clean
+        self.n_poison += other.n_poison
+        self.sum_poison += other.sum_poison
+        self.n_pairs += other.n_pairs
+        self.sum_diff += other.sum_diff
+        self.poison_sketch.merge(other.poison_sketch)
+        self.diff_sketch.merge(other.diff_sketch)
+        self.clean_sample.merge(other.clean_sample)
+
+    # -- results
+    def source(self, requested: str = "auto") -> str:
+        if requested not in ("auto", "paired", "unpaired"):
+            raise ValueError(f"source must be 'auto', 'paired' or 'unpaired', got {requested!r}")
+        if requested == "auto":
+            requested = "paired" if self.n_pairs else "unpaired"
+        if requested == "paired" and self.n_pairs == 0:
+            raise ValueError("no paired samples were observed (use observe_pairs)")
+        if requested == "unpaired" and (self.n_clean == 0 or self.n_poison == 0):
+            raise ValueError(f"unpaired estimation needs clean and poisoned samples; saw {self.n_clean} clean, "
+                             f"{self.n_poison} poisoned")
+        return requested
+
+    def clean_mean(self) -> torch.Tensor:
+        if self.n_clean == 0:
+            raise ValueError("no clean samples were observed: the centre is undefined")
+        return self.sum_clean / self.n_clean
+
+    def beta(self, source: str) -> torch.Tensor:
+        if source == "paired":
+            return self.sum_diff / self.n_pairs
+        return self.sum_poison / self.n_poison - self.clean_mean()
+
+    def directions(self, k: int, source: str) -> torch.Tensor:
+        """(k, D) orthonormal rows; the first is beta / |beta|."""
+        beta = self.beta(source)
+        norm = beta.norm()
+        if norm == 0:
+            raise ValueError("the clean and poisoned activations have the same mean: no direction to estimate")
+        v1 = beta / norm
+        if k == 1:
+            return v1[None].float()
+        # Second moment of the differences, S = sum_i d_i d_i^T, seen through its sketch. Unpaired:
+        # d_i = p_i - mu_c, so S = P^T P - n (mu_c mu_p^T + mu_p mu_c^T) + n mu_c mu_c^T.
+        if source == "paired":
+            B, low_rank = self.diff_sketch.matrix().double(), []
+        else:
+            B = self.poison_sketch.matrix().double()
+            n, mu_c, mu_p = self.n_poison, self.clean_mean(), self.sum_poison / self.n_poison
+            low_rank = [(-n, mu_c, mu_p), (-n, mu_p, mu_c), (n, mu_c, mu_c)]
+        basis = torch.cat([B, v1[None]] + [torch.stack([a, b]) for _, a, b in low_rank]).T
+        Q, _ = torch.linalg.qr(basis)  # (D, r): the sketch's span, where S lives
+        Q = Q - v1[:, None] * (v1 @ Q)[None]  # deflate v1
+        Q, _ = torch.linalg.qr(Q)
+        BQ = B @ Q
+        small = BQ.T @ BQ
+        for w, a, b in low_rank:
+            small += w * torch.outer(a @ Q, b @ Q)
+        small = (small + small.T) / 2
+        evals, evecs = torch.linalg.eigh(small)
+        order = evals.argsort(descending=True)[: k - 1]
+        if evals[order].min() <= 1e-12 * max(float(evals.max()), 1e-30) or len(order) < k - 1:
+            raise ValueError(f"only {int((evals > 1e-12 * evals.max()).sum()) + 1} directions are supported by "
+                             f"the data; asked for k={k}")
+        rest = (Q @ evecs[:, order]).T
+        rest = rest * torch.where((rest @ beta) < 0, -1.0, 1.0)[:, None]  # sign: towards the trigger
+        V = torch.cat([v1[None], rest])
+        V, _ = torch.linalg.qr(V.T)  # re-orthonormalise in fp64; QR keeps v1 first (up to sign)
+        V = V.T * torch.where((V.T @ beta) < 0, -1.0, 1.0)[:, None]
+        return V.float()
+
+    def clean_projections(self, V: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        rows = self.clean_sample.rows
+        if rows.shape[0] == 0:
+            raise ValueError("no clean samples were kept for calibration")
+        return (rows - center.float()) @ V.T
+
+
+def _flatten(h: torch.Tensor) -> torch.Tensor:
+    return h.detach().reshape(h.shape[0], -1).float()
+
+
+class Estimator:
+    """Collects activations at named layers through forward hooks and estimates directions.
+
+    >>> est = Estimator(model, layers=["layer3"], k=1)
+    >>> est.observe(x_clean, poisoned=False); est.observe(x_poisoned, poisoned=True)
+    >>> profile = est.profile(mode="clamp", alpha=1.0)
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[str], k: int = 1,
+                 augment: Optional[Callable] = None, n_augment: int = 1, sketch_rows: int = 32,
+                 reservoir: int = 512, seed: int = 0):
+        if isinstance(layers, str):
+            layers = [layers]
+        if not layers:
+            raise ValueError("name at least one layer")
+        modules = dict(model.named_modules())
+        missing = [name for name in layers if name not in modules]
+        if missing:
+            raise ValueError(f"the model has no layer(s) {missing}; it has e.g. {list(modules)[1:10]}")
+        if not 1 <= k <= 64:
+            raise ValueError(f"k must be between 1 and 64, got {k}")
+        if sketch_rows < k:
+            raise ValueError(f"sketch_rows ({sketch_rows}) must be at least k ({k})")
+        if n_augment < 1:
+            raise ValueError(f"n_augment must be >= 1, got {n_augment}")
+        self.model, self.layers, self.k = model, list(layers), k
+        self.augment, self.n_augment = augment, n_augment
+        self.sketch_rows, self.reservoir, self.seed = sketch_rows, reservoir, seed
+        self.stats: dict = {}
+        self._modules = {name: modules[name] for name in self.layers}
+
+    # -- activations
+    @torch.no_grad()
+    def activations(self, x: torch.Tensor) -> dict:
+        """The outputs of the named layers for x (flattened to (N, D) fp32), in eval mode."""
+        captured = {}
+        hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: captured.__setitem__(name, out))
+                 for name, m in self._modules.items()]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+            self.model.train(was_training)
+        for name in self.layers:
+            if name not in captured:
+                raise RuntimeError(f"layer {name!r} did not run in the forward pass")
+            if name not in self.stats:
+                self.stats[name] = LayerStats(captured[name].shape[1:], self.sketch_rows, self.reservoir, self.seed)
+            elif tuple(captured[name].shape[1:]) != self.stats[name].feature_shape:
+                raise ValueError(f"layer {name!r} produced shape {tuple(captured[name].shape[1:])}, earlier "
+                                 f"{self.stats[name].feature_shape}")
+        return {name: _flatten(captured[name]) for name in self.layers}
+
+    def _views(self, x):
+        """x itself, or its augmented copies (the unpaired estimate averages over augmentations)."""
+        if self.augment is None:
+            return [x]
+        return [self.augment(x) for _ in range(self.n_augment)]
+
+    # -- observation
+    def observe(self, x: torch.Tensor, poisoned: Union[bool, torch.Tensor]) -> None:
+        """Unpaired: a batch of clean (poisoned=False) or poisoned (True) inputs, or a per-sample
+        bool mask of which rows are poisoned."""
+        for view in self._views(x):
+            acts = self.activations(view)
+            if isinstance(poisoned, torch.Tensor):
+                mask = poisoned.to(torch.bool).cpu()
+                if mask.shape != (x.shape[0],):
+                    raise ValueError(f"poisoned mask must be ({x.shape[0]},), got {tuple(mask.shape)}")
+                for name, h in acts.items():
+                    h = h.cpu()
+                    if (~mask).any():
+                        self.stats[name].add_clean(h[~mask])
+                    if mask.any():
+                        self.stats[name].add_poisoned(h[mask])
+            else:
+                for name, h in acts.items():
+                    (self.stats[name].add_poisoned if poisoned else self.stats[name].add_clean)(h)
+
+    def observe_pairs(self, x_clean: torch.Tensor, x_poisoned: torch.Tensor) -> None:
+        """Paired: row i of x_poisoned is row i of x_clean with the trigger."""
+        if x_clean.shape != x_poisoned.shape:
+            raise ValueError(f"pairs must have equal shapes, got {tuple(x_clean.shape)} and {tuple(x_poisoned.shape)}")
+        hc, hp = self.activations(x_clean), self.activations(x_poisoned)
+        for name in self.layers:
+            self.stats[name].add_pairs(hc[name], hp[name])
+
+    def observe_loader(self, batches: Iterable, poisoned=None, paired: bool = False, progress: bool = True,
+                       desc: str = "estimating") -> None:
+        """Feeds an iterable of batches: x, (x, poisoned_mask) or, with paired=True, (x_clean, x_poisoned)."""
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
+            if paired:
+                self.observe_pairs(*batch[:2])
+            elif poisoned is None:
+                self.observe(batch[0], poisoned=batch[1])
+            else:
+                self.observe(batch[0] if isinstance(batch, (tuple, list)) else batch, poisoned=poisoned)
+
+    # -- merging (several processes or shards)
+    def merge(self, other: "Estimator") -> "Estimator":
+        for name, stats in other.stats.items():
+            if name not in self.stats:
+                self.stats[name] = stats
+            else:
+                self.stats[name].merge(stats)
+        return self
+
+    def all_reduce(self, group=None) -> "Estimator":
+        """Merges the estimators of all ranks of a torch.distributed group, in rank order, so every
+        rank ends with the same statistics (tensor collectives only, nothing is pickled)."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        for name in self.layers:
+            mine = self.stats.get(name)
+            if mine is None:
+                raise RuntimeError(f"rank {dist.get_rank(group)} has observed nothing at {name!r}")
+            gathered = [_gather_stats(mine, src, group) for src in range(world)]
+            total = gathered[0]
+            for other in gathered[1:]:
+                total.merge(other)
+            self.stats[name] = total
+        return self
+
+    # -- the profile
+    def profile(self, mode: str = "clamp", alpha: Union[float, Sequence[float]] = 1.0, tau_quantile: float = 0.99,
+                source: str = "auto", k: Optional[int] = None, layers: Optional[Sequence[str]] = None) -> Profile:
+        """Calibrates centre (clean mean), tau (the `tau_quantile` of the clean projections),
+        score scale (their std) and packs a Profile for the named layers (default: all)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0.0 <= tau_quantile <= 1.0:
+            raise ValueError(f"tau_quantile must be in [0, 1], got {tau_quantile}")
+        k = self.k if k is None else k
+        out, info = [], {"k": k, "tau_quantile": tau_quantile, "layers": {}}
+        for name in layers or self.layers:
+            if name not in self.stats:
+                raise ValueError(f"nothing was observed at layer {name!r}")
+            st = self.stats[name]
+            src = st.source(source)
+            V = st.directions(k, src)
+            center = st.clean_mean().float()
+            proj = st.clean_projections(V, center)
+            a = torch.as_tensor(alpha, dtype=torch.float32).flatten()
+            if a.numel() == 1:
+                a = a.expand(k).clone()
+            if a.shape != (k,):
+                raise ValueError(f"alpha must be a float or {k} values, got {a.numel()}")
+            beta = st.beta(src).float()
+            directions = V
+            if mode == "shift":  # the paper's rule: subtract beta itself (its part along each v_k)
+                directions = (V @ beta)[:, None] * V
+            fs = st.feature_shape
+            tau = torch.quantile(proj, tau_quantile, dim=0).float() if mode == "clamp" else None
+            out.append(LayerRepair(
+                name=name, mode=mode, directions=directions.reshape(k, *fs).contiguous(), alpha=a,
+                center=center.reshape(fs), tau=tau, score_scale=proj.std(0).clamp_min(1e-12).float(),
+                beta=beta.reshape(fs)))
+            info["layers"][name] = {"source": src, "n_clean": st.n_clean, "n_poisoned": st.n_poison,
+                                    "n_pairs": st.n_pairs, "beta_norm": float(beta.norm())}
+        return Profile(layers=out, fingerprint=fingerprint(self.model), info=info)
+
+
+def _gather_stats(stats: LayerStats, src: int, group) -> LayerStats:
+    """A copy of rank `src`'s LayerStats on every rank (broadcast of fixed-layout tensors)."""
+    import torch.distributed as dist
+
+    out = LayerStats(stats.feature_shape, stats.poison_sketch.rows, stats.clean_sample.capacity)
+    me = dist.get_rank(group)
+    counts = torch.tensor([stats.n_clean, stats.n_poison, stats.n_pairs, stats.poison_sketch.filled,
+                           stats.diff_sketch.filled, stats.clean_sample.rows.shape[0], stats.poison_sketch.seen,
+                           stats.diff_sketch.seen, stats.clean_sample.seen], dtype=torch.int64)
+    dist.broadcast(counts, src, group=group)
+    src_obj = stats if me == src else out
+    tensors = [src_obj.sum_clean, src_obj.sum_poison, src_obj.sum_diff,
+               src_obj.poison_sketch.buffer, src_obj.diff_sketch.buffer]
+    tensors = [t.clone() for t in tensors]
+    for t in tensors:
+        dist.broadcast(t, src, group=group)
+    rows = stats.clean_sample.rows.clone() if me == src else torch.zeros(int(counts[5]), stats.dim)
+    dist.broadcast(rows, src, group=group)
+    (out.n_clean, out.n_poison, out.n_pairs, out.poison_sketch.filled, out.diff_sketch.filled, _,
+     out.poison_sketch.seen, out.diff_sketch.seen, out.clean_sample.seen) = [int(c) for c in counts]
+    out.sum_clean, out.sum_poison, out.sum_diff, out.poison_sketch.buffer, out.diff_sketch.buffer = tensors
+    out.clean_sample.rows = rows
+    return out

@@ -1,0 +1,1 @@
+"""The evaluation suite: data, attacks, models, training, metrics, baselines and the harness."""

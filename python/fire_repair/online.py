@@ -1,0 +1,73 @@
+"""Online repair: repair each batch of a stream and refine the directions as poisoned samples
+arrive, so poisoned accuracy rises with the number seen.
+
+Flags come from the caller (`step(x, poisoned=mask)`) or from the detector built on the fused
+op's projection scores (a sample is flagged when its score exceeds `threshold`, in units of the
+clean projection std). Flagged activations (captured before repair, in the same forward pass)
+update the estimator's poisoned statistics; the repair buffers are then rewritten in place.
+"""
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .attach import RepairModule, attach, detach, repair_modules
+from .estimate import Estimator
+from .profile import Profile
+
+
+class Online:
+    def __init__(self, model: torch.nn.Module, estimator: Estimator, mode: str = "clamp",
+                 alpha: Union[float, Sequence[float]] = 1.0, tau_quantile: float = 0.99,
+                 threshold: Optional[float] = 3.0, min_poisoned: int = 1):
+        """`estimator` holds what is known so far: at least clean statistics at its layers
+        (and possibly some poisoned ones). `threshold`: detector cut-off in clean-std units
+        (None: only caller flags update the directions)."""
+        if estimator.model is not model:
+            raise ValueError("the estimator must observe the same model object")
+        self.model, self.estimator = model, estimator
+        self.mode, self.alpha, self.tau_quantile = mode, alpha, tau_quantile
+        self.threshold, self.min_poisoned = threshold, min_poisoned
+        self.seen_poisoned = 0
+        self.profile: Optional[Profile] = None
+        self._refresh()
+
+    def _ready(self) -> bool:
+        return all(name in self.estimator.stats and self.estimator.stats[name].n_poison >= self.min_poisoned
+                   and self.estimator.stats[name].n_clean > 0 for name in self.estimator.layers)
+
+    def _refresh(self) -> None:
+        if not self._ready():
+            return
+        profile = self.estimator.profile(mode=self.mode, alpha=self.alpha, tau_quantile=self.tau_quantile,
+                                         source="unpaired")
+        modules = repair_modules(self.model)
+        if self.profile is None or not modules:
+            detach(self.model)
+            attach(self.model, profile, record_scores=True)
+        else:
+            for layer in profile.layers:
+                modules[layer.name].load_layer(layer)
+        self.profile = profile
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, poisoned: Optional[torch.Tensor] = None):
+        """Repairs x; returns (model output, flags used). Updates the directions afterwards."""
+        out = self.model(x)
+        modules = repair_modules(self.model)
+        flags = poisoned
+        if flags is None and modules and self.threshold is not None:
+            first = modules[self.estimator.layers[0]]
+            flags = (first.last_scores / first.score_scale.float()).amax(1) > self.threshold
+        if flags is not None and flags.any():
+            flags = flags.to(torch.bool)
+            if modules:  # activations captured before the repair, in the pass above
+                for name, m in modules.items():
+                    self.estimator.stats[name].add_poisoned(m.last_input.reshape(x.shape[0], -1).float()[flags.to(m.last_input.device)])
+            else:
+                self.estimator.observe(x[flags], poisoned=True)
+            self.seen_poisoned += int(flags.sum())
+            self._refresh()
+        return out, flags
+
+    def close(self) -> None:
+        detach(self.model)
