@@ -1,9 +1,12 @@
 """Insertion of the repair into a model: `attach` and `detach`.
 
-Each named layer gets a child `RepairModule` (registered as `<layer>.fire_repair`, so its
-buffers are in `state_dict`, follow `.to()` / `.half()`, and are seen by `torch.compile` and
-`torch.export`) and a forward hook that passes the layer's output through it. `detach`
-removes both, leaving the model's modules, parameters and outputs exactly as before.
+Each named layer is replaced, in its parent, by a `RepairedLayer` that runs the original layer
+and then its `RepairModule` (a real module with buffers: `state_dict`, `.to()` / `.half()`,
+`torch.compile` and `torch.export` all see it). A forward hook with the repair module as a
+child of the layer would run the repair twice when the layer is an `nn.Sequential` (which calls
+every child), hence the wrapper. The state dict keeps the layer's original keys (the wrapper
+renames `<layer>.layer.*` back to `<layer>.*`), plus `<layer>.fire_repair.*`. `detach` puts the
+original module objects back, leaving the model exactly as before.
 """
 from typing import Optional
 
@@ -65,39 +68,66 @@ class RepairModule(torch.nn.Module):
         return f"layer={self.layer_name!r}, mode={self.mode!r}, k={self.directions.shape[0]}"
 
 
-def _hook(module, inputs, output):
-    return getattr(module, CHILD)(output)
+class RepairedLayer(torch.nn.Module):
+    """`fire_repair(layer(...))`, with the layer's state-dict keys unchanged."""
+
+    def __init__(self, layer: torch.nn.Module, repair: RepairModule):
+        super().__init__()
+        self.layer = layer
+        self.fire_repair = repair
+        self._register_state_dict_hook(_drop_infix)
+        self._register_load_state_dict_pre_hook(_add_infix)
+
+    def forward(self, *args, **kwargs):
+        return self.fire_repair(self.layer(*args, **kwargs))
+
+
+def _drop_infix(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix + "layer.")]:
+        state_dict[prefix + key[len(prefix) + len("layer."):]] = state_dict.pop(key)
+    return state_dict
+
+
+def _add_infix(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if not rest.startswith((CHILD + ".", "layer.")):
+            state_dict[prefix + "layer." + rest] = state_dict.pop(key)
+
+
+def _parent(model: torch.nn.Module, name: str):
+    parent_name, _, child = name.rpartition(".")
+    return model.get_submodule(parent_name) if parent_name else model, child
 
 
 def attach(model: torch.nn.Module, profile: Profile, check_fingerprint: bool = True,
            record_scores: bool = False) -> torch.nn.Module:
     """Puts a RepairModule after each layer of the profile. Returns the same model object."""
+    if any(layer.name == "" for layer in profile.layers):
+        raise ValueError("the profile names the whole model; name the layer whose output to repair")
+    existing = repair_modules(model)
+    if existing:
+        raise RuntimeError(f"the model is already repaired at {sorted(existing)}; call fire_repair.detach(model) first")
     profile.check(model, check_fingerprint=check_fingerprint)
     modules = dict(model.named_modules())
-    already = [name for name in profile.layer_names if hasattr(modules[name], CHILD)]
-    if already:
-        raise RuntimeError(f"layer(s) {already} are already repaired; call fire_repair.detach(model) first")
     ref = next(iter(model.parameters()), None)
     for layer in profile.layers:
-        target = modules[layer.name]
         repair = RepairModule(layer, record_scores=record_scores)
         if ref is not None:
             repair.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else None)
-        target.add_module(CHILD, repair)
-        target._fire_hook = target.register_forward_hook(_hook)
+        parent, child = _parent(model, layer.name)
+        setattr(parent, child, RepairedLayer(modules[layer.name], repair))
     return model
 
 
 def detach(model: torch.nn.Module) -> torch.nn.Module:
     """Removes every repair attached to the model (a no-op on a model without one)."""
-    for module in list(model.modules()):
-        if isinstance(getattr(module, CHILD, None), RepairModule):
-            module._fire_hook.remove()
-            del module._fire_hook
-            delattr(module, CHILD)
+    for name in sorted(repair_modules(model), key=lambda n: -n.count(".")):
+        parent, child = _parent(model, name)
+        setattr(parent, child, getattr(parent, child).layer)
     return model
 
 
 def repair_modules(model: torch.nn.Module) -> dict:
     """{layer name: RepairModule} of an attached model."""
-    return {name: getattr(m, CHILD) for name, m in model.named_modules() if isinstance(getattr(m, CHILD, None), RepairModule)}
+    return {name: m.fire_repair for name, m in model.named_modules() if isinstance(m, RepairedLayer)}

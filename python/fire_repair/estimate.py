@@ -2,16 +2,19 @@
 
 Per layer the estimator keeps, in memory that does not grow with the number of samples:
 - clean, poisoned and paired-difference counts and sums (float64);
-- a Frequent Directions sketch of the poisoned rows (unpaired) and of the paired differences,
-  for the K > 1 principal directions;
+- Frequent Directions sketches of the clean rows, the poisoned rows and the paired
+  differences, for the K > 1 principal directions;
 - a seeded reservoir of clean rows, to calibrate tau and the score scale on the final
   directions.
 
 Directions (`LayerStats.directions`):
 - beta = mean(h(x_p) - h(x_c)) over pairs, or mean h(A(x_p)) - mean h(A(x_c)) unpaired;
 - v_1 = beta / |beta| (so K = 1 is exactly the paper's direction);
-- v_2..v_K: the top principal directions of the differences (poisoned rows minus the clean
-  mean when unpaired) after removing the v_1 component, orthonormal to v_1 and each other.
+- v_2..v_K: the top principal directions of what the trigger adds, after removing the v_1
+  component: paired, of the differences' second moment; unpaired, of the poisoned second
+  moment about the clean mean minus the clean covariance (scaled to the same count), so that
+  the clean data's own spread is not mistaken for the trigger's.
+
 """
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -34,6 +37,7 @@ class LayerStats:
         self.n_clean, self.sum_clean = 0, torch.zeros(D, **f64)
         self.n_poison, self.sum_poison = 0, torch.zeros(D, **f64)
         self.n_pairs, self.sum_diff = 0, torch.zeros(D, **f64)
+        self.clean_sketch = FrequentDirections(D, sketch_rows)
         self.poison_sketch = FrequentDirections(D, sketch_rows)
         self.diff_sketch = FrequentDirections(D, sketch_rows)
         self.clean_sample = Reservoir(D, reservoir, seed)
@@ -43,6 +47,7 @@ class LayerStats:
         h = h.detach().cpu().double()
         self.n_clean += h.shape[0]
         self.sum_clean += h.sum(0)
+        self.clean_sketch.update(h)
         self.clean_sample.update(h)
 
     def add_poisoned(self, h: torch.Tensor) -> None:
@@ -68,6 +73,7 @@ class LayerStats:
         self.sum_poison += other.sum_poison
         self.n_pairs += other.n_pairs
         self.sum_diff += other.sum_diff
+        self.clean_sketch.merge(other.clean_sketch)
         self.poison_sketch.merge(other.poison_sketch)
         self.diff_sketch.merge(other.diff_sketch)
         self.clean_sample.merge(other.clean_sample)
@@ -104,28 +110,35 @@ class LayerStats:
         v1 = beta / norm
         if k == 1:
             return v1[None].float()
-        # Second moment of the differences, S = sum_i d_i d_i^T, seen through its sketch. Unpaired:
-        # d_i = p_i - mu_c, so S = P^T P - n (mu_c mu_p^T + mu_p mu_c^T) + n mu_c mu_c^T.
+        # S through the sketches: paired, S = sum_i d_i d_i^T. Unpaired, with P, C the sketches of
+        # the poisoned and clean rows: S = sum_i (p_i - mu_c)(p_i - mu_c)^T - (n_p / n_c) sum_j
+        # (c_j - mu_c)(c_j - mu_c)^T = P^T P - (n_p / n_c) C^T C - n_p (mu_c mu_p^T + mu_p mu_c^T)
+        # + 2 n_p mu_c mu_c^T.
         if source == "paired":
-            B, low_rank = self.diff_sketch.matrix().double(), []
+            B, neg, low_rank = self.diff_sketch.matrix().double(), None, []
         else:
-            B = self.poison_sketch.matrix().double()
+            B, C = self.poison_sketch.matrix().double(), self.clean_sketch.matrix().double()
             n, mu_c, mu_p = self.n_poison, self.clean_mean(), self.sum_poison / self.n_poison
-            low_rank = [(-n, mu_c, mu_p), (-n, mu_p, mu_c), (n, mu_c, mu_c)]
-        basis = torch.cat([B, v1[None]] + [torch.stack([a, b]) for _, a, b in low_rank]).T
-        Q, _ = torch.linalg.qr(basis)  # (D, r): the sketch's span, where S lives
-        Q = Q - v1[:, None] * (v1 @ Q)[None]  # deflate v1
-        Q, _ = torch.linalg.qr(Q)
+            neg = (n / self.n_clean, C)
+            low_rank = [(-n, mu_c, mu_p), (-n, mu_p, mu_c), (2 * n, mu_c, mu_c)]
+        parts = [B, v1[None]] + ([neg[1]] if neg is not None else [])
+        basis = torch.cat(parts + [torch.stack([a, b]) for _, a, b in low_rank]).T
+        U, sv, _ = torch.linalg.svd(basis, full_matrices=False)
+        Q = U[:, sv > sv.max() * 1e-9]  # (D, r) orthonormal: the span where S lives (v1 included)
         BQ = B @ Q
         small = BQ.T @ BQ
+        if neg is not None:
+            CQ = neg[1] @ Q
+            small -= neg[0] * (CQ.T @ CQ)
         for w, a, b in low_rank:
             small += w * torch.outer(a @ Q, b @ Q)
-        small = (small + small.T) / 2
+        deflate = torch.eye(Q.shape[1], dtype=small.dtype) - torch.outer(v1 @ Q, v1 @ Q)  # remove v1
+        small = deflate @ ((small + small.T) / 2) @ deflate
         evals, evecs = torch.linalg.eigh(small)
         order = evals.argsort(descending=True)[: k - 1]
-        if evals[order].min() <= 1e-12 * max(float(evals.max()), 1e-30) or len(order) < k - 1:
-            raise ValueError(f"only {int((evals > 1e-12 * evals.max()).sum()) + 1} directions are supported by "
-                             f"the data; asked for k={k}")
+        supported = int((evals > 1e-9 * max(float(evals.max()), 1e-30)).sum())
+        if supported < k - 1:
+            raise ValueError(f"only {supported + 1} directions are supported by the data; asked for k={k}")
         rest = (Q @ evecs[:, order]).T
         rest = rest * torch.where((rest @ beta) < 0, -1.0, 1.0)[:, None]  # sign: towards the trigger
         V = torch.cat([v1[None], rest])
@@ -312,25 +325,28 @@ class Estimator:
 
 
 def _gather_stats(stats: LayerStats, src: int, group) -> LayerStats:
-    """A copy of rank `src`'s LayerStats on every rank (broadcast of fixed-layout tensors)."""
+    """A copy of rank `src`'s LayerStats on every rank (broadcasts of fixed-layout tensors)."""
     import torch.distributed as dist
 
+    sketches = ("clean_sketch", "poison_sketch", "diff_sketch")
     out = LayerStats(stats.feature_shape, stats.poison_sketch.rows, stats.clean_sample.capacity)
-    me = dist.get_rank(group)
-    counts = torch.tensor([stats.n_clean, stats.n_poison, stats.n_pairs, stats.poison_sketch.filled,
-                           stats.diff_sketch.filled, stats.clean_sample.rows.shape[0], stats.poison_sketch.seen,
-                           stats.diff_sketch.seen, stats.clean_sample.seen], dtype=torch.int64)
+    mine = dist.get_rank(group) == src
+    counts = [stats.n_clean, stats.n_poison, stats.n_pairs, stats.clean_sample.rows.shape[0], stats.clean_sample.seen]
+    counts += [getattr(stats, name).filled for name in sketches] + [getattr(stats, name).seen for name in sketches]
+    counts = torch.tensor(counts, dtype=torch.int64)
     dist.broadcast(counts, src, group=group)
-    src_obj = stats if me == src else out
-    tensors = [src_obj.sum_clean, src_obj.sum_poison, src_obj.sum_diff,
-               src_obj.poison_sketch.buffer, src_obj.diff_sketch.buffer]
-    tensors = [t.clone() for t in tensors]
-    for t in tensors:
+    counts = [int(c) for c in counts]
+    out.n_clean, out.n_poison, out.n_pairs = counts[:3]
+    holder = stats if mine else out
+    tensors = {"sum_clean": holder.sum_clean.clone(), "sum_poison": holder.sum_poison.clone(),
+               "sum_diff": holder.sum_diff.clone(),
+               "rows": holder.clean_sample.rows.clone() if mine else torch.zeros(counts[3], stats.dim)}
+    tensors.update({name: getattr(holder, name).buffer.clone() for name in sketches})
+    for t in tensors.values():
         dist.broadcast(t, src, group=group)
-    rows = stats.clean_sample.rows.clone() if me == src else torch.zeros(int(counts[5]), stats.dim)
-    dist.broadcast(rows, src, group=group)
-    (out.n_clean, out.n_poison, out.n_pairs, out.poison_sketch.filled, out.diff_sketch.filled, _,
-     out.poison_sketch.seen, out.diff_sketch.seen, out.clean_sample.seen) = [int(c) for c in counts]
-    out.sum_clean, out.sum_poison, out.sum_diff, out.poison_sketch.buffer, out.diff_sketch.buffer = tensors
-    out.clean_sample.rows = rows
+    out.sum_clean, out.sum_poison, out.sum_diff = tensors["sum_clean"], tensors["sum_poison"], tensors["sum_diff"]
+    out.clean_sample.rows, out.clean_sample.seen = tensors["rows"], counts[4]
+    for i, name in enumerate(sketches):
+        sk = getattr(out, name)
+        sk.buffer, sk.filled, sk.seen = tensors[name], counts[5 + i], counts[8 + i]
     return out

@@ -82,14 +82,11 @@ class LayerRepair:
 
 
 def fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of the model's parameter and buffer names, shapes, dtypes and values (attached
-    repair modules excluded): a profile is tied to the exact weights it was estimated on."""
-    from .attach import RepairModule  # local: attach imports this module
-
-    skip = {name for name, m in model.named_modules() if isinstance(m, RepairModule)}
+    """SHA-256 of the model's state dict (names, shapes, dtypes, values), attached repairs
+    excluded: a profile is tied to the exact weights it was estimated on."""
     h = hashlib.sha256()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if any(name == s or name.startswith(s + ".") for s in skip):
+    for name, t in model.state_dict().items():
+        if name.startswith("fire_repair.") or ".fire_repair." in name:
             continue
         t = t.detach()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())

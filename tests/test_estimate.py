@@ -1,0 +1,228 @@
+"""Estimator: directions, streaming, bounded memory, merging, calibration, errors."""
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import fire_repair as fr
+
+D = 24
+
+
+def identity_model():
+    """The 'feat' layer outputs the input itself, so planted directions are known exactly."""
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(feat=nn.Flatten(), head=nn.Linear(D, 3)))
+
+
+def planted(n=200, seed=0, k=1):
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(D, 3, generator=g))
+    u = basis.T  # (3, D) orthonormal
+    clean = torch.randn(n, D, generator=g)
+    shift = 3.0 * u[0]
+    if k > 1:  # differences vary along u1, u2 as well
+        coef = torch.randn(n, 2, generator=g) * torch.tensor([2.0, 1.0])
+        shift = shift + coef @ u[1:]
+    return clean, clean + shift, u
+
+
+def test_paired_direction_is_the_mean_difference():
+    model = identity_model()
+    clean, poisoned, u = planted()
+    est = fr.Estimator(model, ["feat"], k=1)
+    est.observe_pairs(clean, poisoned)
+    layer = est.profile(mode="project").layer("feat")
+    torch.testing.assert_close(layer.directions[0], u[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.beta, 3.0 * u[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.center, clean.mean(0), rtol=1e-5, atol=1e-5)
+    shift = est.profile(mode="shift").layer("feat")
+    torch.testing.assert_close(shift.directions[0], 3.0 * u[0], rtol=1e-4, atol=1e-5)
+
+
+def test_unpaired_direction_is_the_difference_of_means():
+    model = identity_model()
+    clean, poisoned, _ = planted()
+    other_clean, _, _ = planted(seed=1)
+    est = fr.Estimator(model, ["feat"], k=1)
+    est.observe(other_clean, poisoned=False)
+    est.observe(poisoned, poisoned=True)
+    beta = poisoned.mean(0) - other_clean.mean(0)
+    layer = est.profile(mode="project").layer("feat")
+    torch.testing.assert_close(layer.directions[0], beta / beta.norm(), rtol=1e-5, atol=1e-5)
+    assert est.profile().info["layers"]["feat"]["source"] == "unpaired"
+
+
+def test_mask_observation_splits_rows():
+    model = identity_model()
+    clean, poisoned, _ = planted(n=10)
+    x = torch.cat([clean, poisoned])
+    mask = torch.tensor([False] * 10 + [True] * 10)
+    est = fr.Estimator(model, ["feat"])
+    est.observe(x, poisoned=mask)
+    assert est.stats["feat"].n_clean == 10 and est.stats["feat"].n_poison == 10
+
+
+@pytest.mark.parametrize("source", ["paired", "unpaired"])
+def test_k_directions_span_the_planted_subspace(source):
+    model = identity_model()
+    # unpaired, the trigger's spread must stand out of the clean spread's sampling noise: more samples
+    clean, poisoned, u = planted(n=400 if source == "paired" else 4000, k=3)
+    # paired differences have rank 3: a 16-row sketch is exact. Unpaired, the clean spread fills all
+    # D dimensions, so the sketch must hold them (FD's error is ||A||_F^2 / rows otherwise).
+    est = fr.Estimator(model, ["feat"], k=3, sketch_rows=16 if source == "paired" else D)
+    if source == "paired":
+        est.observe_pairs(clean, poisoned)
+    else:
+        est.observe(clean, poisoned=False)
+        est.observe(poisoned, poisoned=True)
+    V = est.profile(mode="project", source=source).layer("feat").directions
+    torch.testing.assert_close(V @ V.T, torch.eye(3), rtol=0, atol=1e-5)  # orthonormal
+    # every planted direction lies in the estimated span (within sampling noise)
+    residual = u - (u @ V.T) @ V
+    assert residual.norm(dim=1).max() < 0.15, residual.norm(dim=1)
+
+
+def test_streaming_equals_batch_and_memory_is_bounded():
+    model = identity_model()
+    clean, poisoned, _ = planted(n=300, k=3)
+    whole = fr.Estimator(model, ["feat"], k=2, sketch_rows=8, reservoir=64)
+    whole.observe_pairs(clean, poisoned)
+    stream = fr.Estimator(model, ["feat"], k=2, sketch_rows=8, reservoir=64)
+    for i in range(0, 300, 7):
+        stream.observe_pairs(clean[i:i + 7], poisoned[i:i + 7])
+    a, b = whole.profile(mode="project").layer("feat"), stream.profile(mode="project").layer("feat")
+    torch.testing.assert_close(a.directions[0], b.directions[0], rtol=1e-5, atol=1e-5)
+    assert (a.directions[1] @ b.directions[1]).abs() > 0.95
+    st = stream.stats["feat"]
+    assert st.diff_sketch.buffer.shape == (16, D) and st.clean_sample.rows.shape == (64, D)
+    stream.observe_pairs(clean.repeat(10, 1), poisoned.repeat(10, 1))
+    assert st.diff_sketch.buffer.shape == (16, D) and st.clean_sample.rows.shape == (64, D)
+
+
+def test_merge_equals_one_estimator_on_all_data():
+    model = identity_model()
+    clean, poisoned, _ = planted(n=100, k=3)
+    one = fr.Estimator(model, ["feat"], k=2)
+    one.observe_pairs(clean, poisoned)
+    left, right = fr.Estimator(model, ["feat"], k=2), fr.Estimator(model, ["feat"], k=2)
+    left.observe_pairs(clean[:50], poisoned[:50])
+    right.observe_pairs(clean[50:], poisoned[50:])
+    merged = left.merge(right)
+    a, b = one.profile(mode="clamp"), merged.profile(mode="clamp")
+    for key in ("directions", "center", "tau", "beta"):
+        torch.testing.assert_close(getattr(a.layer("feat"), key), getattr(b.layer("feat"), key), rtol=1e-4, atol=1e-4)
+
+
+def _distributed_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = identity_model()
+        clean, poisoned, _ = planted(n=100, k=3)
+        est = fr.Estimator(model, ["feat"], k=2)
+        part = slice(rank * 50, (rank + 1) * 50)
+        est.observe_pairs(clean[part], poisoned[part])
+        est.all_reduce()
+        est.profile(mode="clamp").save(os.path.join(out_dir, f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_reach_the_single_process_profile(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_distributed_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    model = identity_model()
+    clean, poisoned, _ = planted(n=100, k=3)
+    one = fr.Estimator(model, ["feat"], k=2)
+    one.observe_pairs(clean, poisoned)
+    expected = one.profile(mode="clamp").layer("feat")
+    for rank in range(2):
+        got = fr.Profile.load(tmp_path / f"rank{rank}.safetensors", model).layer("feat")
+        for key in ("directions", "center", "tau", "beta", "alpha"):
+            torch.testing.assert_close(getattr(got, key), getattr(expected, key), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_layer_keeps_its_feature_shape():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 3, padding=1), pool=nn.AdaptiveAvgPool2d(1)))
+    x = torch.rand(16, 3, 8, 8)
+    xp = x.clone()
+    xp[..., -2:, -2:] = 1.0
+    est = fr.Estimator(model, ["conv"])
+    est.observe_pairs(x, xp)
+    layer = est.profile(mode="clamp").layer("conv")
+    assert layer.directions.shape == (1, 4, 8, 8) and layer.center.shape == (4, 8, 8)
+
+
+def test_tau_is_the_requested_clean_quantile():
+    model = identity_model()
+    clean, poisoned, _ = planted(n=400)
+    est = fr.Estimator(model, ["feat"], reservoir=1000)
+    est.observe_pairs(clean, poisoned)
+    for q in (0.5, 0.9, 0.99):
+        layer = est.profile(mode="clamp", tau_quantile=q).layer("feat")
+        proj = (clean - layer.center) @ layer.directions[0]
+        assert abs((proj <= layer.tau[0]).float().mean().item() - q) < 0.01
+
+
+def test_augmentations_are_averaged_in():
+    model = identity_model()
+    calls = []
+
+    def augment(x):
+        calls.append(x.shape[0])
+        return x + 0.01 * torch.randn_like(x)
+
+    est = fr.Estimator(model, ["feat"], augment=augment, n_augment=3)
+    clean, poisoned, _ = planted(n=20)
+    est.observe(clean, poisoned=False)
+    est.observe(poisoned, poisoned=True)
+    assert calls == [20] * 6
+    assert est.stats["feat"].n_clean == 60 and est.stats["feat"].n_poison == 60
+
+
+def test_progress_bar_on_loaders(capsys):
+    model = identity_model()
+    clean, poisoned, _ = planted(n=40)
+    est = fr.Estimator(model, ["feat"])
+    est.observe_loader([(clean[i:i + 10], poisoned[i:i + 10]) for i in range(0, 40, 10)], paired=True,
+                       progress=True, desc="pairs")
+    assert "pairs" in capsys.readouterr().err
+    assert est.stats["feat"].n_pairs == 40
+
+
+@pytest.mark.parametrize("bad", [
+    dict(layers=["nope"]), dict(layers=[]), dict(k=0), dict(k=65), dict(k=4, sketch_rows=2), dict(n_augment=0),
+])
+def test_bad_estimator_arguments(bad):
+    kwargs = dict(layers=["feat"], **{k: v for k, v in bad.items() if k != "layers"})
+    if "layers" in bad:
+        kwargs["layers"] = bad["layers"]
+    with pytest.raises(ValueError):
+        fr.Estimator(identity_model(), **kwargs)
+
+
+def test_profile_needs_poisoned_data_and_valid_alpha():
+    est = fr.Estimator(identity_model(), ["feat"], k=1)
+    clean, poisoned, _ = planted(n=20)
+    est.observe(clean, poisoned=False)
+    with pytest.raises(ValueError, match="poisoned"):
+        est.profile()
+    est.observe(poisoned, poisoned=True)
+    with pytest.raises(ValueError, match="alpha"):
+        est.profile(alpha=[1.0, 2.0])
+    with pytest.raises(ValueError, match="mode"):
+        est.profile(mode="nope")
+    with pytest.raises(ValueError, match="paired"):
+        est.profile(source="paired")
