@@ -5,6 +5,8 @@ with the reason and the command that builds it.
 """
 import warnings
 
+import torch  # noqa: F401  (loads libc10 and friends, which _C links against)
+
 BUILD_HINT = "build it with `pip install --no-build-isolation .` from the repository root (next to torch==2.13)"
 
 try:
