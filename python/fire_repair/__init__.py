@@ -9,6 +9,7 @@ Importing registers `torch.ops.fire.repair` and `torch.ops.fire.repair_with_scor
 """
 from . import _ext
 from .attach import RepairModule, attach, detach, repair_modules
+from .detect import scores
 from .estimate import Estimator
 from .online import Online
 from .ops import backend_for, repair, repair_with_scores
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Estimator", "LayerRepair", "MODES", "Online", "Profile", "ProfileError", "RepairModule", "Selection",
     "attach", "backend_for", "detach", "fingerprint", "repair", "repair_modules", "repair_reference",
-    "repair_with_scores", "select",
+    "repair_with_scores", "scores", "select",
 ]

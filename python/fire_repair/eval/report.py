@@ -1,0 +1,84 @@
+"""Results as a table (markdown), a JSON file and a PNG plot."""
+import json
+from pathlib import Path
+
+
+def table(results: list) -> str:
+    lines = ["| attack | defence | CA % | ASR % | PA % | rejected (clean / poisoned) % | chosen |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for res in results:
+        implanted = next((r["ASR"] for r in res["rows"] if r["defense"] == "none"), 1.0) >= 0.5
+        for row in res["rows"]:
+            if not implanted and row["defense"] == "none":
+                row = {**row, "defense": "none (attack not implanted: ASR < 50%)"}
+            chosen = ""
+            if "layers" in row:
+                chosen = f"{'+'.join(row['layers'])}, alpha {row['alpha']:g}"
+            rej = f"{100 * row['reject_clean']:.1f} / {100 * row['reject_poison']:.1f}" if row["defense"] == "strip" else ""
+            lines.append(f"| {res['config']['attack']} | {row['defense']} | {100 * row['CA']:.1f} | "
+                         f"{100 * row['ASR']:.1f} | {100 * row['PA']:.1f} | {rej} | {chosen} |")
+    extra = ["", "| attack | detection AUROC | online: PA after 0 / 8 / all seen | online ms per sample |",
+             "|---|---:|---|---:|"]
+    for res in results:
+        if "auroc" not in res:
+            continue
+        online = res.get("online")
+        curve = ""
+        if online:
+            c = online["curve"]
+            picks = [c[0], c[min(1, len(c) - 1)], c[-1]]
+            curve = " / ".join(f"{100 * pa:.0f} ({seen})" for seen, pa in picks)
+        ms = f"{online['ms_per_sample']:.2f}" if online else ""
+        extra.append(f"| {res['config']['attack']} | {res['auroc']:.3f} | {curve} | {ms} |")
+    return "\n".join(lines + extra)
+
+
+def ablation_table(results: list) -> str:
+    lines = ["| attack | ablation | CA % | ASR % | PA % |", "|---|---|---:|---:|---:|"]
+    for res in results:
+        for row in res.get("ablations", []):
+            if "error" in row:
+                lines.append(f"| {res['config']['attack']} | {row['ablation']} | n/a | n/a | {row['error']} |")
+            else:
+                lines.append(f"| {res['config']['attack']} | {row['ablation']} | {100 * row['CA']:.1f} | "
+                             f"{100 * row['ASR']:.1f} | {100 * row['PA']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_json(results: list, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"runs": results}, indent=1, default=float))
+
+
+def plot(results: list, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = [r["config"]["attack"] for r in results]
+    defences = [row["defense"] for row in results[0]["rows"]]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    width = 0.8 / max(len(defences), 1)
+    for ax, metric in zip(axes[:2], ("PA", "ASR")):
+        for j, d in enumerate(defences):
+            vals = [100 * next((row[metric] for row in r["rows"] if row["defense"] == d), float("nan")) for r in results]
+            ax.bar([i + j * width for i in range(len(attacks))], vals, width, label=d)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(attacks))], attacks)
+        ax.set_ylabel(f"{metric} %")
+        ax.set_ylim(0, 100)
+        ax.set_title({"PA": "Poisoned accuracy (higher is better)", "ASR": "Attack success rate (lower is better)"}[metric])
+    axes[0].legend(fontsize=7, ncol=2)
+    for r in results:
+        if r.get("online"):
+            c = r["online"]["curve"]
+            axes[2].plot([s for s, _ in c], [100 * pa for _, pa in c], marker="o", ms=3, label=r["config"]["attack"])
+    axes[2].set_xlabel("poisoned samples seen (online)")
+    axes[2].set_ylabel("PA %")
+    axes[2].set_ylim(0, 100)
+    axes[2].set_title("Online FIRE (clamp)")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

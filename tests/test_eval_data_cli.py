@@ -1,0 +1,111 @@
+"""Data loaders (offline, safe), the harness end to end, and the command line."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from fire_repair import cli
+from fire_repair.eval import data, harness
+
+
+def test_digits_is_embedded_and_seeded():
+    a, b = data.digits(seed=0), data.digits(seed=0)
+    assert a.x_train.shape[1:] == (3, 32, 32) and a.num_classes == 10
+    assert 0 <= a.x_train.min() and a.x_train.max() <= 1
+    assert torch.equal(a.y_test, b.y_test)
+
+
+def test_missing_paths_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        data.cifar10(tmp_path)
+    with pytest.raises(FileNotFoundError, match="Final_Training"):
+        data.gtsrb(tmp_path)
+    with pytest.raises(ValueError, match="data-path"):
+        data.load("cifar10", None)
+
+
+def _fake_cifar_bin(root, n=5):
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        rec = np.concatenate([rng.integers(0, 10, (n, 1)), rng.integers(0, 256, (n, 3072))], 1).astype(np.uint8)
+        rec.tofile(root / name)
+
+
+def test_cifar10_binary_batches(tmp_path):
+    _fake_cifar_bin(tmp_path / "cifar-10-batches-bin")
+    ds = data.cifar10(tmp_path)
+    assert ds.x_train.shape == (25, 3, 32, 32) and ds.x_test.shape == (5, 3, 32, 32)
+    assert ds.y_train.max() < 10
+
+
+def test_cifar10_python_batches_and_refusal_of_code(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]}, f)
+    ds = data.cifar10(tmp_path)
+    assert ds.x_train.shape == (10, 3, 32, 32) and ds.y_test.tolist() == [1, 2]
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(root / "test_batch", "wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": []}, f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        data.cifar10(tmp_path)
+
+
+def test_gtsrb_official_layout(tmp_path):
+    from PIL import Image
+
+    train = tmp_path / "GTSRB" / "Final_Training" / "Images"
+    test = tmp_path / "GTSRB" / "Final_Test" / "Images"
+    header = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2"
+    for c in (0, 1):
+        d = train / f"{c:05d}"
+        d.mkdir(parents=True)
+        Image.new("RGB", (40, 40), (255 * c, 0, 0)).save(d / "00000_00000.ppm")
+        (d / f"GT-{c:05d}.csv").write_text(f"{header};ClassId\n00000_00000.ppm;40;40;5;5;35;35;{c}\n")
+    test.mkdir(parents=True)
+    Image.new("RGB", (40, 40), (0, 255, 0)).save(test / "00000.ppm")
+    (test / "GT-final_test.csv").write_text(f"{header};ClassId\n00000.ppm;40;40;5;5;35;35;1\n")
+    ds = data.gtsrb(tmp_path)
+    assert ds.x_train.shape == (2, 3, 32, 32) and ds.y_train.tolist() == [0, 1] and ds.num_classes == 43
+    assert ds.x_train[1, 0].mean() > 0.99 and ds.x_test[0, 1].mean() > 0.99
+
+
+@pytest.mark.slow
+def test_harness_small_run(tmp_path):
+    cfg = harness.RunConfig(attack="badnets", epochs=6, cache_dir=str(tmp_path / "cache"),
+                            defenses=["none", "fire-clamp", "fire-shift-gated", "shrinkpad", "strip"],
+                            alphas=[1.0], ablations=False)
+    res = harness.run(cfg, progress=False, log=lambda *a: None)
+    rows = {r["defense"]: r for r in res["rows"]}
+    assert rows["none"]["ASR"] > 0.9
+    assert rows["fire-clamp"]["PA"] > 0.9 and rows["fire-clamp"]["CA"] >= rows["none"]["CA"] - 0.01
+    assert rows["strip"]["reject_poison"] > 0.5
+    assert res["auroc"] > 0.95
+    curve = res["online"]["curve"]
+    assert curve[0][0] == 0 and curve[-1][1] > curve[0][1]
+    again = harness.run(cfg, progress=False, log=lambda *a: None)
+    assert again["model_cached"] and again["rows"][1]["PA"] == rows["fire-clamp"]["PA"]  # seeded, cached
+
+
+@pytest.mark.slow
+def test_cli_eval_writes_table_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "out"
+    cli.main(["eval", "--attack", "trojan", "--defenses", "none", "fire-clamp", "blur", "--epochs", "6",
+              "--out", str(out), "--cache", str(tmp_path / "cache"), "--no-ablations", "--quiet"])
+    printed = capsys.readouterr().out
+    assert "| trojan | fire-clamp |" in printed
+    results = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["defense"] for r in results[0]["rows"]] == ["none", "fire-clamp", "blur"]
+    for row in results[0]["rows"]:  # every number of the table is in the JSON
+        assert f"{100 * row['PA']:.1f}" in printed and f"{100 * row['CA']:.1f}" in printed
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
