@@ -13,7 +13,9 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 
 def _cpu_flags():
-    flags = ["-O3", "-fopenmp-simd", "-std=c++20"]
+    # -fopenmp: at::parallel_for is OpenMP in torch's CPU builds, and is serial without it. The
+    # runtime (libgomp.so.1) resolves to the one torch has already loaded.
+    flags = ["-O3", "-fopenmp", "-std=c++20"]
     # The extension is built on the machine that runs it; FIRE_PORTABLE=1 gives a generic build.
     if os.environ.get("FIRE_PORTABLE", "0") != "1" and platform.machine() in ("x86_64", "AMD64"):
         with open("/proc/cpuinfo") as f:
@@ -35,8 +37,10 @@ def _extension():
     if _want_cuda():
         sources.append("csrc/cuda/repair_cuda.cu")
         extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
-        return CUDAExtension("fire_repair._C", sources, extra_compile_args=extra, py_limited_api=True)
-    return CppExtension("fire_repair._C", sources, extra_compile_args=extra, py_limited_api=True)
+        return CUDAExtension("fire_repair._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
+                             py_limited_api=True)
+    return CppExtension("fire_repair._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
+                        py_limited_api=True)
 
 
 setup(
