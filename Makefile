@@ -24,8 +24,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
+BENCH_JSON ?= benchmarks/results/latest.json
 bench: $(STAMP)
-	$(BIN)/python -m pytest benchmarks -q --benchmark-json=benchmarks/results/latest.json
+	$(BIN)/python -m pytest benchmarks -q --benchmark-min-rounds=3 --benchmark-max-time=0.3 \
+		--benchmark-json=$(BENCH_JSON)
+	$(BIN)/python benchmarks/summarize.py $(BENCH_JSON)
 
 bench-smoke: $(STAMP)
 	FIRE_BENCH_SMOKE=1 $(BIN)/python -m pytest benchmarks -q --benchmark-disable

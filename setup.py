@@ -55,7 +55,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "safetensors", "tqdm"],
     extras_require={
-        "triton": ["triton>=3.6"],
+        "triton": ["triton>=3.6,<3.10"],
         "eval": ["scikit-learn", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],
     },

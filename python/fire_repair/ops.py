@@ -67,8 +67,8 @@ def _check_values(name: str, t: Tensor, allow_inf: bool = False) -> None:
 
 
 def _validate(x, directions, alpha, center, tau, mode):
-    """Checks the public arguments; returns (mode_id, V (K, D) fp32, alpha fp32, center fp32 or
-    None, tau fp32 or None) in x's logical order. Nothing is broadcast."""
+    """Checks the public arguments; returns (mode_id, alpha fp32, tau fp32 or None). Nothing is
+    broadcast."""
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"fire.repair: mode must be one of {MODES}, got {mode!r}")
     if x.dim() < 1:
@@ -105,13 +105,7 @@ def _validate(x, directions, alpha, center, tau, mode):
     if tau is not None:
         _check_values("tau", tau, allow_inf=True)
     f32 = torch.float32
-    return (
-        MODE_IDS[mode],
-        directions.reshape(K, D).to(f32),
-        alpha.to(f32).contiguous(),
-        None if center is None else center.reshape(D).to(f32),
-        None if tau is None else tau.to(f32).contiguous(),
-    )
+    return MODE_IDS[mode], alpha.to(f32).contiguous(), None if tau is None else tau.to(f32).contiguous()
 
 
 # ----------------------------------------------------------------------------- backends
@@ -149,26 +143,53 @@ def _physical_perm(x: Tensor):
     return dims
 
 
-def _run(x, V, alpha, center, tau, mode_id: int, want_scores: bool):
-    """The repair of x (any layout) with V (K, D) fp32 in logical order; alpha (K,) or (N, K).
-    Returns out (x's shape and memory format) and scores (N, K) fp32 or an empty tensor."""
-    N, K = x.shape[0], V.shape[0]
+_layout_cache: dict = {}  # (id(tensor), perm) -> (weakref, version, fp32 rows in that order)
+
+
+def _in_order(t: Tensor, lead: int, feat: list, perm: list) -> Tensor:
+    """t as contiguous fp32 rows ((lead, D), or (D,) when lead is 0) whose columns follow the
+    physical order `perm` of x's feature dims. In eager mode the result is cached per tensor
+    version, so a module's buffers are converted and permuted once, not on every call."""
+    D = math.prod(feat)
+    shape = ([lead] if lead else []) + feat
+
+    def build():
+        u = t.reshape(shape).to(torch.float32)
+        if perm != sorted(perm):
+            off = 1 if lead else 0
+            u = u.permute(*range(off), *[p - 1 + off for p in perm])
+        return u.reshape(([lead] if lead else []) + [D]).contiguous()
+
+    if not _is_eager(t):
+        return build()
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return build()
+    key = (id(t), tuple(perm))
+    hit = _layout_cache.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == version:
+        return hit[2]
+    out = build()
+    _layout_cache[key] = (weakref.ref(t, lambda _, key=key: _layout_cache.pop(key, None)), version, out)
+    return out
+
+
+def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool):
+    """The repair of x (any layout). `directions` (K, D) or (K, *feat) and `center` in logical
+    order, any float dtype; alpha fp32 (K,) or (N, K). Returns out (x's shape and memory format)
+    and scores (N, K) fp32 or an empty tensor."""
+    N, K = x.shape[0], directions.shape[0]
     feat = list(x.shape[1:])
     perm = _physical_perm(x)
     if perm is None:  # rows not dense in any order: the one case that copies x
         x = x.contiguous()
         perm = list(range(1, x.dim()))
-    if perm != list(range(1, x.dim())):
-        xp = x.permute(0, *perm)
-        V = V.reshape(K, *feat).permute(0, *perm)
-        if center is not None:
-            center = center.reshape(feat).permute(*[p - 1 for p in perm])
-    else:
-        xp = x
-    D = V.shape[1] if V.dim() == 2 else math.prod(feat)
+    xp = x.permute(0, *perm) if perm != sorted(perm) else x
+    D = math.prod(feat)
     x2 = xp.reshape(N, D)
-    V = V.reshape(K, D).contiguous()
-    center = None if center is None else center.reshape(D).contiguous()
+    V = _in_order(directions, K, feat, perm)
+    center = None if center is None else _in_order(center, 0, feat, perm)
     if backend_for(x.device) == "triton":
         out2, scores = fire_kernels.repair_rows(x2, V, alpha, center, tau, mode_id, want_scores)
     else:
@@ -207,8 +228,8 @@ def repair(
     tau: Optional[Tensor] = None,
     mode: str = "project",
 ) -> Tensor:
-    mode_id, V, a, mu, t = _validate(x, directions, alpha, center, tau, mode)
-    return _run(x, V, a, mu, t, mode_id, False)[0]
+    mode_id, a, t = _validate(x, directions, alpha, center, tau, mode)
+    return _run(x, directions, a, center, t, mode_id, False)[0]
 
 
 @_define("fire::repair_with_scores")
@@ -220,8 +241,8 @@ def repair_with_scores(
     tau: Optional[Tensor] = None,
     mode: str = "project",
 ) -> tuple[Tensor, Tensor]:
-    mode_id, V, a, mu, t = _validate(x, directions, alpha, center, tau, mode)
-    out, scores = _run(x, V, a, mu, t, mode_id, True)
+    mode_id, a, t = _validate(x, directions, alpha, center, tau, mode)
+    out, scores = _run(x, directions, a, center, t, mode_id, True)
     return out, scores
 
 

@@ -1,0 +1,58 @@
+"""Benchmark setup: device, grid size (FIRE_BENCH_SMOKE=1: a tiny grid that CI runs so the
+suite never rots; FIRE_BENCH_FULL=1: the whole matrix), and a timer that is correct on GPUs."""
+import os
+import platform
+import time
+
+import pytest
+import torch
+
+import fire_repair  # noqa: F401  (registers the ops)
+
+SMOKE = os.environ.get("FIRE_BENCH_SMOKE") == "1"
+FULL = os.environ.get("FIRE_BENCH_FULL") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name() -> str:
+    if DEVICE == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def run_timed(benchmark, fn, *, bytes_moved=None, extra=None):
+    """Times fn with pytest-benchmark; on CUDA each round is synchronised and the device-side
+    time from triton.testing.do_bench (CUDA events, warm-up, L2 flush) is recorded too."""
+    info = {"device": device_name(), "torch": torch.__version__, **(extra or {})}
+    if DEVICE == "cuda":
+        from triton.testing import do_bench
+
+        def synced():
+            fn()
+            torch.cuda.synchronize()
+
+        fn()
+        torch.cuda.synchronize()
+        info["do_bench_ms"] = do_bench(fn, warmup=25, rep=100)
+        benchmark.pedantic(synced, rounds=20, warmup_rounds=3, iterations=1)
+        seconds = info["do_bench_ms"] / 1e3
+    else:
+        fn()  # warm-up (first-call allocations)
+        benchmark(fn)
+        if benchmark.stats is not None:
+            seconds = benchmark.stats.stats.median
+        else:  # --benchmark-disable (the CI smoke run): one call, timed by hand
+            t = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - t
+    if bytes_moved:
+        info["bytes"] = bytes_moved
+        info["GBps"] = bytes_moved / seconds / 1e9
+    benchmark.extra_info.update(info)
+    return seconds
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
