@@ -287,9 +287,12 @@ class Estimator:
 
     # -- the profile
     def profile(self, mode: str = "clamp", alpha: Union[float, Sequence[float]] = 1.0, tau_quantile: float = 0.99,
-                source: str = "auto", k: Optional[int] = None, layers: Optional[Sequence[str]] = None) -> Profile:
+                source: str = "auto", k: Optional[int] = None, layers: Optional[Sequence[str]] = None,
+                with_fingerprint: bool = True) -> Profile:
         """Calibrates centre (clean mean), tau (the `tau_quantile` of the clean projections),
-        score scale (their std) and packs a Profile for the named layers (default: all)."""
+        score scale (their std) and packs a Profile for the named layers (default: all).
+        `with_fingerprint=False` skips hashing the model's weights (for profiles rebuilt many
+        times on a model known to be unchanged: online refreshes, selection candidates)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0.0 <= tau_quantile <= 1.0:
@@ -321,7 +324,7 @@ class Estimator:
                 beta=beta.reshape(fs)))
             info["layers"][name] = {"source": src, "n_clean": st.n_clean, "n_poisoned": st.n_poison,
                                     "n_pairs": st.n_pairs, "beta_norm": float(beta.norm())}
-        return Profile(layers=out, fingerprint=fingerprint(self.model), info=info)
+        return Profile(layers=out, fingerprint=fingerprint(self.model) if with_fingerprint else None, info=info)
 
 
 def _gather_stats(stats: LayerStats, src: int, group) -> LayerStats:

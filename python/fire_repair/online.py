@@ -39,7 +39,7 @@ class Online:
         if not self._ready():
             return
         profile = self.estimator.profile(mode=self.mode, alpha=self.alpha, tau_quantile=self.tau_quantile,
-                                         source="unpaired")
+                                         source="unpaired", with_fingerprint=self.profile is None)
         modules = repair_modules(self.model)
         if self.profile is None or not modules:
             detach(self.model)

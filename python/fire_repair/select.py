@@ -5,7 +5,8 @@ On held-out pairs (x_clean, x_poisoned), each candidate repair is scored by
   model's own prediction on the clean twin (no labels needed), and
 - `clean_change`: how often the repair changes the prediction on x_clean.
 The chosen candidate has the highest agreement among those with clean_change <= max_clean_change
-(ties: the smaller alpha, then the earlier layer). Every candidate's evidence is returned.
+(ties: the first candidate tried, in the order layer sets, modes, alphas as given). Every
+candidate's evidence is returned.
 """
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -52,7 +53,7 @@ def select(model: torch.nn.Module, estimator: Estimator, x_clean: torch.Tensor, 
         for mode in modes:
             for alpha in alphas:
                 profile = estimator.profile(mode=mode, alpha=alpha, tau_quantile=tau_quantile, source=source,
-                                            layers=list(layers))
+                                            layers=list(layers), with_fingerprint=False)
                 attach(model, profile)
                 try:
                     agreement = (_predict(model, x_poisoned) == reference).float().mean().item()
@@ -62,13 +63,12 @@ def select(model: torch.nn.Module, estimator: Estimator, x_clean: torch.Tensor, 
                 e = {"layers": list(layers), "mode": mode, "alpha": float(alpha), "agreement": agreement,
                      "clean_change": clean_change}
                 evidence.append(e)
-                if clean_change <= max_clean_change and (best is None or agreement > best[0]["agreement"]):
-                    best = (e, profile)
-    if best is None:  # nothing keeps clean predictions: take the least disruptive candidate
-        e = min(evidence, key=lambda e: (e["clean_change"], -e["agreement"]))
-        best = (e, estimator.profile(mode=e["mode"], alpha=e["alpha"], tau_quantile=tau_quantile, source=source,
-                                     layers=e["layers"]))
-    e, profile = best
+                if clean_change <= max_clean_change and (best is None or agreement > best["agreement"]):
+                    best = e
+    # nothing keeps clean predictions: take the least disruptive candidate
+    e = best or min(evidence, key=lambda e: (e["clean_change"], -e["agreement"]))
+    profile = estimator.profile(mode=e["mode"], alpha=e["alpha"], tau_quantile=tau_quantile, source=source,
+                                layers=e["layers"])  # the chosen one, with the model's fingerprint
     profile.info["selection"] = {"criterion": "max agreement s.t. clean_change <= %g" % max_clean_change,
                                  "chosen": e, "candidates": evidence}
     return Selection(profile=profile, layers=e["layers"], mode=e["mode"], alpha=e["alpha"], evidence=evidence)
