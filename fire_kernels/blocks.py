@@ -11,10 +11,6 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def fused_row_limit() -> int:
-    return FUSED_MAX_D
-
-
 def fused_blocks(D: int):
     """(BLOCK_N, BLOCK_D, num_warps) for rows short enough to live in one program."""
     block_d = next_pow2(max(D, 16))

@@ -42,28 +42,41 @@ def _is_eager(t: Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-_checked_finite: dict = {}  # id(tensor) -> (weakref, version); tensors compare elementwise, so no WeakKeyDictionary
+_version_cache: dict = {}  # (id(tensor), tag) -> (weakref, version, value); tensors compare elementwise
+
+
+def _per_version(t: Tensor, tag, compute):
+    """compute() once per version of t in eager mode, so a module's buffers are checked and
+    converted once rather than on every call; every time for traced, captured or inference
+    tensors (no version counter)."""
+    if not _is_eager(t):
+        return compute()
+    try:
+        version = t._version
+    except RuntimeError:
+        return compute()
+    key = (id(t), tag)
+    hit = _version_cache.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == version:
+        return hit[2]
+    value = compute()
+    _version_cache[key] = (weakref.ref(t, lambda _, key=key: _version_cache.pop(key, None)), version, value)
+    return value
 
 
 def _check_values(name: str, t: Tensor, allow_inf: bool = False) -> None:
-    """Rejects NaN (and inf unless allowed). Checked once per tensor version, so a module's
-    buffer costs one check (one sync on CUDA), not one per call."""
+    """Rejects NaN (and inf unless allowed), in eager mode only: traced and captured tensors
+    have no values to read. One check (one sync on CUDA) per tensor version."""
     if not _is_eager(t):
         return
-    try:
-        version = t._version
-    except RuntimeError:  # inference tensors have no version counter
-        version = None
-    seen = _checked_finite.get(id(t))
-    if version is not None and seen is not None and seen[0]() is t and seen[1] == version:
-        return
-    ok = bool((~torch.isnan(t)).all()) if allow_inf else bool(torch.isfinite(t).all())
-    if not ok:
-        what = "NaN" if allow_inf else "NaN or inf"
-        raise ValueError(f"fire.repair: {name} contains {what}")
-    if version is not None:
-        key = id(t)
-        _checked_finite[key] = (weakref.ref(t, lambda _, key=key: _checked_finite.pop(key, None)), version)
+
+    def check():
+        ok = bool((~torch.isnan(t)).all()) if allow_inf else bool(torch.isfinite(t).all())
+        if not ok:
+            raise ValueError(f"fire.repair: {name} contains {'NaN' if allow_inf else 'NaN or inf'}")
+        return True
+
+    _per_version(t, ("finite", allow_inf), check)
 
 
 def _validate(x, directions, alpha, center, tau, mode):
@@ -143,13 +156,9 @@ def _physical_perm(x: Tensor):
     return dims
 
 
-_layout_cache: dict = {}  # (id(tensor), perm) -> (weakref, version, fp32 rows in that order)
-
-
 def _in_order(t: Tensor, lead: int, feat: list, perm: list) -> Tensor:
     """t as contiguous fp32 rows ((lead, D), or (D,) when lead is 0) whose columns follow the
-    physical order `perm` of x's feature dims. In eager mode the result is cached per tensor
-    version, so a module's buffers are converted and permuted once, not on every call."""
+    physical order `perm` of x's feature dims (cached per tensor version in eager mode)."""
     D = math.prod(feat)
     shape = ([lead] if lead else []) + feat
 
@@ -160,19 +169,7 @@ def _in_order(t: Tensor, lead: int, feat: list, perm: list) -> Tensor:
             u = u.permute(*range(off), *[p - 1 + off for p in perm])
         return u.reshape(([lead] if lead else []) + [D]).contiguous()
 
-    if not _is_eager(t):
-        return build()
-    try:
-        version = t._version
-    except RuntimeError:  # inference tensors have no version counter
-        return build()
-    key = (id(t), tuple(perm))
-    hit = _layout_cache.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == version:
-        return hit[2]
-    out = build()
-    _layout_cache[key] = (weakref.ref(t, lambda _, key=key: _layout_cache.pop(key, None)), version, out)
-    return out
+    return _per_version(t, ("rows", tuple(perm)), build)
 
 
 def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool):
