@@ -19,6 +19,7 @@ All arithmetic is fp32: loads are upcast at once (the Triton interpreter also co
 wrongly otherwise).
 """
 import torch
+from torch.library import wrap_triton
 
 from .blocks import MAX_K, FUSED_MAX_D, fused_blocks, next_pow2, split_blocks
 
@@ -153,7 +154,8 @@ def repair_rows(x, directions, alpha, center, tau, mode: int, want_scores: bool)
     x: (N, D) with unit stride along D; directions: (K, D) fp32 contiguous; alpha: (K,) or
     (N, K) fp32 contiguous; center: (D,) fp32 or None; tau: (K,) fp32 or None.
     Returns out (N, D) contiguous in x's dtype and scores (N, K) fp32 (empty if not wanted).
-    Safe inside `torch.library.triton_op` (every launch goes through `wrap_triton`).
+    Safe inside `torch.library.triton_op`: every launch is a plain `wrap_triton(kernel)[grid]`
+    call, the form torch's kernel discovery for triton_op recognises.
     """
     if not HAVE_TRITON:
         raise RuntimeError("fire_kernels: Triton is not installed; use the C++/CUDA backend instead")
@@ -174,11 +176,10 @@ def repair_rows(x, directions, alpha, center, tau, mode: int, want_scores: bool)
     center_arg = center if center is not None else directions  # never read when absent
     tau_arg = tau if tau is not None else alpha
     scores_arg = scores if want_scores else alpha
-    wrap = torch.library.wrap_triton
     if D <= FUSED_MAX_D:
         block_n, block_d, warps = fused_blocks(D)
         grid = (triton.cdiv(N, block_n),)
-        wrap(_repair_fused_kernel)[grid](
+        wrap_triton(_repair_fused_kernel)[grid](
             x, out, directions, alpha, center_arg, tau_arg, scores_arg,
             N, D, K, x.stride(0), stride_an,
             MODE=mode, HAS_CENTER=center is not None, HAS_TAU=tau is not None,
@@ -189,11 +190,11 @@ def repair_rows(x, directions, alpha, center, tau, mode: int, want_scores: bool)
     block_d, n_chunks, warps = split_blocks(D)
     partial = torch.empty((N, n_chunks, block_k), **f32) if need_c else torch.empty((1,), **f32)
     if need_c:
-        wrap(_partial_scores_kernel)[(N, n_chunks)](
+        wrap_triton(_partial_scores_kernel)[(N, n_chunks)](
             x, directions, center_arg, partial, D, K, x.stride(0), n_chunks,
             HAS_CENTER=center is not None, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
         )
-    wrap(_apply_chunk_kernel)[(N, n_chunks)](
+    wrap_triton(_apply_chunk_kernel)[(N, n_chunks)](
         x, out, directions, alpha, tau_arg, partial, scores_arg,
         D, K, x.stride(0), stride_an, n_chunks,
         MODE=mode, HAS_TAU=tau is not None, NEED_C=need_c, WANT_SCORES=want_scores,

@@ -24,6 +24,7 @@ from torch import Tensor
 
 import fire_kernels
 from fire_kernels import MAX_K, HAVE_TRITON
+from fire_kernels.repair import repair_rows
 
 from . import _ext
 from .reference import MODES
@@ -188,7 +189,7 @@ def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool):
     V = _in_order(directions, K, feat, perm)
     center = None if center is None else _in_order(center, 0, feat, perm)
     if backend_for(x.device) == "triton":
-        out2, scores = fire_kernels.repair_rows(x2, V, alpha, center, tau, mode_id, want_scores)
+        out2, scores = repair_rows(x2, V, alpha, center, tau, mode_id, want_scores)
     else:
         _ext.require_native()
         out2, scores = torch.ops.fire._repair_native(x2, V, alpha, center, tau, mode_id, want_scores)
