@@ -109,3 +109,15 @@ def test_cli_eval_writes_table_json_and_plot(tmp_path, capsys):
         assert f"{100 * row['PA']:.1f}" in printed and f"{100 * row['CA']:.1f}" in printed
     png = (out / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,layer_prefix", [("preact18", "layer"), ("vgg", "stage")])
+def test_harness_on_the_other_architectures(tmp_path, arch, layer_prefix):
+    cfg = harness.RunConfig(attack="badnets", model=arch, width=8, epochs=6, cache_dir=None, alphas=[1.0, 1.5],
+                            defenses=["none", "fire-clamp"], ablations=False, online=False)
+    res = harness.run(cfg, progress=False, log=lambda *a: None)
+    rows = {r["defense"]: r for r in res["rows"]}
+    assert rows["none"]["ASR"] > 0.9
+    assert rows["fire-clamp"]["PA"] > 0.9 and rows["fire-clamp"]["CA"] >= rows["none"]["CA"] - 0.01
+    assert rows["fire-clamp"]["layers"][0].startswith(layer_prefix)
