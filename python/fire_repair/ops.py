@@ -36,21 +36,22 @@ BACKENDS = ("auto", "triton", "cuda", "cpu")
 
 # ----------------------------------------------------------------------------- validation
 
-def _is_eager(t: Tensor) -> bool:
-    """A real tensor outside tracing and CUDA-graph capture: value checks may read it."""
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) or torch.compiler.is_compiling():
+def _is_eager(x: Tensor) -> bool:
+    """A real tensor outside tracing and CUDA-graph capture: values may be read and cached.
+    Decided once per op call, from x (the other tensors of a call are traced alike)."""
+    if type(x) not in (torch.Tensor, torch.nn.Parameter) or torch.compiler.is_compiling():
         return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 _version_cache: dict = {}  # (id(tensor), tag) -> (weakref, version, value); tensors compare elementwise
 
 
-def _per_version(t: Tensor, tag, compute):
+def _per_version(t: Tensor, tag, compute, eager: bool):
     """compute() once per version of t in eager mode, so a module's buffers are checked and
     converted once rather than on every call; every time for traced, captured or inference
     tensors (no version counter)."""
-    if not _is_eager(t):
+    if not eager or type(t) not in (torch.Tensor, torch.nn.Parameter):
         return compute()
     try:
         version = t._version
@@ -65,10 +66,10 @@ def _per_version(t: Tensor, tag, compute):
     return value
 
 
-def _check_values(name: str, t: Tensor, allow_inf: bool = False) -> None:
+def _check_values(name: str, t: Tensor, eager: bool, allow_inf: bool = False) -> None:
     """Rejects NaN (and inf unless allowed), in eager mode only: traced and captured tensors
     have no values to read. One check (one sync on CUDA) per tensor version."""
-    if not _is_eager(t):
+    if not eager:
         return
 
     def check():
@@ -77,10 +78,10 @@ def _check_values(name: str, t: Tensor, allow_inf: bool = False) -> None:
             raise ValueError(f"fire.repair: {name} contains {'NaN' if allow_inf else 'NaN or inf'}")
         return True
 
-    _per_version(t, ("finite", allow_inf), check)
+    _per_version(t, ("finite", allow_inf), check, eager)
 
 
-def _validate(x, directions, alpha, center, tau, mode):
+def _validate(x, directions, alpha, center, tau, mode, eager: bool):
     """Checks the public arguments; returns (mode_id, alpha fp32, tau fp32 or None). Nothing is
     broadcast."""
     if not isinstance(mode, str) or mode not in MODES:
@@ -112,12 +113,12 @@ def _validate(x, directions, alpha, center, tau, mode):
             raise ValueError(f"fire.repair: tau is only used by mode='clamp', got mode={mode!r}")
         if tuple(tau.shape) != (K,):
             raise ValueError(f"fire.repair: tau must be (K,) = ({K},), got {tuple(tau.shape)}")
-    _check_values("directions", directions)
-    _check_values("alpha", alpha)
+    _check_values("directions", directions, eager)
+    _check_values("alpha", alpha, eager)
     if center is not None:
-        _check_values("center", center)
+        _check_values("center", center, eager)
     if tau is not None:
-        _check_values("tau", tau, allow_inf=True)
+        _check_values("tau", tau, eager, allow_inf=True)
     f32 = torch.float32
     return MODE_IDS[mode], alpha.to(f32).contiguous(), None if tau is None else tau.to(f32).contiguous()
 
@@ -157,7 +158,7 @@ def _physical_perm(x: Tensor):
     return dims
 
 
-def _in_order(t: Tensor, lead: int, feat: list, perm: list) -> Tensor:
+def _in_order(t: Tensor, lead: int, feat: list, perm: list, eager: bool) -> Tensor:
     """t as contiguous fp32 rows ((lead, D), or (D,) when lead is 0) whose columns follow the
     physical order `perm` of x's feature dims (cached per tensor version in eager mode)."""
     D = math.prod(feat)
@@ -170,10 +171,10 @@ def _in_order(t: Tensor, lead: int, feat: list, perm: list) -> Tensor:
             u = u.permute(*range(off), *[p - 1 + off for p in perm])
         return u.reshape(([lead] if lead else []) + [D]).contiguous()
 
-    return _per_version(t, ("rows", tuple(perm)), build)
+    return _per_version(t, ("rows", tuple(perm)), build, eager)
 
 
-def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool):
+def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool, eager: bool):
     """The repair of x (any layout). `directions` (K, D) or (K, *feat) and `center` in logical
     order, any float dtype; alpha fp32 (K,) or (N, K). Returns out (x's shape and memory format)
     and scores (N, K) fp32 or an empty tensor."""
@@ -186,8 +187,8 @@ def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool):
     xp = x.permute(0, *perm) if perm != sorted(perm) else x
     D = math.prod(feat)
     x2 = xp.reshape(N, D)
-    V = _in_order(directions, K, feat, perm)
-    center = None if center is None else _in_order(center, 0, feat, perm)
+    V = _in_order(directions, K, feat, perm, eager)
+    center = None if center is None else _in_order(center, 0, feat, perm, eager)
     if backend_for(x.device) == "triton":
         out2, scores = repair_rows(x2, V, alpha, center, tau, mode_id, want_scores)
     else:
@@ -226,8 +227,9 @@ def repair(
     tau: Optional[Tensor] = None,
     mode: str = "project",
 ) -> Tensor:
-    mode_id, a, t = _validate(x, directions, alpha, center, tau, mode)
-    return _run(x, directions, a, center, t, mode_id, False)[0]
+    eager = _is_eager(x)
+    mode_id, a, t = _validate(x, directions, alpha, center, tau, mode, eager)
+    return _run(x, directions, a, center, t, mode_id, False, eager)[0]
 
 
 @_define("fire::repair_with_scores")
@@ -239,15 +241,16 @@ def repair_with_scores(
     tau: Optional[Tensor] = None,
     mode: str = "project",
 ) -> tuple[Tensor, Tensor]:
-    mode_id, a, t = _validate(x, directions, alpha, center, tau, mode)
-    out, scores = _run(x, directions, a, center, t, mode_id, True)
+    eager = _is_eager(x)
+    mode_id, a, t = _validate(x, directions, alpha, center, tau, mode, eager)
+    out, scores = _run(x, directions, a, center, t, mode_id, True, eager)
     return out, scores
 
 
 @_define("fire::_repair_grad")
 def _repair_grad(grad: Tensor, directions: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """grad - sum_k weights[n, k] <grad_n, v_k> v_k, and <grad_n, v_k>, in one pass (backward)."""
-    out, p = _run(grad, directions, weights, None, None, fire_kernels.PROJECT, True)
+    out, p = _run(grad, directions, weights, None, None, fire_kernels.PROJECT, True, _is_eager(grad))
     return out, p
 
 
