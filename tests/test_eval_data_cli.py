@@ -121,3 +121,14 @@ def test_harness_on_the_other_architectures(tmp_path, arch, layer_prefix):
     assert rows["none"]["ASR"] > 0.9
     assert rows["fire-clamp"]["PA"] > 0.9 and rows["fire-clamp"]["CA"] >= rows["none"]["CA"] - 0.01
     assert rows["fire-clamp"]["layers"][0].startswith(layer_prefix)
+
+
+def test_clean_reference_leaves_out_the_inferred_target(backdoored):
+    clean = backdoored["hold_clean"]
+    poisoned = backdoored["hold_pairs"][1][:16]
+    kept, target = harness.clean_reference(backdoored["model"], clean, poisoned)
+    assert target == backdoored["attack"].target  # inferred from predictions, no labels
+    from fire_repair.eval.metrics import predict
+    assert len(kept) < len(clean) and not (predict(backdoored["model"], kept) == target).any()
+    same, none = harness.clean_reference(backdoored["model"], clean, poisoned, match=False)
+    assert none is None and same is clean

@@ -42,6 +42,7 @@ class RunConfig:
     k: int = 1
     tau_quantile: float = 0.99
     n_poison_seen: int = 64
+    match_clean: bool = True  # unpaired: leave the inferred target class out of the clean reference
     max_clean_change: float = 0.01
     online: bool = True
     ablations: bool = True
@@ -165,12 +166,26 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
     return result
 
 
-def _unpaired_profile(model, layers, cfg, hold_clean, poisoned_seen, augment=None):
+def clean_reference(model, hold_clean, poisoned_seen, match: bool = True):
+    """The clean set an unpaired estimate is compared with. Poisoned inputs never come from the
+    target class, so a clean set that includes it adds a content difference (that class against
+    the rest) to the trigger direction. Label-free matching: the target is the model's majority
+    prediction on the poisoned samples seen, and clean samples the model assigns to it are left
+    out. Returns (clean samples, inferred target or None)."""
+    if not match or len(poisoned_seen) == 0:
+        return hold_clean, None
+    target = int(predict(model, poisoned_seen).mode().values)
+    return hold_clean[predict(model, hold_clean) != target], target
+
+
+def _unpaired_profile(model, layers, cfg, hold_clean, poisoned_seen, augment=None, match=None):
     """Unpaired FIRE: clean held-out vs `n_poison_seen` triggered images with no twins. No pairs,
     so the layer is chosen by the trigger's separation: the standardised gap of the poisoned
     projections above the clean ones (label-free and pair-free); alpha is 1."""
+    match = cfg.match_clean if match is None else match
+    clean, target = clean_reference(model, hold_clean, poisoned_seen, match)
     est = fr.Estimator(model, layers, k=cfg.k, seed=cfg.seed, augment=augment, n_augment=4 if augment else 1)
-    est.observe(hold_clean, poisoned=False)
+    est.observe(clean, poisoned=False)
     est.observe(poisoned_seen, poisoned=True)
     gaps = {}
     for name in layers:
@@ -178,13 +193,16 @@ def _unpaired_profile(model, layers, cfg, hold_clean, poisoned_seen, augment=Non
         gaps[name] = float((layer.directions.flatten(1)[0] @ layer.beta.flatten()) / layer.score_scale[0])
     best = max(gaps, key=gaps.get)
     profile = est.profile(mode="clamp", alpha=1.0, tau_quantile=cfg.tau_quantile, layers=[best], source="unpaired")
-    return profile, {"layers": [best], "alpha": 1.0, "separation": gaps, "n_poison_seen": len(poisoned_seen)}
+    return profile, {"layers": [best], "alpha": 1.0, "separation": gaps, "n_poison_seen": len(poisoned_seen),
+                     "inferred_target": target, "n_clean_reference": len(clean)}
 
 
 def _online_curve(model, sel, cfg, hold_clean, stream, eval_poison, eval_poison_y, batch: int = 8):
-    """PA on the evaluation set as the online loop sees more poisoned samples (caller flags)."""
+    """PA on the evaluation set as the online loop sees more poisoned samples (caller flags).
+    The clean reference is matched (see clean_reference) on the first poisoned batch only."""
+    clean, _ = clean_reference(model, hold_clean, stream[:batch], cfg.match_clean)
     est = fr.Estimator(model, sel.layers, k=cfg.k, seed=cfg.seed)
-    est.observe(hold_clean, poisoned=False)
+    est.observe(clean, poisoned=False)
     online = fr.Online(model, est, mode="clamp", alpha=sel.alpha, tau_quantile=cfg.tau_quantile, threshold=None)
     curve = [[0, (predict(model, eval_poison) == eval_poison_y).float().mean().item()]]
     step_seconds = []
@@ -217,9 +235,11 @@ def _ablations(model, sel, cfg, hold_clean, hold_pairs, n_seen, score, eval_clea
             add(f"k={k}", est.profile(mode="clamp", alpha=sel.alpha, tau_quantile=cfg.tau_quantile))
         except ValueError as e:  # fewer supported directions than asked
             rows.append({"ablation": f"k={k}", "error": str(e)})
-    for source, augment in (("unpaired", None), ("unpaired+photometric", Photometric(seed=cfg.seed)),
-                            ("unpaired+shift", RandomShift(seed=cfg.seed))):
-        profile, _ = _unpaired_profile(model, layer, cfg, hold_clean, hold_pairs[1][:n_seen], augment)
+    variants = (("unpaired", None, cfg.match_clean), ("unpaired, clean set not matched", None, False),
+                ("unpaired+photometric", Photometric(seed=cfg.seed), cfg.match_clean),
+                ("unpaired+shift", RandomShift(seed=cfg.seed), cfg.match_clean))
+    for source, augment, match in variants:
+        profile, _ = _unpaired_profile(model, layer, cfg, hold_clean, hold_pairs[1][:n_seen], augment, match)
         add(source, profile)
     for q in (0.9, 0.999):
         est = fr.Estimator(model, layer, k=cfg.k, seed=cfg.seed)
