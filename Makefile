@@ -26,7 +26,7 @@ test: $(STAMP)
 
 BENCH_JSON ?= benchmarks/results/latest.json
 bench: $(STAMP)
-	$(BIN)/python -m pytest benchmarks -q --benchmark-min-rounds=3 --benchmark-max-time=0.3 \
+	$(BIN)/python -m pytest benchmarks -q --benchmark-min-rounds=5 --benchmark-max-time=0.5 \
 		--benchmark-json=$(BENCH_JSON)
 	$(BIN)/python benchmarks/summarize.py $(BENCH_JSON)
 
