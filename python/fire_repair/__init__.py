@@ -7,7 +7,7 @@ Importing registers `torch.ops.fire.repair` and `torch.ops.fire.repair_with_scor
     profile = est.profile(mode="clamp", alpha=1.0)
     fire_repair.attach(model, profile)
 """
-from . import _ext
+from . import _ext  # noqa: F401  (loads the extension, or warns how to build it)
 from .attach import RepairModule, attach, detach, repair_modules
 from .detect import scores
 from .estimate import Estimator

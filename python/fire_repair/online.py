@@ -5,12 +5,14 @@ Flags come from the caller (`step(x, poisoned=mask)`) or from the detector built
 op's projection scores (a sample is flagged when its score exceeds `threshold`, in units of the
 clean projection std). Flagged activations (captured before repair, in the same forward pass)
 update the estimator's poisoned statistics; the repair buffers are then rewritten in place.
+`Online` owns the model's repair modules while it runs (it attaches its own, replacing any
+attached before); `close()` detaches them.
 """
 from typing import Optional, Sequence, Union
 
 import torch
 
-from .attach import RepairModule, attach, detach, repair_modules
+from .attach import attach, detach, repair_modules
 from .estimate import Estimator
 from .profile import Profile
 

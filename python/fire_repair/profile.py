@@ -6,7 +6,6 @@ info, and a SHA-256 of the tensor bytes so that a tampered file is refused on lo
 """
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
