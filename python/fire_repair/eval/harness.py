@@ -227,12 +227,12 @@ def _ablations(model, sel, cfg, hold_clean, hold_pairs, n_seen, score, eval_clea
         rows.append({"ablation": what, **score(d.predict(eval_clean), d.predict(eval_poison))})
 
     layer = sel.layers
+    est = fr.Estimator(model, layer, k=max(4, cfg.k), seed=cfg.seed)  # the statistics do not depend on k
+    est.observe(hold_clean, poisoned=False)
+    est.observe_pairs(*hold_pairs)
     for k in (1, 2, 4):
-        est = fr.Estimator(model, layer, k=k, seed=cfg.seed)
-        est.observe(hold_clean, poisoned=False)
-        est.observe_pairs(*hold_pairs)
         try:
-            add(f"k={k}", est.profile(mode="clamp", alpha=sel.alpha, tau_quantile=cfg.tau_quantile))
+            add(f"k={k}", est.profile(mode="clamp", alpha=sel.alpha, tau_quantile=cfg.tau_quantile, k=k))
         except ValueError as e:  # fewer supported directions than asked
             rows.append({"ablation": f"k={k}", "error": str(e)})
     variants = (("unpaired", None, cfg.match_clean), ("unpaired, clean set not matched", None, False),
@@ -242,8 +242,5 @@ def _ablations(model, sel, cfg, hold_clean, hold_pairs, n_seen, score, eval_clea
         profile, _ = _unpaired_profile(model, layer, cfg, hold_clean, hold_pairs[1][:n_seen], augment, match)
         add(source, profile)
     for q in (0.9, 0.999):
-        est = fr.Estimator(model, layer, k=cfg.k, seed=cfg.seed)
-        est.observe(hold_clean, poisoned=False)
-        est.observe_pairs(*hold_pairs)
-        add(f"tau_quantile={q}", est.profile(mode="clamp", alpha=sel.alpha, tau_quantile=q))
+        add(f"tau_quantile={q}", est.profile(mode="clamp", alpha=sel.alpha, tau_quantile=q, k=cfg.k))
     return rows
