@@ -29,14 +29,11 @@ class RepairModule(torch.nn.Module):
         self.register_buffer("tau", None if layer.tau is None else layer.tau.detach().clone())
         scale = layer.score_scale if layer.score_scale is not None else torch.ones(layer.k)
         self.register_buffer("score_scale", scale.detach().clone())
-        self.enabled = True
         self.record_scores = record_scores  # eager monitoring: keeps the last scores and input
         self.last_scores: Optional[torch.Tensor] = None
         self.last_input: Optional[torch.Tensor] = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return h
         if self.record_scores:
             self.last_input = h.detach()
             out, scores = torch.ops.fire.repair_with_scores(h, self.directions, self.alpha, self.center, self.tau,
@@ -45,10 +42,15 @@ class RepairModule(torch.nn.Module):
             return out
         return torch.ops.fire.repair(h, self.directions, self.alpha, self.center, self.tau, self.mode)
 
-    def scores(self, h: torch.Tensor) -> torch.Tensor:
-        """Per-sample backdoor score: the largest projection in units of its clean std."""
-        _, c = torch.ops.fire.repair_with_scores(h, self.directions, self.alpha, self.center, self.tau, self.mode)
+    def backdoor_score(self, c: torch.Tensor) -> torch.Tensor:
+        """Per-sample backdoor score from the projections c (N, K): the largest projection in
+        units of its clean std."""
         return (c / self.score_scale.float()).amax(dim=1)
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """The backdoor score of the layer outputs h."""
+        _, c = torch.ops.fire.repair_with_scores(h, self.directions, self.alpha, self.center, self.tau, self.mode)
+        return self.backdoor_score(c)
 
     @torch.no_grad()
     def load_layer(self, layer: LayerRepair) -> None:

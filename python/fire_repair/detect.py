@@ -21,7 +21,7 @@ def scores(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> dict:
         for i in range(0, x.shape[0], batch):
             model(x[i:i + batch])
             for name, m in modules.items():
-                out[name].append((m.last_scores / m.score_scale.float()).amax(1))
+                out[name].append(m.backdoor_score(m.last_scores))
     finally:
         for name, m in modules.items():
             m.record_scores = saved[name]

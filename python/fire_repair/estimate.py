@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from fire_kernels import MAX_K
+
 from .profile import LayerRepair, Profile, fingerprint
 from .reference import MODES
 from .sketch import FrequentDirections, Reservoir
@@ -153,6 +155,13 @@ class LayerStats:
         return (rows - center.float()) @ V.T
 
 
+def _check_k(k: int, sketch_rows: int) -> None:
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
+    if sketch_rows < k:
+        raise ValueError(f"sketch_rows ({sketch_rows}) must be at least k ({k})")
+
+
 def _flatten(h: torch.Tensor) -> torch.Tensor:
     return h.detach().reshape(h.shape[0], -1).float()
 
@@ -176,10 +185,7 @@ class Estimator:
         missing = [name for name in layers if name not in modules]
         if missing:
             raise ValueError(f"the model has no layer(s) {missing}; it has e.g. {list(modules)[1:10]}")
-        if not 1 <= k <= 64:
-            raise ValueError(f"k must be between 1 and 64, got {k}")
-        if sketch_rows < k:
-            raise ValueError(f"sketch_rows ({sketch_rows}) must be at least k ({k})")
+        _check_k(k, sketch_rows)
         if n_augment < 1:
             raise ValueError(f"n_augment must be >= 1, got {n_augment}")
         self.model, self.layers, self.k = model, list(layers), k
@@ -298,6 +304,7 @@ class Estimator:
         if not 0.0 <= tau_quantile <= 1.0:
             raise ValueError(f"tau_quantile must be in [0, 1], got {tau_quantile}")
         k = self.k if k is None else k
+        _check_k(k, self.sketch_rows)
         out, info = [], {"k": k, "tau_quantile": tau_quantile, "layers": {}}
         for name in layers or self.layers:
             if name not in self.stats:

@@ -59,7 +59,7 @@ class Online:
         flags = poisoned
         if flags is None and modules and self.threshold is not None:
             first = modules[self.estimator.layers[0]]
-            flags = (first.last_scores / first.score_scale.float()).amax(1) > self.threshold
+            flags = first.backdoor_score(first.last_scores) > self.threshold
         if flags is not None and flags.any():
             flags = flags.to(torch.bool)
             if modules:  # activations captured before the repair, in the pass above

@@ -57,10 +57,11 @@ class _GatedFire:
         self.model, self.profile, self.threshold = model, profile, threshold
 
     def predict(self, x):
+        pred = torch.empty(len(x), dtype=torch.int64)
         fr.attach(self.model, self.profile)
         try:
             flags = fr.scores(self.model, x)[self.profile.layer_names[0]] > self.threshold
-            pred = predict(self.model, x)
+            pred[flags] = predict(self.model, x[flags])
         finally:
             fr.detach(self.model)
         pred[~flags] = predict(self.model, x[~flags])
@@ -160,8 +161,8 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
         if cfg.online:
             result["online"] = _online_curve(model, chosen, cfg, hold_clean, hold_pairs[1], eval_poison, eval_poison_y)
         if cfg.ablations:
-            result["ablations"] = _ablations(model, chosen, cfg, hold_clean, hold_pairs, n_seen, score, eval_clean,
-                                             eval_poison)
+            result["ablations"] = _ablations(model, est, chosen, cfg, hold_clean, hold_pairs[1][:n_seen], score,
+                                             eval_clean, eval_poison)
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -218,8 +219,9 @@ def _online_curve(model, sel, cfg, hold_clean, stream, eval_poison, eval_poison_
     return {"curve": curve, "ms_per_sample": 1e3 * sum(step_seconds) / max(len(step_seconds), 1)}
 
 
-def _ablations(model, sel, cfg, hold_clean, hold_pairs, n_seen, score, eval_clean, eval_poison):
-    """FIRE's choices one at a time around the selected clamp repair, scored on the evaluation set."""
+def _ablations(model, est, sel, cfg, hold_clean, poisoned_seen, score, eval_clean, eval_poison):
+    """FIRE's choices one at a time around the selected clamp repair, scored on the evaluation set.
+    `est` is the run's paired estimator (its statistics do not depend on k or tau)."""
     rows = []
 
     def add(what, profile):
@@ -227,20 +229,17 @@ def _ablations(model, sel, cfg, hold_clean, hold_pairs, n_seen, score, eval_clea
         rows.append({"ablation": what, **score(d.predict(eval_clean), d.predict(eval_poison))})
 
     layer = sel.layers
-    est = fr.Estimator(model, layer, k=max(4, cfg.k), seed=cfg.seed)  # the statistics do not depend on k
-    est.observe(hold_clean, poisoned=False)
-    est.observe_pairs(*hold_pairs)
     for k in (1, 2, 4):
         try:
-            add(f"k={k}", est.profile(mode="clamp", alpha=sel.alpha, tau_quantile=cfg.tau_quantile, k=k))
+            add(f"k={k}", est.profile(mode="clamp", alpha=sel.alpha, tau_quantile=cfg.tau_quantile, k=k, layers=layer))
         except ValueError as e:  # fewer supported directions than asked
             rows.append({"ablation": f"k={k}", "error": str(e)})
     variants = (("unpaired", None, cfg.match_clean), ("unpaired, clean set not matched", None, False),
                 ("unpaired+photometric", Photometric(seed=cfg.seed), cfg.match_clean),
                 ("unpaired+shift", RandomShift(seed=cfg.seed), cfg.match_clean))
     for source, augment, match in variants:
-        profile, _ = _unpaired_profile(model, layer, cfg, hold_clean, hold_pairs[1][:n_seen], augment, match)
+        profile, _ = _unpaired_profile(model, layer, cfg, hold_clean, poisoned_seen, augment, match)
         add(source, profile)
     for q in (0.9, 0.999):
-        add(f"tau_quantile={q}", est.profile(mode="clamp", alpha=sel.alpha, tau_quantile=q, k=cfg.k))
+        add(f"tau_quantile={q}", est.profile(mode="clamp", alpha=sel.alpha, tau_quantile=q, k=cfg.k, layers=layer))
     return rows
