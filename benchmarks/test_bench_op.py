@@ -19,6 +19,8 @@ def _cases():
     if SMOKE:
         return [("layer3", 8, 4, torch.float32, "clamp"), ("linear512", 4, 1, torch.bfloat16, "project")]
     batches = [1, 32, 256, 1024] if (DEVICE == "cuda" or FULL) else [1, 256]
+    if os.environ.get("FIRE_BENCH_BATCHES"):  # e.g. "1,256,1024": a shorter GPU session
+        batches = [int(b) for b in os.environ["FIRE_BENCH_BATCHES"].split(",")]
     cases = [(s, n, k, dt, "clamp") for s in SHAPES for n in batches for k in (1, 4, 16)
              for dt in (torch.float32, torch.bfloat16)]
     cases += [("layer2", 256, 4, torch.float32, m) for m in ("shift", "project")]
