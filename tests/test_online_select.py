@@ -1,4 +1,5 @@
 """Online repair and the label-free layer/alpha selection on the trained backdoored model."""
+import pytest
 import torch
 
 import fire_repair as fr
@@ -51,12 +52,89 @@ def test_selection_is_label_free_and_reports_evidence(backdoored):
     model = backdoored["model"]
     est = fr.Estimator(model, ["block1", "block2", "block3", "fc"])
     est.observe(backdoored["hold_clean"], poisoned=False)
-    est.observe_pairs(*backdoored["hold_pairs"])
     cx, px = backdoored["hold_pairs"]
-    sel = fr.select(model, est, cx, px, modes=["clamp", "project"], alphas=[0.5, 1.0])
+    model.train()
+    sel = fr.select(model, est, cx[:16], px[:16], modes=["clamp", "project"], alphas=[0.5, 1.0],
+                    x_clean_reference=backdoored["hold_clean"])
+    assert model.training  # the caller's mode is restored
+    model.eval()
     assert len(sel.evidence) == 4 * 2 * 2
     chosen = [e for e in sel.evidence if (e["layers"], e["mode"], e["alpha"]) == (sel.layers, sel.mode, sel.alpha)]
     assert chosen and chosen[0]["clean_change"] <= 0.01
     assert chosen[0]["agreement"] == max(e["agreement"] for e in sel.evidence if e["clean_change"] <= 0.01)
     assert "*" in sel.table() and sel.profile.info["selection"]["chosen"] == chosen[0]
+    assert "folds" in sel.profile.info["selection"]["criterion"]
+    assert sel.profile.layer(sel.layers[0]).directions.shape[0] == 1
     assert not fr.repair_modules(model)  # selection leaves the model as it was
+    assert all(st.n_pairs == 0 for st in est.stats.values())  # the caller's estimator is not changed
+    assert _pa_with(model, sel.profile, backdoored) > 0.9
+
+
+def _pa_with(model, profile, b):
+    fr.attach(model, profile)
+    try:
+        return _pa(model, b)
+    finally:
+        fr.detach(model)
+
+
+def test_selection_scores_out_of_fold(backdoored, monkeypatch):
+    """Each fold's directions come from the other folds' pairs only (12 of 16 here); the final
+    profile from all 16."""
+    from fire_repair.select import _folds
+
+    folds = _folds(16, 4, seed=0)
+    assert sorted(torch.cat(folds).tolist()) == list(range(16)) and all(len(f) == 4 for f in folds)
+    with pytest.raises(ValueError, match="at least 2"):
+        _folds(1, 4, seed=0)
+    clones = []
+    original = fr.Estimator.clone
+    monkeypatch.setattr(fr.Estimator, "clone", lambda self: clones.append(original(self)) or clones[-1])
+    model = backdoored["model"]
+    est = fr.Estimator(model, ["block2"])
+    est.observe(backdoored["hold_clean"][:64], poisoned=False)
+    cx, px = backdoored["hold_pairs"]
+    fr.select(model, est, cx[:16], px[:16], alphas=[1.0], folds=4)
+    assert [c.stats["block2"].n_pairs for c in clones] == [12, 12, 12, 12, 16]
+
+
+def test_selection_ties_go_to_the_margin_not_the_order():
+    from fire_repair.select import _choose
+
+    ev = [{"layers": ["a"], "mode": "clamp", "alpha": 1.0, "agreement": 1.0, "margin": 0.5, "clean_change": 0.0},
+          {"layers": ["b"], "mode": "clamp", "alpha": 1.0, "agreement": 1.0, "margin": 3.0, "clean_change": 0.005},
+          {"layers": ["c"], "mode": "clamp", "alpha": 1.0, "agreement": 1.0, "margin": 9.0, "clean_change": 0.5}]
+    assert _choose(ev, 0.01)["layers"] == ["b"]
+    assert _choose(ev, 0.0)["layers"] == ["a"]
+    assert _choose(ev, -1.0)["layers"] == ["a"]  # none allowed: the least disruptive
+
+
+def test_selection_with_pairs_already_observed_warns(backdoored):
+    model = backdoored["model"]
+    est = fr.Estimator(model, ["block2"])
+    est.observe(backdoored["hold_clean"], poisoned=False)
+    cx, px = backdoored["hold_pairs"]
+    est.observe_pairs(cx[:8], px[:8])
+    with pytest.warns(DeprecationWarning, match="already observed pairs"):
+        fr.select(model, est, cx[:8], px[:8], alphas=[1.0])
+
+
+def test_selection_refuses_empty_grids(backdoored):
+    model = backdoored["model"]
+    est = fr.Estimator(model, ["block2"])
+    est.observe(backdoored["hold_clean"], poisoned=False)
+    cx, px = backdoored["hold_pairs"]
+    for bad in ({"layer_sets": []}, {"alphas": ()}, {"modes": []}):
+        with pytest.raises(ValueError, match="at least one"):
+            fr.select(model, est, cx[:8], px[:8], **bad)
+
+
+def test_unpaired_selection_needs_no_twins_and_no_labels(backdoored):
+    model = backdoored["model"]
+    est = fr.Estimator(model, ["block1", "block2", "block3"])
+    est.observe(backdoored["hold_clean"], poisoned=False)
+    flagged = backdoored["hold_pairs"][1][:32]
+    sel = fr.select_unpaired(model, est, flagged, backdoored["hold_clean"], alphas=[1.0])
+    assert sel.profile.info["selection"]["inferred_target"] == backdoored["attack"].target
+    assert len(sel.evidence) == 3
+    assert _pa_with(model, sel.profile, backdoored) > 0.85

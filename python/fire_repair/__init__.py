@@ -15,11 +15,11 @@ from .online import Online
 from .ops import backend_for, repair, repair_with_scores
 from .profile import LayerRepair, Profile, ProfileError, fingerprint
 from .reference import MODES, repair_reference
-from .select import Selection, select
+from .select import Selection, select, select_unpaired
 
 __version__ = "0.1.0"
 __all__ = [
     "Estimator", "LayerRepair", "MODES", "Online", "Profile", "ProfileError", "RepairModule", "Selection",
     "attach", "backend_for", "detach", "fingerprint", "repair", "repair_modules", "repair_reference",
-    "repair_with_scores", "scores", "select",
+    "repair_with_scores", "scores", "select", "select_unpaired",
 ]

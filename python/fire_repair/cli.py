@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 DEMO_ATTACKS = ["badnets", "blended", "sig", "wanet", "trojan", "adaptive"]
+DATASETS = ("digits", "cifar10", "gtsrb", "folder")  # fire_repair.eval.data.DATASETS, without importing torch
 
 
 def _common(p):
@@ -25,7 +26,7 @@ def _run_all(args, attacks, model, data, data_path=None, defenses=None, width=No
     from fire_repair.eval import data as data_mod
     from fire_repair.eval import harness, report
 
-    ds = data_mod.load(data, data_path, seed=args.seed)
+    ds = data_mod.load(data, data_path, seed=args.seed, cache_dir=args.cache or None)
     print(f"data: {ds.name}, {len(ds.y_train)} train / {len(ds.y_test)} test images, {ds.num_classes} classes")
     results = []
     t0 = time.perf_counter()
@@ -62,8 +63,10 @@ def main(argv=None):
     ev.add_argument("--attack", nargs="+", default=["badnets"])
     ev.add_argument("--model", default="cnn", choices=["cnn", "preact18", "vgg"])
     ev.add_argument("--width", type=int, default=None, help="model width (default: the model's standard width)")
-    ev.add_argument("--data", default="digits", choices=["digits", "cifar10", "gtsrb"])
-    ev.add_argument("--data-path", default=None, help="local folder of CIFAR-10 or GTSRB (never downloaded)")
+    ev.add_argument("--data", default="digits", choices=list(DATASETS))
+    ev.add_argument("--data-path", default=None,
+                    help="local folder of CIFAR-10 (batches or image folders), GTSRB, or any image folders "
+                         "(train/<class>/*, test/<class>/*) with --data folder; never downloaded")
     ev.add_argument("--defenses", nargs="+", default=None)
     args = parser.parse_args(argv)
     if args.command == "demo":

@@ -4,8 +4,8 @@ Per layer the estimator keeps, in memory that does not grow with the number of s
 - clean, poisoned and paired-difference counts and sums (float64);
 - Frequent Directions sketches of the clean rows, the poisoned rows and the paired
   differences, for the K > 1 principal directions;
-- a seeded reservoir of clean rows, to calibrate tau and the score scale on the final
-  directions.
+- seeded reservoirs of clean and of poisoned rows: the clean one calibrates tau and the score
+  scale on the final directions, the poisoned one sets the sign of directions 2..K.
 
 Directions (`LayerStats.directions`):
 - beta = mean(h(x_p) - h(x_c)) over pairs, or mean h(A(x_p)) - mean h(A(x_c)) unpaired;
@@ -14,6 +14,11 @@ Directions (`LayerStats.directions`):
   component: paired, of the differences' second moment; unpaired, of the poisoned second
   moment about the clean mean minus the clean covariance (scaled to the same count), so that
   the clean data's own spread is not mistaken for the trigger's.
+- Signs: v_1 points along beta. v_2..v_K are orthogonal to beta, so the mean difference says
+  nothing about their sign (it would be rounding noise); each is oriented towards the side
+  where the poisoned rows leave the clean range more (their excess over the clean 99th
+  percentile against their shortfall under the 1st), which is what the one-sided `clamp`
+  mode needs.
 
 """
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -43,6 +48,7 @@ class LayerStats:
         self.poison_sketch = FrequentDirections(D, sketch_rows)
         self.diff_sketch = FrequentDirections(D, sketch_rows)
         self.clean_sample = Reservoir(D, reservoir, seed)
+        self.poison_sample = Reservoir(D, reservoir, seed + 1)
 
     # -- streaming updates: rows are (n, D) float tensors
     def add_clean(self, h: torch.Tensor) -> None:
@@ -57,6 +63,7 @@ class LayerStats:
         self.n_poison += h.shape[0]
         self.sum_poison += h.double().sum(0)
         self.poison_sketch.update(h)
+        self.poison_sample.update(h)
 
     def add_pairs(self, h_clean: torch.Tensor, h_poisoned: torch.Tensor) -> None:
         d = (h_poisoned.detach().double() - h_clean.detach().double()).cpu()
@@ -79,6 +86,13 @@ class LayerStats:
         self.poison_sketch.merge(other.poison_sketch)
         self.diff_sketch.merge(other.diff_sketch)
         self.clean_sample.merge(other.clean_sample)
+        self.poison_sample.merge(other.poison_sample)
+
+    def copy(self) -> "LayerStats":
+        """An independent copy (merging into an empty one copies every tensor)."""
+        out = LayerStats(self.feature_shape, self.clean_sketch.rows, self.clean_sample.capacity)
+        out.merge(self)
+        return out
 
     # -- results
     def source(self, requested: str = "auto") -> str:
@@ -142,11 +156,27 @@ class LayerStats:
         if supported < k - 1:
             raise ValueError(f"only {supported + 1} directions are supported by the data; asked for k={k}")
         rest = (Q @ evecs[:, order]).T
-        rest = rest * torch.where((rest @ beta) < 0, -1.0, 1.0)[:, None]  # sign: towards the trigger
         V = torch.cat([v1[None], rest])
         V, _ = torch.linalg.qr(V.T)  # re-orthonormalise in fp64; QR keeps v1 first (up to sign)
-        V = V.T * torch.where((V.T @ beta) < 0, -1.0, 1.0)[:, None]
+        V = V.T
+        V[0] *= 1.0 if float(V[0] @ beta) >= 0 else -1.0
+        V[1:] *= self._poisoned_side(V[1:])[:, None]
         return V.float()
+
+    def _poisoned_side(self, V: torch.Tensor) -> torch.Tensor:
+        """+1 or -1 per row of V: the side on which the poisoned rows leave the clean range more
+        (mean excess over the clean 99th percentile against mean shortfall under the 1st); ties
+        (no poisoned row outside the clean range) go to the side of the poisoned rows' skew."""
+        clean, poisoned = self.clean_sample.rows.double(), self.poison_sample.rows.double()
+        if clean.shape[0] == 0 or poisoned.shape[0] == 0:
+            return torch.ones(V.shape[0], dtype=V.dtype)
+        mu = clean.mean(0)
+        c, p = (clean - mu) @ V.T, (poisoned - mu) @ V.T
+        hi, lo = torch.quantile(c, 0.99, dim=0), torch.quantile(c, 0.01, dim=0)
+        side = (p - hi).clamp_min(0).mean(0) - (lo - p).clamp_min(0).mean(0)
+        skew = ((p - p.mean(0)) ** 3).mean(0)
+        side = torch.where(side.abs() > 1e-12 * (hi - lo).abs().clamp_min(1e-30), side, skew)
+        return torch.where(side < 0, -1.0, 1.0).to(V.dtype)
 
     def clean_projections(self, V: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
         rows = self.clean_sample.rows
@@ -267,12 +297,20 @@ class Estimator:
 
     # -- merging (several processes or shards)
     def merge(self, other: "Estimator") -> "Estimator":
+        """Adds other's statistics to this one's (copied: later updates of either stay apart)."""
         for name, stats in other.stats.items():
             if name not in self.stats:
-                self.stats[name] = stats
+                self.stats[name] = stats.copy()
             else:
                 self.stats[name].merge(stats)
         return self
+
+    def clone(self) -> "Estimator":
+        """An estimator on the same model and settings with a copy of these statistics (what
+        selection extends with the pairs of each fold)."""
+        out = Estimator(self.model, self.layers, self.k, self.augment, self.n_augment, self.sketch_rows,
+                        self.reservoir, self.seed)
+        return out.merge(self)
 
     def all_reduce(self, group=None) -> "Estimator":
         """Merges the estimators of all ranks of a torch.distributed group, in rank order, so every
@@ -343,6 +381,7 @@ def _gather_stats(stats: LayerStats, src: int, group) -> LayerStats:
     mine = dist.get_rank(group) == src
     counts = [stats.n_clean, stats.n_poison, stats.n_pairs, stats.clean_sample.rows.shape[0], stats.clean_sample.seen]
     counts += [getattr(stats, name).filled for name in sketches] + [getattr(stats, name).seen for name in sketches]
+    counts += [stats.poison_sample.rows.shape[0], stats.poison_sample.seen]
     counts = torch.tensor(counts, dtype=torch.int64)
     dist.broadcast(counts, src, group=group)
     counts = [int(c) for c in counts]
@@ -350,12 +389,14 @@ def _gather_stats(stats: LayerStats, src: int, group) -> LayerStats:
     holder = stats if mine else out
     tensors = {"sum_clean": holder.sum_clean.clone(), "sum_poison": holder.sum_poison.clone(),
                "sum_diff": holder.sum_diff.clone(),
-               "rows": holder.clean_sample.rows.clone() if mine else torch.zeros(counts[3], stats.dim)}
+               "rows": holder.clean_sample.rows.clone() if mine else torch.zeros(counts[3], stats.dim),
+               "poison_rows": holder.poison_sample.rows.clone() if mine else torch.zeros(counts[11], stats.dim)}
     tensors.update({name: getattr(holder, name).buffer.clone() for name in sketches})
     for t in tensors.values():
         dist.broadcast(t, src, group=group)
     out.sum_clean, out.sum_poison, out.sum_diff = tensors["sum_clean"], tensors["sum_poison"], tensors["sum_diff"]
     out.clean_sample.rows, out.clean_sample.seen = tensors["rows"], counts[4]
+    out.poison_sample.rows, out.poison_sample.seen = tensors["poison_rows"], counts[12]
     for i, name in enumerate(sketches):
         sk = getattr(out, name)
         sk.buffer, sk.filled, sk.seen = tensors[name], counts[5 + i], counts[8 + i]

@@ -1,15 +1,27 @@
-"""Label-free choice of the layer(s), mode and alpha.
+"""Label-free choice of the layer(s), mode and alpha, scored out of fold.
 
-On held-out pairs (x_clean, x_poisoned), each candidate repair is scored by
-- `agreement`: how often the repaired model's prediction on x_poisoned equals the unrepaired
-  model's own prediction on the clean twin (no labels needed), and
-- `clean_change`: how often the repair changes the prediction on x_clean.
-The chosen candidate has the highest agreement among those with clean_change <= max_clean_change
-(ties: the first candidate tried, in the order layer sets, modes, alphas as given). Every
-candidate's evidence is returned.
+A candidate (layer set, mode, alpha) is never scored on the samples its directions were
+estimated from: the triggered samples are split into `folds`; for each fold a copy of the
+estimator observes the other folds, and the candidate's repair is scored on this fold.
+
+- Paired (`select`: triggered samples with their clean twins):
+  `agreement` = how often the repaired prediction on a triggered sample equals the unrepaired
+  model's prediction on its clean twin; `margin` = the mean logit margin of that prediction
+  (its logit minus the largest other one) after repair.
+- Unpaired (`select_unpaired`: flagged triggered samples, no twins): the backdoor target is
+  inferred as the model's majority prediction on the flagged samples (no labels);
+  `agreement` = how often the repaired prediction leaves that target; `margin` = the mean of
+  (largest other logit - target logit) after repair.
+- Both: `clean_change` = how often the repair (estimated from all the triggered samples)
+  changes the model's prediction on the clean reference set.
+
+The chosen candidate has the highest agreement among those with clean_change <=
+max_clean_change; ties go to the larger margin, then to the smaller clean change (never to the
+order tried). Every candidate's evidence is returned.
 """
+import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -26,49 +38,171 @@ class Selection:
     evidence: list = field(default_factory=list)  # one dict per candidate
 
     def table(self) -> str:
-        lines = ["layers | mode | alpha | agreement | clean_change"]
+        lines = ["layers | mode | alpha | agreement | margin | clean_change"]
         for e in self.evidence:
             mark = " *" if (e["layers"], e["mode"], e["alpha"]) == (self.layers, self.mode, self.alpha) else ""
             lines.append(f"{'+'.join(e['layers'])} | {e['mode']} | {e['alpha']:g} | {e['agreement']:.3f} | "
-                         f"{e['clean_change']:.3f}{mark}")
+                         f"{e['margin']:.3f} | {e['clean_change']:.3f}{mark}")
         return "\n".join(lines)
 
 
 @torch.no_grad()
-def _predict(model, x, batch=256):
+def logits(model, x, batch: int = 256) -> torch.Tensor:
+    """The model's outputs in eval mode (its training flag restored afterwards)."""
+    was_training = model.training
     model.eval()
-    return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, x.shape[0], batch)])
+    try:
+        if x.shape[0] == 0:
+            return torch.zeros(0, 0)
+        return torch.cat([model(x[i:i + batch]).float().cpu() for i in range(0, x.shape[0], batch)])
+    finally:
+        model.train(was_training)
+
+
+def predict(model, x, batch: int = 256) -> torch.Tensor:
+    """Predicted labels in eval mode (int64; empty input gives an empty tensor)."""
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    return logits(model, x, batch).argmax(1)
+
+
+def _margin_for(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row: logit of `labels` minus the largest other logit."""
+    own = out.gather(1, labels[:, None])[:, 0]
+    others = out.scatter(1, labels[:, None], float("-inf")).amax(1)
+    return own - others
+
+
+def _folds(n: int, folds: int, seed: int) -> list:
+    if n < 2:
+        raise ValueError(f"selection needs at least 2 triggered samples to score out of fold, got {n}")
+    folds = max(2, min(folds, n))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [perm[i::folds] for i in range(folds)]
+
+
+def _check_grid(layer_sets, modes, alphas):
+    if not layer_sets or any(len(s) == 0 for s in layer_sets):
+        raise ValueError("layer_sets must name at least one non-empty set of layers")
+    if not modes:
+        raise ValueError("modes must name at least one mode")
+    if not alphas:
+        raise ValueError("alphas must hold at least one value")
+
+
+def _choose(evidence: list, max_clean_change: float) -> dict:
+    ok = [e for e in evidence if e["clean_change"] <= max_clean_change]
+    if ok:
+        return max(ok, key=lambda e: (e["agreement"], e["margin"], -e["clean_change"]))
+    # nothing keeps clean predictions: the least disruptive candidate
+    return min(evidence, key=lambda e: (e["clean_change"], -e["agreement"], -e["margin"]))
+
+
+def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alphas, max_clean_change,
+         tau_quantile, source, folds, seed, criterion) -> Selection:
+    """The shared loop: per fold, a copy of `estimator` observes the other folds through
+    `observe(est, index)`; `score(out, index)` gives (agreement, margin) sums on a fold."""
+    if layer_sets is None:
+        layer_sets = [[name] for name in estimator.layers]
+    _check_grid(layer_sets, modes, alphas)
+    splits = _folds(n, folds, seed)
+    fold_estimators = []
+    for held in splits:
+        est = estimator.clone()
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[held] = False
+        observe(est, torch.nonzero(keep).flatten())
+        fold_estimators.append(est)
+    full = estimator.clone()
+    observe(full, torch.arange(n))
+    reference = predict(model, clean_ref)
+    evidence = []
+    for layers in layer_sets:
+        for mode in modes:
+            for alpha in alphas:
+                agree, margin = 0.0, 0.0
+                for est, held in zip(fold_estimators, splits):
+                    profile = est.profile(mode=mode, alpha=alpha, tau_quantile=tau_quantile, source=source,
+                                          layers=list(layers), with_fingerprint=False)
+                    a, m = score(profile, held)
+                    agree, margin = agree + a, margin + m
+                profile = full.profile(mode=mode, alpha=alpha, tau_quantile=tau_quantile, source=source,
+                                       layers=list(layers), with_fingerprint=False)
+                attach(model, profile)
+                try:
+                    clean_change = (predict(model, clean_ref) != reference).float().mean().item()
+                finally:
+                    detach(model)
+                evidence.append({"layers": list(layers), "mode": mode, "alpha": float(alpha),
+                                 "agreement": agree / n, "margin": margin / n, "clean_change": clean_change})
+    e = _choose(evidence, max_clean_change)
+    profile = full.profile(mode=e["mode"], alpha=e["alpha"], tau_quantile=tau_quantile, source=source,
+                           layers=e["layers"])  # the chosen one, with the model's fingerprint
+    profile.info["selection"] = {"criterion": f"{criterion}, out of {len(splits)} folds, s.t. clean_change <= "
+                                              f"{max_clean_change:g}; ties: margin",
+                                 "chosen": e, "candidates": evidence}
+    return Selection(profile=profile, layers=e["layers"], mode=e["mode"], alpha=e["alpha"], evidence=evidence)
+
+
+def _scored(model, profile, x):
+    attach(model, profile)
+    try:
+        return logits(model, x)
+    finally:
+        detach(model)
 
 
 @torch.no_grad()
 def select(model: torch.nn.Module, estimator: Estimator, x_clean: torch.Tensor, x_poisoned: torch.Tensor,
            layer_sets: Sequence[Sequence[str]] = None, modes: Sequence[str] = ("clamp",),
            alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0), max_clean_change: float = 0.01,
-           tau_quantile: float = 0.99, source: str = "auto") -> Selection:
-    if layer_sets is None:
-        layer_sets = [[name] for name in estimator.layers]
-    reference = _predict(model, x_clean)
-    evidence, best = [], None
-    for layers in layer_sets:
-        for mode in modes:
-            for alpha in alphas:
-                profile = estimator.profile(mode=mode, alpha=alpha, tau_quantile=tau_quantile, source=source,
-                                            layers=list(layers), with_fingerprint=False)
-                attach(model, profile)
-                try:
-                    agreement = (_predict(model, x_poisoned) == reference).float().mean().item()
-                    clean_change = (_predict(model, x_clean) != reference).float().mean().item()
-                finally:
-                    detach(model)
-                e = {"layers": list(layers), "mode": mode, "alpha": float(alpha), "agreement": agreement,
-                     "clean_change": clean_change}
-                evidence.append(e)
-                if clean_change <= max_clean_change and (best is None or agreement > best["agreement"]):
-                    best = e
-    # nothing keeps clean predictions: take the least disruptive candidate
-    e = best or min(evidence, key=lambda e: (e["clean_change"], -e["agreement"]))
-    profile = estimator.profile(mode=e["mode"], alpha=e["alpha"], tau_quantile=tau_quantile, source=source,
-                                layers=e["layers"])  # the chosen one, with the model's fingerprint
-    profile.info["selection"] = {"criterion": "max agreement s.t. clean_change <= %g" % max_clean_change,
-                                 "chosen": e, "candidates": evidence}
-    return Selection(profile=profile, layers=e["layers"], mode=e["mode"], alpha=e["alpha"], evidence=evidence)
+           tau_quantile: float = 0.99, source: str = "auto", folds: int = 4,
+           x_clean_reference: Optional[torch.Tensor] = None, seed: int = 0) -> Selection:
+    """Paired selection. `estimator` holds what was observed besides these pairs (typically a
+    clean held-out set); the pairs (x_clean[i], x_poisoned[i]) are observed here, fold by fold.
+    `x_clean_reference` (default: x_clean) is where clean_change is measured."""
+    if x_clean.shape != x_poisoned.shape:
+        raise ValueError(f"pairs must have equal shapes, got {tuple(x_clean.shape)} and {tuple(x_poisoned.shape)}")
+    if any(st.n_pairs for st in estimator.stats.values()):
+        warnings.warn("select() estimates from the pairs it is given, fold by fold; this estimator has already "
+                      "observed pairs, so they are counted in every fold. Pass an estimator without pairs.",
+                      DeprecationWarning, stacklevel=2)
+    twin = predict(model, x_clean)
+    clean_ref = x_clean if x_clean_reference is None else x_clean_reference
+
+    def observe(est, idx):
+        est.observe_pairs(x_clean[idx], x_poisoned[idx])
+
+    def score(profile, held):
+        out = _scored(model, profile, x_poisoned[held])
+        return (out.argmax(1) == twin[held]).sum().item(), _margin_for(out, twin[held]).sum().item()
+
+    return _run(model, estimator, observe, len(x_clean), score, clean_ref, layer_sets, modes, alphas,
+                max_clean_change, tau_quantile, source, folds, seed, "max agreement with the clean twins")
+
+
+@torch.no_grad()
+def select_unpaired(model: torch.nn.Module, estimator: Estimator, x_flagged: torch.Tensor,
+                    x_clean_reference: torch.Tensor, layer_sets: Sequence[Sequence[str]] = None,
+                    modes: Sequence[str] = ("clamp",), alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
+                    max_clean_change: float = 0.01, tau_quantile: float = 0.99, folds: int = 4,
+                    seed: int = 0) -> Selection:
+    """Unpaired selection: `estimator` holds clean statistics; the flagged (triggered) samples
+    are observed here, fold by fold. The target is inferred as the model's majority prediction
+    on them; a repair is scored by how often it moves held-out flagged samples off that target
+    and by how far, while keeping predictions on `x_clean_reference`."""
+    target = int(predict(model, x_flagged).mode().values) if len(x_flagged) else 0
+
+    def observe(est, idx):
+        est.observe(x_flagged[idx], poisoned=True)
+
+    def score(profile, held):
+        out = _scored(model, profile, x_flagged[held])
+        t = torch.full((len(held),), target, dtype=torch.int64)
+        return (out.argmax(1) != t).sum().item(), (-_margin_for(out, t)).sum().item()
+
+    sel = _run(model, estimator, observe, len(x_flagged), score, x_clean_reference, layer_sets, modes, alphas,
+               max_clean_change, tau_quantile, "unpaired", folds, seed,
+               f"max share of flagged samples moved off the inferred target {target}")
+    sel.profile.info["selection"]["inferred_target"] = target
+    return sel

@@ -32,9 +32,6 @@ class Defense:
     def predict(self, x):
         return predict(self.model, self.transform(x))
 
-    def params(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k not in ("model", "gen", "pool", "threshold")}
-
 
 class NoDefense(Defense):
     name = "none"

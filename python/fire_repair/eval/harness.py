@@ -1,9 +1,12 @@
-"""One evaluation run: train (or load) a backdoored model, estimate FIRE on the defender's
-held-out half of the test set, and score every defence on the other half with the same metrics.
+"""One evaluation run: train (or load) a backdoored model, give the defender a held-out part of
+the test set, fit every defence on it, and score them all on the rest with the same metrics.
 
-The defender holds: clean held-out images, and (paired setting) their triggered twins or
-(unpaired setting) `n_poison_seen` triggered images with no twins. Evaluation images are never
-used for estimation, calibration or selection.
+The defender holds (`Held`): clean held-out images, `n_pairs` triggered images with their clean
+twins (paired FIRE) and `n_poison_seen` other triggered images with no twins (unpaired FIRE).
+Evaluation images are never used for estimation, calibration or selection.
+
+Steps of `run`: `backdoored_model` -> `split` -> each defence's `fit` / `predict` ->
+`detection_auroc`, `online_curve`, `ablations`.
 """
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,12 +20,9 @@ from fire_repair.augment import Photometric, RandomShift
 from . import attacks as attacks_mod
 from . import data as data_mod
 from . import models as models_mod
-from .baselines import BASELINES
+from .baselines import BASELINES, Defense
 from .metrics import auroc, predict, rates
 from .train import load_or_train
-
-FIRE_DEFENSES = ["fire-clamp", "fire-project", "fire-shift", "fire-shift-gated", "fire-clamp-unpaired"]
-DEFAULT_DEFENSES = ["none", *FIRE_DEFENSES, "shrinkpad", "jpeg", "blur", "strip"]
 
 
 @dataclass
@@ -38,10 +38,15 @@ class RunConfig:
     width: Optional[int] = None
     defenses: list = field(default_factory=lambda: list(DEFAULT_DEFENSES))
     layers: Optional[list] = None  # candidate layers (default: the model's REPAIRABLE list)
+    layer_pairs: bool = True  # also try each two consecutive candidate layers together
     alphas: list = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     k: int = 1
     tau_quantile: float = 0.99
-    n_poison_seen: int = 64
+    n_pairs: int = 16  # paired FIRE estimates and selects from this many triggered images and twins
+    n_poison_seen: int = 64  # unpaired FIRE: flagged triggered images, no twins
+    n_clean_holdout: Optional[int] = None  # clean held-out images for estimation (None: half the test set)
+    n_eval: Optional[int] = None  # evaluation images per split (None: the other half)
+    folds: int = 4
     match_clean: bool = True  # unpaired: leave the inferred target class out of the clean reference
     max_clean_change: float = 0.01
     online: bool = True
@@ -49,18 +54,57 @@ class RunConfig:
     cache_dir: Optional[str] = ".fire-cache"
 
 
-class _GatedFire:
-    """The paper's shift applied only to the samples the projection-score detector flags
-    (score above `threshold` clean standard deviations); the rest pass unrepaired."""
+@dataclass
+class Held:
+    """What the defender holds."""
+    clean: torch.Tensor
+    pairs: tuple  # (clean twins, triggered)
+    flagged: torch.Tensor  # triggered, no twins
 
-    def __init__(self, model, profile, threshold: float = 3.0):
-        self.model, self.profile, self.threshold = model, profile, threshold
+
+# ----------------------------------------------------------------------------- FIRE as defences
+
+class FireDefense(Defense):
+    """A FIRE variant with the baselines' fit/predict: `fit` estimates and selects (label-free,
+    out of fold) on what the defender holds; `predict` runs the model with the profile attached."""
+
+    def __init__(self, mode: str = "clamp", paired: bool = True, gated: bool = False):
+        self.mode, self.paired, self.gated = mode, paired, gated
+        self.name = f"fire-{mode}{'-gated' if gated else ''}{'' if paired else '-unpaired'}"
+
+    def fit(self, model, x_clean, held: Held = None, cfg: RunConfig = None, layers=None):
+        if held is None or cfg is None:
+            raise ValueError(f"{self.name} needs the defender's held-out data and the run's config")
+        self.model = model
+        layer_sets = [[name] for name in layers]
+        if cfg.layer_pairs:
+            layer_sets += [list(p) for p in zip(layers, layers[1:])]
+        est = fr.Estimator(model, layers, k=cfg.k, seed=cfg.seed)
+        grid = dict(layer_sets=layer_sets, modes=[self.mode], alphas=[1.0] if self.gated else cfg.alphas,
+                    max_clean_change=1.0 if self.gated else cfg.max_clean_change, tau_quantile=cfg.tau_quantile,
+                    folds=cfg.folds, seed=cfg.seed)
+        if self.paired:
+            est.observe(held.clean, poisoned=False)
+            self.selection = fr.select(model, est, *held.pairs, x_clean_reference=held.clean, **grid)
+        else:
+            clean, target = clean_reference(model, held.clean, held.flagged, cfg.match_clean)
+            est.observe(clean, poisoned=False)
+            self.selection = fr.select_unpaired(model, est, held.flagged, clean, **grid)
+        self.profile = self.selection.profile
+        return self
+
+    def report(self) -> dict:
+        sel = self.selection
+        return {"layers": sel.layers, "alpha": sel.alpha, "evidence": sel.evidence}
 
     def predict(self, x):
-        pred = torch.empty(len(x), dtype=torch.int64)
         fr.attach(self.model, self.profile)
         try:
-            flags = fr.scores(self.model, x)[self.profile.layer_names[0]] > self.threshold
+            if not self.gated:
+                return predict(self.model, x)
+            # the paper's shift applied only where the projection score flags a trigger (> 3 clean stds)
+            flags = fr.scores(self.model, x)[self.profile.layer_names[0]] > 3.0
+            pred = torch.empty(len(x), dtype=torch.int64)
             pred[flags] = predict(self.model, x[flags])
         finally:
             fr.detach(self.model)
@@ -68,8 +112,8 @@ class _GatedFire:
         return pred
 
 
-class _Fire:
-    """A FIRE profile as a defence of the harness."""
+class ProfileDefense(Defense):
+    """A fixed FIRE profile (ablations)."""
 
     def __init__(self, model, profile):
         self.model, self.profile = model, profile
@@ -82,15 +126,20 @@ class _Fire:
             fr.detach(self.model)
 
 
-def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bool = True, log=print) -> dict:
-    t0 = time.perf_counter()
-    ds = dataset or data_mod.load(cfg.data, cfg.data_path, seed=cfg.seed)
-    attack = attacks_mod.build(cfg.attack, target=cfg.target, seed=cfg.seed)
-    unknown = [d for d in cfg.defenses if d not in BASELINES and d not in FIRE_DEFENSES]
-    if unknown:
-        raise ValueError(f"unknown defence(s) {unknown}; choose from {DEFAULT_DEFENSES}")
+FIRE_DEFENSES = {
+    "fire-clamp": lambda: FireDefense("clamp"),
+    "fire-project": lambda: FireDefense("project"),
+    "fire-shift": lambda: FireDefense("shift"),
+    "fire-shift-gated": lambda: FireDefense("shift", gated=True),
+    "fire-clamp-unpaired": lambda: FireDefense("clamp", paired=False),
+}
+DEFENSES = {**{name: cls for name, cls in BASELINES.items()}, **FIRE_DEFENSES}
+DEFAULT_DEFENSES = ["none", *FIRE_DEFENSES, "shrinkpad", "jpeg", "blur", "strip"]
 
-    # -- the backdoored model
+
+# ----------------------------------------------------------------------------- the run's steps
+
+def backdoored_model(cfg: RunConfig, ds, attack, progress: bool):
     x_train, y_train, poisoned_idx = attacks_mod.poison_training_set(ds.x_train, ds.y_train, attack, cfg.rate,
                                                                      cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -101,70 +150,81 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
                                   progress=progress, desc=f"training {cfg.model} / {cfg.attack}")
     for p in model.parameters():
         p.requires_grad_(False)
+    return model, cached, len(poisoned_idx)
 
-    # -- splits: defender's held-out half and the evaluation half
+
+def split(cfg: RunConfig, ds, attack):
+    """(Held, (eval_clean, eval_y), (eval_poison, eval_poison_y)): the defender's half and the
+    evaluation half of the test set (triggered images exclude the target class)."""
     px, cx, ty = attacks_mod.poisoned_test_set(ds.x_test, ds.y_test, attack)
     h, ph = len(ds.y_test) // 2, len(ty) // 2
-    hold_clean, eval_clean, eval_y = ds.x_test[:h], ds.x_test[h:], ds.y_test[h:]
-    hold_pairs = (cx[:ph], px[:ph])
-    eval_poison, eval_poison_y = px[ph:], ty[ph:]
-    n_seen = min(cfg.n_poison_seen, ph)
-    score = lambda pc, pp: rates(pc, eval_y, pp, eval_poison_y, attack.target)  # noqa: E731
+    n_hold = h if cfg.n_clean_holdout is None else min(h, cfg.n_clean_holdout)
+    n_eval = None if cfg.n_eval is None else cfg.n_eval
+    n_pairs = min(cfg.n_pairs, ph // 2)
+    held = Held(clean=ds.x_test[:n_hold], pairs=(cx[:n_pairs], px[:n_pairs]),
+                flagged=px[n_pairs:n_pairs + min(cfg.n_poison_seen, ph - n_pairs)])
+    return (held, (ds.x_test[h:][:n_eval], ds.y_test[h:][:n_eval]), (px[ph:][:n_eval], ty[ph:][:n_eval]),
+            px[n_pairs:ph])
 
+
+def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bool = True, log=print) -> dict:
+    t0 = time.perf_counter()
+    unknown = [d for d in cfg.defenses if d not in DEFENSES]
+    if unknown:
+        raise ValueError(f"unknown defence(s) {unknown}; choose from {sorted(DEFENSES)}")
+    ds = dataset or data_mod.load(cfg.data, cfg.data_path, seed=cfg.seed)
+    attack = attacks_mod.build(cfg.attack, target=cfg.target, seed=cfg.seed)
+    model, cached, n_poisoned = backdoored_model(cfg, ds, attack, progress)
+    held, (eval_clean, eval_y), (eval_poison, eval_poison_y), stream = split(cfg, ds, attack)
     layers = cfg.layers or models_mod.MODELS[cfg.model].REPAIRABLE
-    est = fr.Estimator(model, layers, k=cfg.k, seed=cfg.seed)
-    est.observe(hold_clean, poisoned=False)
-    est.observe_pairs(*hold_pairs)
 
-    result = {"config": asdict(cfg), "model_cached": cached, "poisoned_train": len(poisoned_idx),
-              "n_eval_clean": len(eval_y), "n_eval_poison": len(eval_poison_y), "rows": [], "fire": {}}
-    selections = {}
+    def score(defence):
+        return rates(defence.predict(eval_clean), eval_y, defence.predict(eval_poison), eval_poison_y, attack.target)
+
+    result = {"config": asdict(cfg), "attack_params": attack.params(), "model_cached": cached,
+              "poisoned_train": n_poisoned, "n_eval_clean": len(eval_y), "n_eval_poison": len(eval_poison_y),
+              "n_pairs": len(held.pairs[0]), "n_flagged": len(held.flagged), "n_clean_holdout": len(held.clean),
+              "rows": [], "fire": {}}
+    fitted = {}
     for name in cfg.defenses:
         t = time.perf_counter()
-        extra = {}
-        if name == "fire-shift-gated":
-            sel = selections.get("shift") or fr.select(model, est, *hold_pairs, modes=["shift"], alphas=cfg.alphas,
-                                                       max_clean_change=cfg.max_clean_change)
-            # gating protects clean inputs, so alpha = 1: the paper's full shift by beta
-            profile = est.profile(mode="shift", alpha=1.0, layers=sel.layers)
-            defence = _GatedFire(model, profile)
-            extra = {"layers": sel.layers, "alpha": 1.0}
-        elif name.startswith("fire-") and not name.endswith("unpaired"):
-            mode = name.split("-")[1]
-            sel = fr.select(model, est, *hold_pairs, modes=[mode], alphas=cfg.alphas,
-                            max_clean_change=cfg.max_clean_change, tau_quantile=cfg.tau_quantile)
-            selections[mode] = sel
-            defence = _Fire(model, sel.profile)
-            extra = {"layers": sel.layers, "alpha": sel.alpha}
-            result["fire"][mode] = {"layers": sel.layers, "alpha": sel.alpha, "evidence": sel.evidence}
-        elif name == "fire-clamp-unpaired":
-            profile, extra = _unpaired_profile(model, layers, cfg, hold_clean, hold_pairs[1][:n_seen])
-            defence = _Fire(model, profile)
-            result["fire"]["clamp-unpaired"] = extra
+        defence = DEFENSES[name]()
+        if isinstance(defence, FireDefense):
+            defence.fit(model, held.clean, held, cfg, layers)
         else:
-            defence = BASELINES[name]().fit(model, hold_clean)
-        row = {"defense": name, **score(defence.predict(eval_clean), defence.predict(eval_poison)),
-               "seconds": time.perf_counter() - t, **extra}
+            defence.fit(model, held.clean)
+        fitted[name] = defence
+        row = {"defense": name, **score(defence), "seconds": time.perf_counter() - t}
+        if isinstance(defence, FireDefense):
+            rep = defence.report()
+            row.update(layers=rep["layers"], alpha=rep["alpha"])
+            result["fire"][name] = rep
         result["rows"].append(row)
         log(f"  {cfg.attack:>9} {name:<20} CA {100 * row['CA']:5.1f}  ASR {100 * row['ASR']:5.1f}  "
-            f"PA {100 * row['PA']:5.1f}")
+            f"PA {100 * row['PA']:5.1f}  ({row['seconds']:.0f} s)")
 
-    chosen = selections.get("clamp") or next(iter(selections.values()), None)
+    chosen = fitted.get("fire-clamp") or next((d for d in fitted.values() if isinstance(d, FireDefense)), None)
     if chosen is not None:
-        fr.attach(model, chosen.profile)
-        try:
-            pos = fr.scores(model, eval_poison)[chosen.layers[0]]
-            neg = fr.scores(model, eval_clean)[chosen.layers[0]]
-        finally:
-            fr.detach(model)
-        result["auroc"] = auroc(pos, neg)
+        result["auroc"] = detection_auroc(model, chosen.profile, eval_clean, eval_poison)
         if cfg.online:
-            result["online"] = _online_curve(model, chosen, cfg, hold_clean, hold_pairs[1], eval_poison, eval_poison_y)
+            result["online"] = online_curve(model, chosen.selection, cfg, held.clean, stream, eval_poison,
+                                            eval_poison_y)
         if cfg.ablations:
-            result["ablations"] = _ablations(model, est, chosen, cfg, hold_clean, hold_pairs[1][:n_seen], score,
-                                             eval_clean, eval_poison)
+            result["ablations"] = ablations(model, chosen.selection, cfg, held, layers, score)
+            log(f"  {cfg.attack:>9} ablations: " + ", ".join(
+                f"{r['ablation']} PA {100 * r['PA']:.1f}" for r in result["ablations"] if "PA" in r))
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def detection_auroc(model, profile, eval_clean, eval_poison) -> float:
+    """AUROC of the projection score at the profile's first layer (triggered vs clean)."""
+    fr.attach(model, profile)
+    try:
+        layer = profile.layer_names[0]
+        return auroc(fr.scores(model, eval_poison)[layer], fr.scores(model, eval_clean)[layer])
+    finally:
+        fr.detach(model)
 
 
 def clean_reference(model, hold_clean, poisoned_seen, match: bool = True):
@@ -179,26 +239,7 @@ def clean_reference(model, hold_clean, poisoned_seen, match: bool = True):
     return hold_clean[predict(model, hold_clean) != target], target
 
 
-def _unpaired_profile(model, layers, cfg, hold_clean, poisoned_seen, augment=None, match=None):
-    """Unpaired FIRE: clean held-out vs `n_poison_seen` triggered images with no twins. No pairs,
-    so the layer is chosen by the trigger's separation: the standardised gap of the poisoned
-    projections above the clean ones (label-free and pair-free); alpha is 1."""
-    match = cfg.match_clean if match is None else match
-    clean, target = clean_reference(model, hold_clean, poisoned_seen, match)
-    est = fr.Estimator(model, layers, k=cfg.k, seed=cfg.seed, augment=augment, n_augment=4 if augment else 1)
-    est.observe(clean, poisoned=False)
-    est.observe(poisoned_seen, poisoned=True)
-    gaps = {}
-    for name in layers:
-        layer = est.profile(mode="project", layers=[name]).layer(name)
-        gaps[name] = float((layer.directions.flatten(1)[0] @ layer.beta.flatten()) / layer.score_scale[0])
-    best = max(gaps, key=gaps.get)
-    profile = est.profile(mode="clamp", alpha=1.0, tau_quantile=cfg.tau_quantile, layers=[best], source="unpaired")
-    return profile, {"layers": [best], "alpha": 1.0, "separation": gaps, "n_poison_seen": len(poisoned_seen),
-                     "inferred_target": target, "n_clean_reference": len(clean)}
-
-
-def _online_curve(model, sel, cfg, hold_clean, stream, eval_poison, eval_poison_y, batch: int = 8):
+def online_curve(model, sel, cfg, hold_clean, stream, eval_poison, eval_poison_y, batch: int = 8):
     """PA on the evaluation set as the online loop sees more poisoned samples (caller flags).
     The clean reference is matched (see clean_reference) on the first poisoned batch only."""
     clean, _ = clean_reference(model, hold_clean, stream[:batch], cfg.match_clean)
@@ -219,27 +260,35 @@ def _online_curve(model, sel, cfg, hold_clean, stream, eval_poison, eval_poison_
     return {"curve": curve, "ms_per_sample": 1e3 * sum(step_seconds) / max(len(step_seconds), 1)}
 
 
-def _ablations(model, est, sel, cfg, hold_clean, poisoned_seen, score, eval_clean, eval_poison):
-    """FIRE's choices one at a time around the selected clamp repair, scored on the evaluation set.
-    `est` is the run's paired estimator (its statistics do not depend on k or tau)."""
+def ablations(model, sel, cfg, held: Held, layers, score) -> list:
+    """FIRE's choices one at a time around the selected clamp repair, scored on the evaluation
+    set: every single layer (the best layer in hindsight against the chosen one), k, the
+    unpaired variants and tau."""
     rows = []
+    est = fr.Estimator(model, layers, k=cfg.k, seed=cfg.seed)
+    est.observe(held.clean, poisoned=False)
+    est.observe_pairs(*held.pairs)
 
     def add(what, profile):
-        d = _Fire(model, profile)
-        rows.append({"ablation": what, **score(d.predict(eval_clean), d.predict(eval_poison))})
+        rows.append({"ablation": what, **score(ProfileDefense(model, profile))})
 
-    layer = sel.layers
+    mode, alpha = sel.mode, sel.alpha
+    for name in layers:
+        add(f"layer={name}", est.profile(mode=mode, alpha=alpha, tau_quantile=cfg.tau_quantile, layers=[name]))
     for k in (1, 2, 4):
         try:
-            add(f"k={k}", est.profile(mode="clamp", alpha=sel.alpha, tau_quantile=cfg.tau_quantile, k=k, layers=layer))
+            add(f"k={k}", est.profile(mode=mode, alpha=alpha, tau_quantile=cfg.tau_quantile, k=k, layers=sel.layers))
         except ValueError as e:  # fewer supported directions than asked
             rows.append({"ablation": f"k={k}", "error": str(e)})
     variants = (("unpaired", None, cfg.match_clean), ("unpaired, clean set not matched", None, False),
                 ("unpaired+photometric", Photometric(seed=cfg.seed), cfg.match_clean),
                 ("unpaired+shift", RandomShift(seed=cfg.seed), cfg.match_clean))
-    for source, augment, match in variants:
-        profile, _ = _unpaired_profile(model, layer, cfg, hold_clean, poisoned_seen, augment, match)
-        add(source, profile)
+    for what, augment, match in variants:
+        clean, _ = clean_reference(model, held.clean, held.flagged, match)
+        u = fr.Estimator(model, sel.layers, k=cfg.k, seed=cfg.seed, augment=augment, n_augment=4 if augment else 1)
+        u.observe(clean, poisoned=False)
+        u.observe(held.flagged, poisoned=True)
+        add(f"{what} (selected layers)", u.profile(mode="clamp", alpha=alpha, tau_quantile=cfg.tau_quantile))
     for q in (0.9, 0.999):
-        add(f"tau_quantile={q}", est.profile(mode="clamp", alpha=sel.alpha, tau_quantile=q, k=cfg.k, layers=layer))
+        add(f"tau_quantile={q}", est.profile(mode=mode, alpha=alpha, tau_quantile=q, layers=sel.layers))
     return rows

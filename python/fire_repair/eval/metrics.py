@@ -8,6 +8,8 @@
 """
 import torch
 
+from ..select import predict  # noqa: F401  (the one predict helper, re-exported for the harness)
+
 
 def rates(pred_clean, y_clean, pred_poison, y_true, target: int) -> dict:
     return {
@@ -32,9 +34,3 @@ def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
     n_pos, n_neg = pos.numel(), neg.numel()
     return float((r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
-
-@torch.no_grad()
-def predict(model, x, batch: int = 256) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, x.shape[0], batch)]) if len(x) else \
-        torch.zeros(0, dtype=torch.int64)
