@@ -226,3 +226,54 @@ def test_profile_needs_poisoned_data_and_valid_alpha():
         est.profile(mode="nope")
     with pytest.raises(ValueError, match="paired"):
         est.profile(source="paired")
+
+
+def test_state_dict_round_trips_through_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = identity_model()
+    clean, poisoned, _ = planted(n=100, k=3)
+    est = fr.Estimator(model, ["feat"], k=2, sketch_rows=8, reservoir=32)
+    est.observe_pairs(clean, poisoned)
+    save_file(est.state_dict(), str(tmp_path / "est.safetensors"))
+    back = fr.Estimator(model, ["feat"], k=2, sketch_rows=8, reservoir=32)
+    back.load_state_dict(load_file(str(tmp_path / "est.safetensors")))
+    a, b = est.profile(mode="clamp").layer("feat"), back.profile(mode="clamp").layer("feat")
+    for key in ("directions", "center", "tau", "beta", "score_scale"):
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    with pytest.raises(ValueError, match="does not watch"):
+        fr.Estimator(model, ["head"]).load_state_dict(est.state_dict())
+
+
+def test_merge_copies_and_clone_is_independent():
+    model = identity_model()
+    clean, poisoned, _ = planted(n=60)
+    left, right = fr.Estimator(model, ["feat"]), fr.Estimator(model, ["feat"])
+    right.observe_pairs(clean, poisoned)
+    left.merge(right)
+    before = left.profile(mode="project").layer("feat").directions.clone()
+    right.observe_pairs(poisoned, clean)  # would flip the direction if the statistics were shared
+    assert torch.equal(left.profile(mode="project").layer("feat").directions, before)
+    twin = left.clone()
+    twin.observe(clean, poisoned=False)
+    assert left.stats["feat"].n_clean == 60 and twin.stats["feat"].n_clean == 120
+
+
+def test_second_direction_points_to_the_poisoned_side():
+    """v2 is orthogonal to beta, so its sign cannot come from the mean difference; clamp is
+    one-sided, so it must point where the poisoned rows leave the clean range."""
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(D, 2, generator=g))
+    u0, u1 = basis.T
+    clean = torch.randn(400, D, generator=g)
+    # half of the poisoned rows jump far along +u1 (the 'piece' of the trigger), the others
+    # slightly along -u1, so that the mean along u1 is zero and only the excess shows the side
+    side = torch.cat([torch.full((50,), 6.0), torch.full((150,), -2.0)])
+    for sign in (1.0, -1.0):  # both orientations of the data: the estimate must follow
+        poisoned = clean[:200] + 4.0 * u0 + sign * side[:, None] * u1
+        est = fr.Estimator(identity_model(), ["feat"], k=2)
+        est.observe(clean[200:], poisoned=False)
+        est.observe_pairs(clean[:200], poisoned)
+        V = est.profile(mode="clamp", k=2).layer("feat").directions
+        assert float(V[0] @ u0) > 0.99
+        assert sign * float(V[1] @ u1) > 0.9, (sign, float(V[1] @ u1))

@@ -22,33 +22,47 @@ def _common(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _run_all(args, attacks, model, data, data_path=None, defenses=None, width=None):
+def _run_all(args, attacks, model, data, data_path=None, defenses=None, width=None, overrides=None):
     from fire_repair.eval import data as data_mod
     from fire_repair.eval import harness, report
 
-    ds = data_mod.load(data, data_path, seed=args.seed, cache_dir=args.cache or None)
-    print(f"data: {ds.name}, {len(ds.y_train)} train / {len(ds.y_test)} test images, {ds.num_classes} classes")
-    results = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "run.log", "w")
+
+    def log(*parts):  # the console and OUT/run.log; progress bars only where stderr is a terminal
+        line = " ".join(str(p) for p in parts)
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    progress = not args.quiet and sys.stderr.isatty()
     t0 = time.perf_counter()
+    ds = data_mod.load(data, data_path, seed=args.seed, cache_dir=args.cache or None)
+    log(f"data: {ds.name}, {len(ds.y_train)} train / {len(ds.y_test)} test images, {ds.num_classes} classes")
+    results = []
     for attack in attacks:
         cfg = harness.RunConfig(attack=attack, model=model, data=data, data_path=data_path, rate=args.rate,
                                 target=args.target, seed=args.seed, epochs=args.epochs, width=width,
                                 cache_dir=args.cache or None, ablations=not args.no_ablations,
-                                online=not args.no_online)
+                                online=not args.no_online, **(overrides or {}))
         if defenses:
             cfg.defenses = defenses
-        results.append(harness.run(cfg, dataset=ds, progress=not args.quiet))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        log(f"{attack}: {model} on {ds.name}")
+        results.append(harness.run(cfg, dataset=ds, progress=progress, log=log))
     text = report.table(results)
     if not args.no_ablations:
-        text += "\n\nAblations around the selected clamp repair (evaluation half):\n\n" + report.ablation_table(results)
-    print("\n" + text)
+        text += "\n\nLayer chosen without labels against the best single layer in hindsight:\n\n"
+        text += report.layer_table(results)
+        text += "\n\nAblations around the selected repair (evaluation half):\n\n" + report.ablation_table(results)
+    log("\n" + text)
     (out / "table.md").write_text(text + "\n")
     json_path = Path(args.json) if args.json else out / "results.json"
     report.write_json(results, json_path)
     report.plot(results, out / "results.png")
-    print(f"\nwrote {json_path}, {out / 'table.md'}, {out / 'results.png'} in {time.perf_counter() - t0:.0f} s")
+    log(f"\nwrote {json_path}, {out / 'table.md'}, {out / 'results.png'}, {out / 'run.log'} in "
+        f"{time.perf_counter() - t0:.0f} s")
+    log_file.close()
     return results
 
 
@@ -68,11 +82,18 @@ def main(argv=None):
                     help="local folder of CIFAR-10 (batches or image folders), GTSRB, or any image folders "
                          "(train/<class>/*, test/<class>/*) with --data folder; never downloaded")
     ev.add_argument("--defenses", nargs="+", default=None)
+    ev.add_argument("--n-pairs", type=int, default=16, help="paired FIRE: triggered images with twins")
+    ev.add_argument("--n-poison-seen", type=int, default=64, help="unpaired FIRE: flagged images, no twins")
+    ev.add_argument("--n-clean-holdout", type=int, default=None,
+                    help="clean held-out images the defender uses (default: half the test set)")
+    ev.add_argument("--n-eval", type=int, default=None, help="evaluation images (default: the other half)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         _run_all(args, args.attacks, "cnn", "digits")
     else:
-        _run_all(args, args.attack, args.model, args.data, args.data_path, args.defenses, args.width)
+        overrides = {"n_pairs": args.n_pairs, "n_poison_seen": args.n_poison_seen,
+                     "n_clean_holdout": args.n_clean_holdout, "n_eval": args.n_eval}
+        _run_all(args, args.attack, args.model, args.data, args.data_path, args.defenses, args.width, overrides)
     return 0
 
 

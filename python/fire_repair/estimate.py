@@ -34,8 +34,14 @@ from .sketch import FrequentDirections, Reservoir
 
 
 class LayerStats:
+    COUNTS = ("n_clean", "n_poison", "n_pairs")
+    SUMS = ("sum_clean", "sum_poison", "sum_diff")
+    SKETCHES = ("clean_sketch", "poison_sketch", "diff_sketch")
+    SAMPLES = ("clean_sample", "poison_sample")
+
     def __init__(self, feature_shape, sketch_rows: int = 32, reservoir: int = 512, seed: int = 0):
         self.feature_shape = tuple(feature_shape)
+        self.sketch_rows, self.reservoir, self.seed = sketch_rows, reservoir, seed
         D = 1
         for s in self.feature_shape:
             D *= s
@@ -73,26 +79,42 @@ class LayerStats:
         self.add_clean(h_clean)
         self.add_poisoned(h_poisoned)
 
+    # -- state: named tensors, for merge, all_reduce and checkpoints
+    def state_dict(self) -> dict:
+        """Every statistic as a named tensor (copies), settings included."""
+        state = {"feature_shape": torch.tensor(self.feature_shape, dtype=torch.int64),
+                 "settings": torch.tensor([self.sketch_rows, self.reservoir, self.seed], dtype=torch.int64)}
+        state.update({name: torch.tensor(getattr(self, name), dtype=torch.int64) for name in self.COUNTS})
+        state.update({name: getattr(self, name).clone() for name in self.SUMS})
+        for name in self.SKETCHES + self.SAMPLES:
+            state.update({f"{name}.{k}": v for k, v in getattr(self, name).state_dict().items()})
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "LayerStats":
+        sketch_rows, reservoir, seed = (int(v) for v in state["settings"])
+        out = cls([int(s) for s in state["feature_shape"]], sketch_rows, reservoir, seed)
+        for name in cls.COUNTS:
+            setattr(out, name, int(state[name]))
+        for name in cls.SUMS:
+            if state[name].shape != (out.dim,):
+                raise ValueError(f"{name} has shape {tuple(state[name].shape)}, expected ({out.dim},)")
+            setattr(out, name, state[name].to(torch.float64).clone())
+        for name in cls.SKETCHES + cls.SAMPLES:
+            getattr(out, name).load_state_dict({k: state[f"{name}.{k}"] for k in ("rows", "seen")})
+        return out
+
     def merge(self, other: "LayerStats") -> None:
+        """Adds other's statistics to these (other is not changed, nothing is shared)."""
         if other.feature_shape != self.feature_shape:
             raise ValueError(f"cannot merge stats of shapes {self.feature_shape} and {other.feature_shape}")
-        self.n_clean += other.n_clean
-        self.sum_clean += other.sum_clean
-        self.n_poison += other.n_poison
-        self.sum_poison += other.sum_poison
-        self.n_pairs += other.n_pairs
-        self.sum_diff += other.sum_diff
-        self.clean_sketch.merge(other.clean_sketch)
-        self.poison_sketch.merge(other.poison_sketch)
-        self.diff_sketch.merge(other.diff_sketch)
-        self.clean_sample.merge(other.clean_sample)
-        self.poison_sample.merge(other.poison_sample)
+        for name in self.COUNTS + self.SUMS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in self.SKETCHES + self.SAMPLES:
+            getattr(self, name).merge(getattr(other, name))
 
     def copy(self) -> "LayerStats":
-        """An independent copy (merging into an empty one copies every tensor)."""
-        out = LayerStats(self.feature_shape, self.clean_sketch.rows, self.clean_sample.capacity)
-        out.merge(self)
-        return out
+        return LayerStats.from_state_dict(self.state_dict())
 
     # -- results
     def source(self, requested: str = "auto") -> str:
@@ -305,6 +327,21 @@ class Estimator:
                 self.stats[name].merge(stats)
         return self
 
+    def state_dict(self) -> dict:
+        """{"<layer>/<statistic>": tensor}: a checkpoint of everything observed (save it with
+        safetensors; load_state_dict restores it into an estimator on the same model)."""
+        return {f"{layer}/{k}": v for layer, st in self.stats.items() for k, v in st.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> "Estimator":
+        per_layer: dict = {}
+        for key, value in state.items():
+            layer, _, name = key.rpartition("/")
+            if layer not in self.layers:
+                raise ValueError(f"state for layer {layer!r}, which this estimator does not watch ({self.layers})")
+            per_layer.setdefault(layer, {})[name] = value
+        self.stats = {layer: LayerStats.from_state_dict(st) for layer, st in per_layer.items()}
+        return self
+
     def clone(self) -> "Estimator":
         """An estimator on the same model and settings with a copy of these statistics (what
         selection extends with the pairs of each fold)."""
@@ -373,31 +410,22 @@ class Estimator:
 
 
 def _gather_stats(stats: LayerStats, src: int, group) -> LayerStats:
-    """A copy of rank `src`'s LayerStats on every rank (broadcasts of fixed-layout tensors)."""
+    """A copy of rank `src`'s LayerStats on every rank: every rank has the same state keys and
+    dtypes, so only the shapes travel first (one int64 tensor), then each tensor."""
     import torch.distributed as dist
 
-    sketches = ("clean_sketch", "poison_sketch", "diff_sketch")
-    out = LayerStats(stats.feature_shape, stats.poison_sketch.rows, stats.clean_sample.capacity)
-    mine = dist.get_rank(group) == src
-    counts = [stats.n_clean, stats.n_poison, stats.n_pairs, stats.clean_sample.rows.shape[0], stats.clean_sample.seen]
-    counts += [getattr(stats, name).filled for name in sketches] + [getattr(stats, name).seen for name in sketches]
-    counts += [stats.poison_sample.rows.shape[0], stats.poison_sample.seen]
-    counts = torch.tensor(counts, dtype=torch.int64)
-    dist.broadcast(counts, src, group=group)
-    counts = [int(c) for c in counts]
-    out.n_clean, out.n_poison, out.n_pairs = counts[:3]
-    holder = stats if mine else out
-    tensors = {"sum_clean": holder.sum_clean.clone(), "sum_poison": holder.sum_poison.clone(),
-               "sum_diff": holder.sum_diff.clone(),
-               "rows": holder.clean_sample.rows.clone() if mine else torch.zeros(counts[3], stats.dim),
-               "poison_rows": holder.poison_sample.rows.clone() if mine else torch.zeros(counts[11], stats.dim)}
-    tensors.update({name: getattr(holder, name).buffer.clone() for name in sketches})
-    for t in tensors.values():
+    state = stats.state_dict()
+    names = sorted(state)
+    shapes = torch.zeros(len(names), 3, dtype=torch.int64)  # ndim, then up to two sizes
+    for i, name in enumerate(names):
+        t = state[name]
+        shapes[i, 0] = t.dim()
+        shapes[i, 1:1 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    dist.broadcast(shapes, src, group=group)
+    out = {}
+    for i, name in enumerate(names):
+        shape = shapes[i, 1:1 + int(shapes[i, 0])].tolist()
+        t = state[name] if dist.get_rank(group) == src else torch.empty(shape, dtype=state[name].dtype)
         dist.broadcast(t, src, group=group)
-    out.sum_clean, out.sum_poison, out.sum_diff = tensors["sum_clean"], tensors["sum_poison"], tensors["sum_diff"]
-    out.clean_sample.rows, out.clean_sample.seen = tensors["rows"], counts[4]
-    out.poison_sample.rows, out.poison_sample.seen = tensors["poison_rows"], counts[12]
-    for i, name in enumerate(sketches):
-        sk = getattr(out, name)
-        sk.buffer, sk.filled, sk.seen = tensors[name], counts[5 + i], counts[8 + i]
-    return out
+        out[name] = t
+    return LayerStats.from_state_dict(out)

@@ -10,8 +10,10 @@ estimator observes the other folds, and the candidate's repair is scored on this
   (its logit minus the largest other one) after repair.
 - Unpaired (`select_unpaired`: flagged triggered samples, no twins): the backdoor target is
   inferred as the model's majority prediction on the flagged samples (no labels);
-  `agreement` = how often the repaired prediction leaves that target; `margin` = the mean of
-  (largest other logit - target logit) after repair.
+  `agreement` = how often the repaired prediction leaves that target; `margin` = the mean
+  top-1 logit margin of the repaired prediction (a repair that restores the features lands
+  confidently in a class; one that overshoots, e.g. a large alpha at a late layer, lands where
+  no class is clear, so "away from the target" alone would reward overshooting).
 - Both: `clean_change` = how often the repair (estimated from all the triggered samples)
   changes the model's prediction on the clean reference set.
 
@@ -190,7 +192,8 @@ def select_unpaired(model: torch.nn.Module, estimator: Estimator, x_flagged: tor
     """Unpaired selection: `estimator` holds clean statistics; the flagged (triggered) samples
     are observed here, fold by fold. The target is inferred as the model's majority prediction
     on them; a repair is scored by how often it moves held-out flagged samples off that target
-    and by how far, while keeping predictions on `x_clean_reference`."""
+    and how confidently, while keeping predictions on `x_clean_reference` (use the whole clean
+    set here, the target class included: a repair must not move those images either)."""
     target = int(predict(model, x_flagged).mode().values) if len(x_flagged) else 0
 
     def observe(est, idx):
@@ -198,8 +201,8 @@ def select_unpaired(model: torch.nn.Module, estimator: Estimator, x_flagged: tor
 
     def score(profile, held):
         out = _scored(model, profile, x_flagged[held])
-        t = torch.full((len(held),), target, dtype=torch.int64)
-        return (out.argmax(1) != t).sum().item(), (-_margin_for(out, t)).sum().item()
+        pred = out.argmax(1)
+        return (pred != target).sum().item(), _margin_for(out, pred).sum().item()
 
     sel = _run(model, estimator, observe, len(x_flagged), score, x_clean_reference, layer_sets, modes, alphas,
                max_clean_change, tau_quantile, "unpaired", folds, seed,

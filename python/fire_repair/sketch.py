@@ -48,6 +48,20 @@ class FrequentDirections:
         """The sketch rows B (at most 2l x D): B^T B approximates the stream's A^T A."""
         return self.buffer[: self.filled].clone()
 
+    def state_dict(self) -> dict:
+        """Named tensors (copies): the filled sketch rows and the number of rows seen."""
+        return {"rows": self.matrix(), "seen": torch.tensor(self.seen, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict) -> "FrequentDirections":
+        rows = state["rows"].to(torch.float32)
+        if rows.dim() != 2 or rows.shape[1] != self.dim or rows.shape[0] > self.buffer.shape[0]:
+            raise ValueError(f"sketch state of shape {tuple(rows.shape)} does not fit a ({self.buffer.shape[0]}, "
+                             f"{self.dim}) sketch")
+        self.buffer.zero_()
+        self.buffer[: rows.shape[0]] = rows
+        self.filled, self.seen = rows.shape[0], int(state["seen"])
+        return self
+
     def merge(self, other: "FrequentDirections") -> None:
         if other.dim != self.dim:
             raise ValueError(f"cannot merge sketches of dimension {self.dim} and {other.dim}")
@@ -78,6 +92,18 @@ class Reservoir:
         self.seen += a.shape[0]
         for i in torch.nonzero(slot < self.capacity).flatten().tolist():  # in stream order
             self.rows[slot[i]] = a[i]
+
+    def state_dict(self) -> dict:
+        """Named tensors (copies): the kept rows and the number of rows seen."""
+        return {"rows": self.rows.clone(), "seen": torch.tensor(self.seen, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict) -> "Reservoir":
+        rows = state["rows"].to(torch.float32)
+        if rows.dim() != 2 or rows.shape[1] != self.dim or rows.shape[0] > self.capacity:
+            raise ValueError(f"reservoir state of shape {tuple(rows.shape)} does not fit {self.capacity} rows of "
+                             f"{self.dim}")
+        self.rows, self.seen = rows.clone(), int(state["seen"])
+        return self
 
     def merge(self, other: "Reservoir") -> None:
         """A sample of the union: each side contributes in proportion to the rows it saw

@@ -89,7 +89,8 @@ class FireDefense(Defense):
         else:
             clean, target = clean_reference(model, held.clean, held.flagged, cfg.match_clean)
             est.observe(clean, poisoned=False)
-            self.selection = fr.select_unpaired(model, est, held.flagged, clean, **grid)
+            # estimated against the matched clean set, judged on all of it (target class included)
+            self.selection = fr.select_unpaired(model, est, held.flagged, held.clean, **grid)
         self.profile = self.selection.profile
         return self
 

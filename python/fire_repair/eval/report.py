@@ -45,6 +45,22 @@ def ablation_table(results: list) -> str:
     return "\n".join(lines)
 
 
+def layer_table(results: list) -> str:
+    """The layer(s) FIRE chose without labels, against the single layer with the best PA on the
+    evaluation set in hindsight (same mode and alpha)."""
+    lines = ["| attack | chosen (no labels) | its PA % | best layer in hindsight | its PA % |",
+             "|---|---|---:|---|---:|"]
+    for res in results:
+        per_layer = [r for r in res.get("ablations", []) if r["ablation"].startswith("layer=") and "PA" in r]
+        chosen = next((r for r in res["rows"] if r["defense"] == "fire-clamp"), None)
+        if not per_layer or chosen is None:
+            continue
+        best = max(per_layer, key=lambda r: r["PA"])
+        lines.append(f"| {res['config']['attack']} | {'+'.join(chosen['layers'])} | {100 * chosen['PA']:.1f} | "
+                     f"{best['ablation'][6:]} | {100 * best['PA']:.1f} |")
+    return "\n".join(lines)
+
+
 def write_json(results: list, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"runs": results}, indent=1, default=float))
@@ -58,7 +74,7 @@ def plot(results: list, path) -> None:
 
     attacks = [r["config"]["attack"] for r in results]
     defences = [row["defense"] for row in results[0]["rows"]]
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.6))
     width = 0.8 / max(len(defences), 1)
     for ax, metric in zip(axes[:2], ("PA", "ASR")):
         for j, d in enumerate(defences):
@@ -68,7 +84,9 @@ def plot(results: list, path) -> None:
         ax.set_ylabel(f"{metric} %")
         ax.set_ylim(0, 100)
         ax.set_title({"PA": "Poisoned accuracy (higher is better)", "ASR": "Attack success rate (lower is better)"}[metric])
-    axes[0].legend(fontsize=7, ncol=2)
+    # one legend for both bar charts, below them: never over the bars
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
     for r in results:
         if r.get("online"):
             c = r["online"]["curve"]
@@ -78,7 +96,7 @@ def plot(results: list, path) -> None:
     axes[2].set_ylim(0, 100)
     axes[2].set_title("Online FIRE (clamp)")
     axes[2].legend(fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1 if len(defences) > 6 else 0.06, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
