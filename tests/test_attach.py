@@ -101,13 +101,38 @@ def test_scores_detect_the_trigger(backdoored, repaired):
     assert auroc(pos, neg) > 0.95
 
 
-def test_record_scores_keeps_the_last_batch(backdoored, repaired):
+def test_record_scores_keeps_the_last_batch_but_is_deprecated(backdoored, repaired):
     model, profile = repaired
-    fr.attach(model, profile, record_scores=True)
+    with pytest.warns(DeprecationWarning, match="capture"):
+        fr.attach(model, profile, record_scores=True)
     x = backdoored["eval_poison"][:8]
     model(x)
     module = fr.repair_modules(model)["block2"]
     assert module.last_scores.shape == (8, 1) and module.last_input.shape[0] == 8
+
+
+def test_capture_gives_inputs_projections_and_scores_then_restores(backdoored, repaired):
+    model, profile = repaired
+    fr.attach(model, profile)
+    x = backdoored["eval_poison"][:8]
+    with torch.no_grad():
+        plain = model(x)
+        with fr.capture(model) as cap:
+            captured = model(x)
+    torch.testing.assert_close(captured, plain)  # the same repair, scores from the same pass
+    module = fr.repair_modules(model)["block2"]
+    assert cap.inputs["block2"].shape[0] == 8 and cap.projections["block2"].shape == (8, 1)
+    torch.testing.assert_close(cap.score("block2"), module.scores(cap.inputs["block2"]))
+    assert module._capture is None  # restored: later forwards record nothing
+    with pytest.raises(KeyError, match="no forward pass"):
+        cap.score("block1")
+    with fr.capture(model), pytest.raises(RuntimeError, match="nested"):
+        with fr.capture(model):
+            pass
+    fr.detach(model)
+    with pytest.raises(RuntimeError, match="no repair is attached"):
+        with fr.capture(model):
+            pass
 
 
 def test_repair_recovers_labels_and_keeps_clean_accuracy(backdoored, repaired):

@@ -8,6 +8,8 @@ every child), hence the wrapper. The state dict keeps the layer's original keys 
 renames `<layer>.layer.*` back to `<layer>.*`), plus `<layer>.fire_repair.*`. `detach` puts the
 original module objects back, leaving the model exactly as before.
 """
+import contextlib
+import warnings
 from typing import Optional
 
 import torch
@@ -29,18 +31,20 @@ class RepairModule(torch.nn.Module):
         self.register_buffer("tau", None if layer.tau is None else layer.tau.detach().clone())
         scale = layer.score_scale if layer.score_scale is not None else torch.ones(layer.k)
         self.register_buffer("score_scale", scale.detach().clone())
-        self.record_scores = record_scores  # eager monitoring: keeps the last scores and input
+        self.record_scores = record_scores  # deprecated: use fire_repair.capture(model)
         self.last_scores: Optional[torch.Tensor] = None
         self.last_input: Optional[torch.Tensor] = None
+        self._capture: Optional["Capture"] = None  # set only inside `capture(model)`
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self._capture is None and not self.record_scores:
+            return torch.ops.fire.repair(h, self.directions, self.alpha, self.center, self.tau, self.mode)
+        out, c = torch.ops.fire.repair_with_scores(h, self.directions, self.alpha, self.center, self.tau, self.mode)
+        if self._capture is not None:
+            self._capture._record(self.layer_name, h.detach(), c.detach())
         if self.record_scores:
-            self.last_input = h.detach()
-            out, scores = torch.ops.fire.repair_with_scores(h, self.directions, self.alpha, self.center, self.tau,
-                                                            self.mode)
-            self.last_scores = scores.detach()
-            return out
-        return torch.ops.fire.repair(h, self.directions, self.alpha, self.center, self.tau, self.mode)
+            self.last_input, self.last_scores = h.detach(), c.detach()
+        return out
 
     def backdoor_score(self, c: torch.Tensor) -> torch.Tensor:
         """Per-sample backdoor score from the projections c (N, K): the largest projection in
@@ -102,9 +106,59 @@ def _parent(model: torch.nn.Module, name: str):
     return model.get_submodule(parent_name) if parent_name else model, child
 
 
+class Capture:
+    """What the repair modules saw in the forward passes run inside `capture(model)`: per
+    layer, the last pass's `inputs` (the activations before repair) and `projections` (the raw
+    c = V (x - center), (N, K)), and `score(layer)`, the per-sample backdoor score (the largest
+    projection in units of its clean std)."""
+
+    def __init__(self, modules: dict):
+        self.modules = modules
+        self.inputs: dict = {}
+        self.projections: dict = {}
+
+    def _record(self, layer: str, h: torch.Tensor, c: torch.Tensor) -> None:
+        self.inputs[layer], self.projections[layer] = h, c
+
+    def score(self, layer: str) -> torch.Tensor:
+        if layer not in self.projections:
+            raise KeyError(f"no forward pass through the repair at {layer!r} was captured "
+                           f"(captured: {sorted(self.projections)})")
+        return self.modules[layer].backdoor_score(self.projections[layer])
+
+
+@contextlib.contextmanager
+def capture(model: torch.nn.Module):
+    """Captures each attached repair's input and projections for the forwards inside the block
+    (from the same fused pass: no second read), and restores the modules on exit.
+
+    >>> with fire_repair.capture(model) as cap:
+    ...     model(x)
+    >>> cap.score("layer3"), cap.inputs["layer3"]
+    """
+    modules = repair_modules(model)
+    if not modules:
+        raise RuntimeError("no repair is attached to this model (fire_repair.attach first)")
+    busy = [name for name, m in modules.items() if m._capture is not None]
+    if busy:
+        raise RuntimeError(f"the repairs at {busy} are already being captured (nested capture)")
+    cap = Capture(modules)
+    for m in modules.values():
+        m._capture = cap
+    try:
+        yield cap
+    finally:
+        for m in modules.values():
+            m._capture = None
+
+
 def attach(model: torch.nn.Module, profile: Profile, check_fingerprint: bool = True,
            record_scores: bool = False) -> torch.nn.Module:
-    """Puts a RepairModule after each layer of the profile. Returns the same model object."""
+    """Puts a RepairModule after each layer of the profile. Returns the same model object.
+    (`record_scores` is deprecated: `capture(model)` gives the inputs and projections.)"""
+    if record_scores:
+        warnings.warn("attach(record_scores=True) is deprecated and will be removed in the next release; "
+                      "use `with fire_repair.capture(model) as cap:`", DeprecationWarning, stacklevel=2)
     if any(layer.name == "" for layer in profile.layers):
         raise ValueError("the profile names the whole model; name the layer whose output to repair")
     existing = repair_modules(model)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .attach import attach, detach, repair_modules
+from .attach import attach, capture, detach, repair_modules
 from .estimate import Estimator
 from .profile import Profile
 
@@ -45,7 +45,7 @@ class Online:
         modules = repair_modules(self.model)
         if self.profile is None or not modules:
             detach(self.model)
-            attach(self.model, profile, record_scores=True)
+            attach(self.model, profile)
         else:
             for layer in profile.layers:
                 modules[layer.name].load_layer(layer)
@@ -54,17 +54,24 @@ class Online:
     @torch.no_grad()
     def step(self, x: torch.Tensor, poisoned: Optional[torch.Tensor] = None):
         """Repairs x; returns (model output, flags used). Updates the directions afterwards."""
-        out = self.model(x)
         modules = repair_modules(self.model)
+        cap = None
+        if modules:
+            with capture(self.model) as cap:
+                out = self.model(x)
+        else:
+            out = self.model(x)
         flags = poisoned
-        if flags is None and modules and self.threshold is not None:
-            first = modules[self.estimator.layers[0]]
-            flags = first.backdoor_score(first.last_scores) > self.threshold
+        if flags is None and cap is not None and self.threshold is not None:
+            flags = cap.score(self.estimator.layers[0]) > self.threshold
+        if flags is not None:
+            flags = torch.as_tensor(flags, dtype=torch.bool).cpu()
+            if flags.shape != (x.shape[0],):
+                raise ValueError(f"poisoned must be one flag per sample, ({x.shape[0]},), got {tuple(flags.shape)}")
         if flags is not None and flags.any():
-            flags = flags.to(torch.bool)
-            if modules:  # activations captured before the repair, in the pass above
-                for name, m in modules.items():
-                    self.estimator.stats[name].add_poisoned(m.last_input.reshape(x.shape[0], -1).float()[flags.to(m.last_input.device)])
+            if cap is not None:  # activations captured before the repair, in the pass above
+                for name, h in cap.inputs.items():
+                    self.estimator.stats[name].add_poisoned(h.reshape(x.shape[0], -1).float().cpu()[flags])
             else:
                 self.estimator.observe(x[flags], poisoned=True)
             self.seen_poisoned += int(flags.sum())
