@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/fire-repair demo --out fire-demo-out
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests -q
 
 BENCH_JSON ?= benchmarks/results/latest.json

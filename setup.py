@@ -6,9 +6,8 @@ environment would download another torch).
 import os
 import platform
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
@@ -57,7 +56,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.6,<3.10"],
         "eval": ["scikit-learn", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "ruff"],
     },
     entry_points={"console_scripts": ["fire-repair=fire_repair.cli:main"]},
 )

@@ -2,9 +2,9 @@
 profile (eager and compiled), and the per-sample latency of the online step."""
 import pytest
 import torch
+from conftest import DEVICE, FULL, SMOKE, run_timed
 
 import fire_repair as fr
-from conftest import DEVICE, FULL, SMOKE, run_timed
 from fire_repair.eval import models
 
 BATCHES = [2] if SMOKE else ([1, 256] if (DEVICE == "cuda" or FULL) else [1, 32])
@@ -27,7 +27,8 @@ def _random_profile(model, layer, k=4, mode="clamp"):
     return fr.Profile(layers=[layer_repair])
 
 
-@pytest.mark.parametrize("compiled", [False, True] if COMPILE else [False], ids=["eager", "compiled"][: 2 if COMPILE else 1])
+@pytest.mark.parametrize("compiled", [False, True] if COMPILE else [False],
+                         ids=["eager", "compiled"][: 2 if COMPILE else 1])
 @pytest.mark.parametrize("repaired", [False, True], ids=["plain", "repaired"])
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("arch", list(MODELS))

@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
+from conftest import DEVICE, FULL, SMOKE, run_timed
 
 import fire_repair as fr
-from conftest import DEVICE, FULL, SMOKE, run_timed
 
 # each stage output of a PreAct-ResNet-18 on 32x32 inputs, and linear features
 SHAPES = {"layer1": (64, 32, 32), "layer2": (128, 16, 16), "layer3": (256, 8, 8), "layer4": (512, 4, 4),
@@ -73,5 +73,5 @@ def test_op(benchmark, case, impl, monkeypatch):
         fn = lambda: x.clone()  # noqa: E731
     benchmark.group = f"op {name} N={n} K={k} {dtype} {mode}"
     run_timed(benchmark, fn, bytes_moved=2 * x.numel() * x.element_size(),
-              extra={"impl": impl, "case": name, "shape": list(shape), "N": n, "K": k, "dtype": str(dtype), "mode": mode,
-                     "backend": os.environ.get("FIRE_BACKEND", "auto")})
+              extra={"impl": impl, "case": name, "shape": list(shape), "N": n, "K": k, "dtype": str(dtype),
+                     "mode": mode, "backend": os.environ.get("FIRE_BACKEND", "auto")})

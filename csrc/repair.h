@@ -8,10 +8,20 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
 
 namespace fire {
 
+// The values of fire_kernels.modes.Mode (tests/test_modes.py checks they agree).
 enum Mode : int64_t { kShift = 0, kProject = 1, kClamp = 2 };
+
+// The weight of direction k for one row, the only place the C++ kernels state the mode maths:
+// shift alpha_k; project alpha_k c_k; clamp alpha_k max(c_k - tau_k, 0).
+C10_HOST_DEVICE inline float mode_weight(int64_t mode, float alpha, float c, float tau) {
+  if (mode == kProject) return alpha * c;
+  if (mode == kClamp) return alpha * (c > tau ? c - tau : 0.f);
+  return alpha;
+}
 
 inline void check_native_args(const at::Tensor& x, const at::Tensor& directions,
                               const at::Tensor& alpha,

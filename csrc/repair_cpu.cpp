@@ -161,11 +161,7 @@ void repair_rows(const scalar_t* x, int64_t stride_x, scalar_t* out, const float
       // Per-row weight of each direction.
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t k = 0; k < K; ++k) {
-          const float a = alpha[(n0 + r) * stride_alpha + k];
-          float g = 1.f;
-          if (mode == kProject) g = c[r * K + k];
-          if (mode == kClamp) g = std::max(c[r * K + k] - (tau ? tau[k] : 0.f), 0.f);
-          w[r * K + k] = a * g;
+          w[r * K + k] = mode_weight(mode, alpha[(n0 + r) * stride_alpha + k], c[r * K + k], tau ? tau[k] : 0.f);
         }
       // Pass 2: out = x - sum_k w_k v_k (the block is still in L2 from pass 1). Only the
       // directions with a non-zero weight are applied (clamp leaves most at zero), and all of

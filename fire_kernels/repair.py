@@ -21,7 +21,7 @@ wrongly otherwise).
 import torch
 from torch.library import wrap_triton
 
-from .blocks import MAX_K, FUSED_MAX_D, fused_blocks, next_pow2, split_blocks
+from .blocks import FUSED_MAX_D, MAX_K, fused_blocks, next_pow2, split_blocks
 
 try:
     import triton
@@ -32,15 +32,17 @@ except ImportError:  # the CPU and CUDA C++ kernels still work
     triton = None
     HAVE_TRITON = False
 
-SHIFT, PROJECT, CLAMP = 0, 1, 2
+from .modes import Mode  # noqa: E402
+
+SHIFT, PROJECT, CLAMP = int(Mode.SHIFT), int(Mode.PROJECT), int(Mode.CLAMP)
 
 if HAVE_TRITON:
 
     @triton.jit
     def _weights(c_k, alpha_k, tau_k, MODE: tl.constexpr):
-        if MODE == 0:
+        if MODE == 0:  # Mode.SHIFT (Triton compares constexprs with literals)
             w = alpha_k + 0.0 * c_k
-        elif MODE == 1:
+        elif MODE == 1:  # Mode.PROJECT
             w = alpha_k * c_k
         else:
             w = alpha_k * tl.maximum(c_k - tau_k, 0.0)

@@ -1,5 +1,8 @@
-"""Input builders and per-dtype tolerances shared by the op tests."""
+"""Input builders and per-dtype tolerances shared by the tests."""
+from collections import OrderedDict
+
 import torch
+from torch import nn
 
 # (rtol, atol) of the repaired output against the fp64 reference (outputs are rounded to dtype).
 OUT_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
@@ -43,3 +46,26 @@ def make_params(x, k: int, mode: str, device, seed: int = 2, directions_shape: s
         center = center.reshape(feat)
     to = dict(device=device)
     return V.to(**to), alpha.to(**to), center.to(**to), None if tau is None else tau.to(**to)
+
+
+# ----------------------------------------------------------------------------- estimator tests
+
+D = 24
+
+
+def identity_model():
+    """The 'feat' layer outputs the input itself, so planted directions are known exactly."""
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(feat=nn.Flatten(), head=nn.Linear(D, 3)))
+
+
+def planted(n=200, seed=0, k=1):
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(D, 3, generator=g))
+    u = basis.T  # (3, D) orthonormal
+    clean = torch.randn(n, D, generator=g)
+    shift = 3.0 * u[0]
+    if k > 1:  # differences vary along u1, u2 as well
+        coef = torch.randn(n, 2, generator=g) * torch.tensor([2.0, 1.0])
+        shift = shift + coef @ u[1:]
+    return clean, clean + shift, u

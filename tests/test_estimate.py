@@ -4,29 +4,10 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from helpers import D, identity_model, planted  # noqa: E402
 from torch import nn
 
 import fire_repair as fr
-
-D = 24
-
-
-def identity_model():
-    """The 'feat' layer outputs the input itself, so planted directions are known exactly."""
-    torch.manual_seed(0)
-    return nn.Sequential(OrderedDict(feat=nn.Flatten(), head=nn.Linear(D, 3)))
-
-
-def planted(n=200, seed=0, k=1):
-    g = torch.Generator().manual_seed(seed)
-    basis, _ = torch.linalg.qr(torch.randn(D, 3, generator=g))
-    u = basis.T  # (3, D) orthonormal
-    clean = torch.randn(n, D, generator=g)
-    shift = 3.0 * u[0]
-    if k > 1:  # differences vary along u1, u2 as well
-        coef = torch.randn(n, 2, generator=g) * torch.tensor([2.0, 1.0])
-        shift = shift + coef @ u[1:]
-    return clean, clean + shift, u
 
 
 def test_paired_direction_is_the_mean_difference():

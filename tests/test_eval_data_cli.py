@@ -144,7 +144,8 @@ def _image_tree(root, classes=("cat", "dog"), per_class=2, size=32, splits=("tra
             d = root / split / name
             d.mkdir(parents=True)
             for i in range(per_class):
-                Image.new("RGB", (size, size), (200 * c, 50, 100)).save(d / f"{i:04d}.jpg" if size == 32 else d / f"{i}.png")
+                name = f"{i:04d}.jpg" if size == 32 else f"{i}.png"
+                Image.new("RGB", (size, size), (200 * c, 50, 100)).save(d / name)
 
 
 def test_image_folders_labels_from_sorted_class_names(tmp_path):

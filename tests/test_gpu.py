@@ -3,10 +3,10 @@ opcheck and torch.compile on CUDA, CUDA-graph capture. Skipped cleanly without a
 CPU-side suites also run every CUDA backend (see conftest.available_backends)."""
 import pytest
 import torch
-
-import fire_repair as fr
 from conftest import _cuda_native_available
 from helpers import OUT_TOL, make_params, make_x
+
+import fire_repair as fr
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

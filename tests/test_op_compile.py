@@ -1,9 +1,9 @@
 """The op inside models under torch.compile(fullgraph=True, dynamic=True) and torch.export."""
 import pytest
 import torch
+from helpers import make_params
 
 import fire_repair as fr
-from helpers import make_params
 
 
 class Repaired(torch.nn.Module):

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import make_params, make_x
 
 
@@ -27,7 +26,8 @@ CASES = {
     "directions of the wrong D": (dict(directions=torch.randn(3, 104)), ValueError, "directions must be"),
     "directions of the wrong feature shape": (dict(directions=torch.randn(3, 3, 7, 5)), ValueError, "directions"),
     "directions without K": (dict(directions=torch.randn(105)), ValueError, "directions"),
-    "too many directions": (dict(directions=torch.randn(65, 105), alpha=torch.ones(65), tau=torch.ones(65)), ValueError, "directions must hold"),
+    "too many directions": (dict(directions=torch.randn(65, 105), alpha=torch.ones(65), tau=torch.ones(65)),
+                            ValueError, "directions must hold"),
     "alpha of the wrong K": (dict(alpha=torch.ones(2)), ValueError, "alpha must be"),
     "scalar alpha": (dict(alpha=torch.tensor(1.0)), ValueError, "alpha must be"),
     "center of the wrong size": (dict(center=torch.zeros(104)), ValueError, "center must be"),
@@ -39,7 +39,8 @@ CASES = {
     "inf in alpha": (dict(alpha=torch.tensor([1.0, float("inf"), 1.0])), ValueError, "alpha contains"),
     "NaN in center": (dict(center=torch.full((105,), float("nan"))), ValueError, "center contains"),
     "NaN in tau": (dict(tau=torch.tensor([0.0, float("nan"), 0.0])), ValueError, "tau contains"),
-    "directions on another device": (dict(directions=torch.randn(3, 105, device="meta")), ValueError, "directions is on meta"),
+    "directions on another device": (dict(directions=torch.randn(3, 105, device="meta")), ValueError,
+                                     "directions is on meta"),
 }
 
 

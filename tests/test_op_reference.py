@@ -1,9 +1,9 @@
 """Every backend against the plain PyTorch reference: modes, K, dtypes, layouts, sizes, N=0."""
 import pytest
 import torch
+from helpers import OUT_TOL, SCORE_TOL, make_params, make_x
 
 import fire_repair as fr
-from helpers import OUT_TOL, SCORE_TOL, make_params, make_x
 
 LAYOUTS = ["2d", "4d", "channels_last", "transposed", "strided", "row_strided", "3d"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -4,10 +4,10 @@ import struct
 
 import pytest
 import torch
+from helpers import identity_model, planted
 from safetensors.torch import save_file
 
 import fire_repair as fr
-from test_estimate import identity_model, planted
 
 
 @pytest.fixture

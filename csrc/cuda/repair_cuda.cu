@@ -55,11 +55,7 @@ __global__ void repair_rows_kernel(const scalar_t* __restrict__ x, int64_t strid
         if (scores && threadIdx.x == 0) scores[n * K + k] = ck;
       }
       if (threadIdx.x == 0) {
-        const float a = alpha[n * stride_alpha + k];
-        float g = 1.f;
-        if (mode == kProject) g = ck;
-        if (mode == kClamp) g = fmaxf(ck - (tau ? tau[k] : 0.f), 0.f);
-        w[k] = a * g;
+        w[k] = mode_weight(mode, alpha[n * stride_alpha + k], ck, tau ? tau[k] : 0.f);
       }
     }
     __syncthreads();

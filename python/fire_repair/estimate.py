@@ -27,9 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fire_kernels import MAX_K
+from fire_kernels.modes import MODES
 
 from .profile import LayerRepair, Profile, fingerprint
-from .reference import MODES
 from .sketch import FrequentDirections, Reservoir
 
 

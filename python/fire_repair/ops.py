@@ -23,13 +23,13 @@ import torch
 from torch import Tensor
 
 import fire_kernels
-from fire_kernels import MAX_K, HAVE_TRITON
+from fire_kernels import HAVE_TRITON, MAX_K
+from fire_kernels.modes import MODES
 from fire_kernels.repair import repair_rows
 
 from . import _ext
-from .reference import MODES
 
-MODE_IDS = {"shift": fire_kernels.SHIFT, "project": fire_kernels.PROJECT, "clamp": fire_kernels.CLAMP}
+MODE_IDS = {name: int(fire_kernels.Mode.parse(name)) for name in MODES}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "cuda", "cpu")
 

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .reference import MODES
+from fire_kernels.modes import MODES
 
 FORMAT = "fire-profile"
 VERSION = "1"

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-MODES = ("shift", "project", "clamp")
+from fire_kernels.modes import MODES  # noqa: F401  (re-exported: fire_repair.MODES)
 
 
 def repair_reference(x, directions, alpha, center=None, tau=None, mode="project", compute_dtype=torch.float64):

@@ -123,7 +123,7 @@ def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alph
         for mode in modes:
             for alpha in alphas:
                 agree, margin = 0.0, 0.0
-                for est, held in zip(fold_estimators, splits):
+                for est, held in zip(fold_estimators, splits, strict=True):
                     profile = est.profile(mode=mode, alpha=alpha, tau_quantile=tau_quantile, source=source,
                                           layers=list(layers), with_fingerprint=False)
                     a, m = score(profile, held)

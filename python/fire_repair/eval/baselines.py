@@ -60,8 +60,8 @@ class JPEG(Defense):
         self.quality = quality
 
     def transform(self, x):
-        from PIL import Image
         import numpy as np
+        from PIL import Image
 
         out = []
         for img in x:

@@ -78,7 +78,7 @@ class FireDefense(Defense):
         self.model = model
         layer_sets = [[name] for name in layers]
         if cfg.layer_pairs:
-            layer_sets += [list(p) for p in zip(layers, layers[1:])]
+            layer_sets += [list(p) for p in zip(layers[:-1], layers[1:], strict=True)]
         est = fr.Estimator(model, layers, k=cfg.k, seed=cfg.seed)
         grid = dict(layer_sets=layer_sets, modes=[self.mode], alphas=[1.0] if self.gated else cfg.alphas,
                     max_clean_change=1.0 if self.gated else cfg.max_clean_change, tau_quantile=cfg.tau_quantile,

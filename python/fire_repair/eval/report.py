@@ -14,7 +14,9 @@ def table(results: list) -> str:
             chosen = ""
             if "layers" in row:
                 chosen = f"{'+'.join(row['layers'])}, alpha {row['alpha']:g}"
-            rej = f"{100 * row['reject_clean']:.1f} / {100 * row['reject_poison']:.1f}" if row["defense"] == "strip" else ""
+            rej = ""
+            if row["defense"] == "strip":
+                rej = f"{100 * row['reject_clean']:.1f} / {100 * row['reject_poison']:.1f}"
             lines.append(f"| {res['config']['attack']} | {row['defense']} | {100 * row['CA']:.1f} | "
                          f"{100 * row['ASR']:.1f} | {100 * row['PA']:.1f} | {rej} | {chosen} |")
     extra = ["", "| attack | detection AUROC | online: PA after 0 / 8 / all seen | online ms per sample |",
@@ -76,14 +78,16 @@ def plot(results: list, path) -> None:
     defences = [row["defense"] for row in results[0]["rows"]]
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.6))
     width = 0.8 / max(len(defences), 1)
-    for ax, metric in zip(axes[:2], ("PA", "ASR")):
+    for ax, metric in zip(axes[:2], ("PA", "ASR"), strict=True):
         for j, d in enumerate(defences):
-            vals = [100 * next((row[metric] for row in r["rows"] if row["defense"] == d), float("nan")) for r in results]
+            vals = [100 * next((row[metric] for row in r["rows"] if row["defense"] == d), float("nan"))
+                    for r in results]
             ax.bar([i + j * width for i in range(len(attacks))], vals, width, label=d)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(attacks))], attacks)
         ax.set_ylabel(f"{metric} %")
         ax.set_ylim(0, 100)
-        ax.set_title({"PA": "Poisoned accuracy (higher is better)", "ASR": "Attack success rate (lower is better)"}[metric])
+        ax.set_title({"PA": "Poisoned accuracy (higher is better)",
+                      "ASR": "Attack success rate (lower is better)"}[metric])
     # one legend for both bar charts, below them: never over the bars
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)

@@ -1,0 +1,20 @@
+"""The repair modes: one enum that the Python layer, the reference and the kernels share.
+
+The C++ header `csrc/repair.h` declares the same values (`enum Mode`), and the Triton kernels
+compare the constexpr MODE with these integers; tests/test_modes.py checks that all agree."""
+from enum import IntEnum
+
+
+class Mode(IntEnum):
+    SHIFT = 0  # y = x - sum_k alpha_k b_k
+    PROJECT = 1  # y = x - sum_k alpha_k c_k v_k
+    CLAMP = 2  # y = x - sum_k alpha_k max(c_k - tau_k, 0) v_k
+
+    @classmethod
+    def parse(cls, name: str) -> "Mode":
+        if not isinstance(name, str) or name.upper() not in cls.__members__ or name != name.lower():
+            raise ValueError(f"mode must be one of {MODES}, got {name!r}")
+        return cls[name.upper()]
+
+
+MODES = tuple(m.name.lower() for m in Mode)  # ("shift", "project", "clamp")
