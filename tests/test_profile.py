@@ -83,7 +83,7 @@ def test_tampered_header_is_refused(tmp_path, model_and_profile):
     new = json.dumps(header).encode()
     new += b" " * (-len(new) % 8)
     path.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
-    with pytest.raises(fr.ProfileError, match="tau"):
+    with pytest.raises(fr.ProfileError, match="checksum"):  # the digest covers the metadata
         fr.Profile.load(path)
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     with pytest.raises(fr.ProfileError):
@@ -118,3 +118,130 @@ def test_layer_validation(model_and_profile, change, text):
     kwargs.update(change)
     with pytest.raises(fr.ProfileError, match=text):
         fr.LayerRepair(**kwargs)
+
+
+# ----------------------------------------------------------------------------- tampering, as an attacker would
+
+def _rewrite(src, dst, edit_meta=None, edit_tensors=None, rehash=False):
+    """Copies a saved profile with edited metadata and/or tensors; `rehash` recomputes the digest
+    (an attacker who knows the format), so only the load-time validation stands in the way."""
+    from safetensors import safe_open
+
+    from fire_repair.profile import _digest
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    if rehash:
+        meta["sha256"] = _digest(tensors, meta)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def _layers_edit(fn):
+    def edit(meta):
+        layers = json.loads(meta["layers"])
+        fn(layers)
+        meta["layers"] = json.dumps(layers)
+    return edit
+
+
+METADATA_EDITS = {
+    "fingerprint emptied": lambda m: m.__setitem__("fingerprint", ""),
+    "fingerprint key renamed": lambda m: m.__setitem__("fingerprinT", m.pop("fingerprint")),
+    "mode relabelled": _layers_edit(lambda ls: ls[0].__setitem__("mode", "shift")),
+    "layer renamed": _layers_edit(lambda ls: ls[0].__setitem__("name", "head")),
+    "info changed": lambda m: m.__setitem__("info", json.dumps({"k": 9})),
+}
+
+
+@pytest.mark.parametrize("edit", list(METADATA_EDITS))
+def test_every_metadata_edit_is_refused(tmp_path, model_and_profile, edit):
+    model, profile = model_and_profile
+    profile.save(tmp_path / "p.safetensors")
+    bad = _rewrite(tmp_path / "p.safetensors", tmp_path / "bad.safetensors", edit_meta=METADATA_EDITS[edit])
+    with pytest.raises(fr.ProfileError, match="checksum"):
+        fr.Profile.load(bad, model)
+
+
+def _deep(meta):
+    meta["layers"] = "[" * 100_000 + "]" * 100_000
+
+
+REHASHED = {
+    "alpha as int64": (None, lambda t: t.__setitem__("0.alpha", t["0.alpha"].long()), "float32"),
+    "K = 100": (_layers_edit(lambda ls: ls[0].__setitem__("k", 100)), None, "k must be between"),
+    "deeply nested layers": (_deep, None, "malformed"),
+    "layers not a list": (lambda m: m.__setitem__("layers", "{}"), None, "non-empty JSON list"),
+    "layer missing a field": (_layers_edit(lambda ls: ls[0].pop("mode")), None, "expected"),
+    "k as a string": (_layers_edit(lambda ls: ls[0].__setitem__("k", "2")), None, "expected"),
+    "info a list": (lambda m: m.__setitem__("info", "[1, 2]"), None, "info must be"),
+    "stray tensor": (None, lambda t: t.__setitem__("7.alpha", torch.ones(2)), "belong to no layer"),
+    "directions missing": (None, lambda t: t.pop("0.directions"), "lacks directions"),
+    "fingerprint emptied": (lambda m: m.__setitem__("fingerprint", ""), None, "no model fingerprint"),
+}
+
+
+@pytest.mark.parametrize("case", list(REHASHED))
+def test_rehashed_edits_fail_validation_at_load(tmp_path, model_and_profile, case):
+    _, profile = model_and_profile
+    profile.save(tmp_path / "p.safetensors")
+    meta_edit, tensor_edit, text = REHASHED[case]
+    bad = _rewrite(tmp_path / "p.safetensors", tmp_path / "bad.safetensors", meta_edit, tensor_edit, rehash=True)
+    with pytest.raises(fr.ProfileError, match=text):
+        fr.Profile.load(bad)
+
+
+def test_a_profile_without_fingerprint_needs_an_explicit_yes(tmp_path, model_and_profile):
+    model, profile = model_and_profile
+    profile.fingerprint = None
+    profile.save(tmp_path / "p.safetensors")
+    with pytest.raises(fr.ProfileError, match="allow_other_model"):
+        fr.Profile.load(tmp_path / "p.safetensors", model)
+    loaded = fr.Profile.load(tmp_path / "p.safetensors", model, allow_other_model=True)
+    assert loaded.fingerprint is None
+
+
+def test_non_regular_files_are_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(fr.ProfileError, match="not a regular file"):
+        fr.Profile.load(fifo)
+    with pytest.raises(fr.ProfileError, match="not a regular file"):
+        fr.Profile.load(tmp_path)
+
+
+def test_every_flipped_byte_is_refused_or_loads_identically(tmp_path, model_and_profile):
+    """Each byte of the header, and every 64th byte of the data, flipped one at a time."""
+    model, profile = model_and_profile
+    path = tmp_path / "p.safetensors"
+    profile.save(path)
+    original = fr.Profile.load(path, model)
+    data = path.read_bytes()
+    n_header = 8 + struct.unpack("<Q", data[:8])[0]
+    positions = list(range(n_header)) + list(range(n_header, len(data), 64))
+    refused = identical = 0
+    bad = tmp_path / "flip.safetensors"
+    for i in positions:
+        flipped = bytearray(data)
+        flipped[i] ^= 0xFF
+        bad.write_bytes(bytes(flipped))
+        try:
+            loaded = fr.Profile.load(bad, model)
+        except fr.ProfileError:
+            refused += 1
+            continue
+        assert loaded.layer_names == original.layer_names and loaded.fingerprint == original.fingerprint, i
+        assert loaded.info == original.info, i
+        for a, b in zip(loaded.layers, original.layers, strict=True):
+            assert a.mode == b.mode, i
+            for key, t in b.tensors().items():
+                assert torch.equal(getattr(a, key), t), (i, key)
+        identical += 1
+    assert refused + identical == len(positions) and refused > 0

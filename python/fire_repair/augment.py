@@ -23,6 +23,16 @@ class Photometric:
         return ((x - mean) * c.to(x) + mean + b.to(x) + eps.to(x)).clamp(0, 1)
 
 
+def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """The whole batch translated by one random offset of up to `max_shift` pixels (zero fill):
+    the usual CIFAR-style crop (training) and a geometric augmentation (estimation)."""
+    s = max_shift
+    H, W = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (s, s, s, s))
+    dx, dy = torch.randint(0, 2 * s + 1, (2,), generator=gen).tolist()
+    return padded[..., dy:dy + H, dx:dx + W]
+
+
 class RandomShift:
     """Random translation by up to `max_shift` pixels (zero fill), seeded."""
 
@@ -31,8 +41,4 @@ class RandomShift:
         self.gen = torch.Generator().manual_seed(seed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.max_shift
-        H, W = x.shape[-2:]
-        padded = torch.nn.functional.pad(x, (s, s, s, s))
-        dx, dy = torch.randint(0, 2 * s + 1, (2,), generator=self.gen).tolist()
-        return padded[..., dy:dy + H, dx:dx + W]
+        return random_shift(x, self.max_shift, self.gen)

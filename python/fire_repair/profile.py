@@ -2,17 +2,21 @@
 
 The file holds only tensors and string metadata (never a pickle): a format tag and version,
 the layer list (name, mode, K, feature shape), the model's fingerprint, free-form estimation
-info, and a SHA-256 of the tensor bytes so that a tampered file is refused on load.
+info, and a SHA-256 over all of it (every metadata entry and every tensor's name, shape, dtype
+and bytes), so that any edit that could change behaviour is refused on load.
 """
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fire_kernels import MAX_K
 from fire_kernels.modes import MODES
 
 FORMAT = "fire-profile"
@@ -80,26 +84,42 @@ class LayerRepair:
         return out
 
 
+def _sha256(tensors, metadata: Optional[dict] = None) -> str:
+    """SHA-256 of (name, tensor) pairs (name, shape, dtype, bytes) and of string metadata: the
+    one hashing helper of the model fingerprint and the profile digest."""
+    h = hashlib.sha256()
+    for key in sorted(metadata or {}):
+        h.update(f"meta|{len(key)}|{key}|{len(metadata[key])}|{metadata[key]}|".encode())
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"tensor|{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 of the model's state dict (names, shapes, dtypes, values), attached repairs
     excluded: a profile is tied to the exact weights it was estimated on."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        if name.startswith("fire_repair.") or ".fire_repair." in name:
-            continue
-        t = t.detach()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return _sha256((name, t) for name, t in model.state_dict().items()
+                   if not (name.startswith("fire_repair.") or ".fire_repair." in name))
 
 
-def _digest(tensors: dict) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].contiguous()
-        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def _digest(tensors: dict, metadata: dict) -> str:
+    """Everything that changes behaviour: every metadata entry but the digest itself, and
+    every tensor."""
+    return _sha256(((k, tensors[k]) for k in sorted(tensors)), {k: v for k, v in metadata.items() if k != "sha256"})
+
+
+def _check_regular_file(path) -> None:
+    """A FIFO or device would block or stream forever: only regular files are read."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ProfileError(f"{path} cannot be read: {e}") from e
+    if not stat.S_ISREG(mode):
+        raise ProfileError(f"{path} is not a regular file; a profile is read only from a regular file")
 
 
 @dataclass
@@ -135,39 +155,42 @@ class Profile:
         metadata = {
             "format": FORMAT, "version": VERSION, "layers": json.dumps(layers),
             "fingerprint": self.fingerprint or "", "info": json.dumps(self.info, default=str),
-            "sha256": _digest(tensors),
         }
+        metadata["sha256"] = _digest(tensors, metadata)
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
-    def load(cls, path, model: Optional[torch.nn.Module] = None, check_fingerprint: bool = True) -> "Profile":
-        """Reads and checks a profile; with `model`, also checks that it belongs to that model."""
+    def load(cls, path, model: Optional[torch.nn.Module] = None, check_fingerprint: bool = True,
+             allow_other_model: bool = False) -> "Profile":
+        """Reads and checks a profile; with `model`, also checks that it belongs to that model.
+        A file without a model fingerprint is refused unless `allow_other_model=True` says that
+        the caller accepts a profile that is not tied to particular weights."""
+        _check_regular_file(path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            if isinstance(e, FileNotFoundError):
-                raise
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001  (any parse failure of a crafted file is a ProfileError)
             raise ProfileError(f"{path} is not a readable profile (truncated or corrupted?): {e}") from e
         if meta.get("format") != FORMAT:
             raise ProfileError(f"{path} is not a fire profile (format {meta.get('format')!r})")
         if meta.get("version") != VERSION:
             raise ProfileError(f"{path} has profile version {meta.get('version')!r}; this library reads {VERSION!r}")
-        if meta.get("sha256") != _digest(tensors):
-            raise ProfileError(f"{path}: tensor contents do not match the recorded checksum (tampered or damaged)")
+        if meta.get("sha256") != _digest(tensors, meta):
+            raise ProfileError(f"{path}: contents do not match the recorded checksum (tampered or damaged)")
         try:
-            specs = json.loads(meta["layers"])
-            info = json.loads(meta.get("info", "{}"))
-            layers = []
-            for i, spec in enumerate(specs):
-                t = {key.split(".", 1)[1]: v for key, v in tensors.items() if key.split(".", 1)[0] == str(i)}
-                if tuple(t["directions"].shape) != (spec["k"], *spec["feature_shape"]):
-                    raise ProfileError(f"layer {spec['name']!r}: directions do not match the recorded shape")
-                layers.append(LayerRepair(name=spec["name"], mode=spec["mode"], **t))
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise ProfileError(f"{path}: malformed profile metadata: {e!r}") from e
-        profile = cls(layers=layers, fingerprint=meta.get("fingerprint") or None, info=info)
+            layers, info = _parse(meta, tensors)
+        except ProfileError as e:
+            raise ProfileError(f"{path}: {e}") from None
+        except Exception as e:  # noqa: BLE001  (RecursionError, IndexError, ... from crafted metadata)
+            raise ProfileError(f"{path}: malformed profile metadata: {e!r}") from None
+        fp = meta.get("fingerprint") or None
+        if fp is None and not allow_other_model:
+            raise ProfileError(f"{path} has no model fingerprint, so nothing ties it to a model; pass "
+                               "allow_other_model=True to load it anyway")
+        profile = cls(layers=layers, fingerprint=fp, info=info)
         if model is not None:
             profile.check(model, check_fingerprint=check_fingerprint)
         return profile
@@ -183,3 +206,42 @@ class Profile:
                                "pass check_fingerprint=False to apply it anyway")
 
 
+
+
+def _parse(meta: dict, tensors: dict):
+    """(layers, info) from checked metadata; every field's type, every tensor's dtype and
+    shape, and K are validated here, so that a file loads exactly as saved or not at all."""
+    specs = json.loads(meta["layers"])
+    info = json.loads(meta.get("info", "{}"))
+    if not isinstance(info, dict):
+        raise ProfileError("info must be a JSON object")
+    if not isinstance(specs, list) or not specs:
+        raise ProfileError("layers must be a non-empty JSON list")
+    fields = {"name": str, "mode": str, "k": int, "feature_shape": list}
+    layers, used = [], set()
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or set(spec) != set(fields) or \
+                any(not isinstance(spec[f], t) or isinstance(spec[f], bool) for f, t in fields.items()):
+            raise ProfileError(f"layer {i}: expected {{name: str, mode: str, k: int, feature_shape: list}}")
+        if not 1 <= spec["k"] <= MAX_K:
+            raise ProfileError(f"layer {spec['name']!r}: k must be between 1 and {MAX_K}, got {spec['k']}")
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in spec["feature_shape"]):
+            raise ProfileError(f"layer {spec['name']!r}: feature_shape must be positive integers")
+        t = {}
+        for key in ("directions", "alpha", "center", "tau", "score_scale", "beta"):
+            name = f"{i}.{key}"
+            if name in tensors:
+                if tensors[name].dtype != torch.float32:
+                    raise ProfileError(f"layer {spec['name']!r}: {key} must be float32, got {tensors[name].dtype}")
+                t[key] = tensors[name]
+                used.add(name)
+        for key in ("directions", "alpha", "center"):
+            if key not in t:
+                raise ProfileError(f"layer {spec['name']!r}: the file lacks {key}")
+        if tuple(t["directions"].shape) != (spec["k"], *spec["feature_shape"]):
+            raise ProfileError(f"layer {spec['name']!r}: directions do not match the recorded shape")
+        layers.append(LayerRepair(name=spec["name"], mode=spec["mode"], **t))
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ProfileError(f"tensors {extra} belong to no layer")
+    return layers, info

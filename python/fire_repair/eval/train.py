@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from fire_repair.augment import random_shift
+
 
 def train(model, x, y, epochs: int = 8, batch: int = 64, lr: float = 2e-3, seed: int = 0, progress: bool = True,
           desc: str = "training"):
@@ -23,7 +25,7 @@ def train(model, x, y, epochs: int = 8, batch: int = 64, lr: float = 2e-3, seed:
         perm = torch.randperm(len(y), generator=gen)
         for i in range(0, len(y), batch):
             idx = perm[i:i + batch]
-            xb = _shift(x[idx], gen)
+            xb = random_shift(x[idx], 2, gen)
             loss = F.cross_entropy(model(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -34,14 +36,6 @@ def train(model, x, y, epochs: int = 8, batch: int = 64, lr: float = 2e-3, seed:
     bar.close()
     model.eval()
     return model
-
-
-def _shift(x, gen, pad: int = 2):
-    """Random translation by up to `pad` pixels (zero fill), the usual CIFAR-style crop."""
-    n, _, H, W = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
-    return padded[..., dy:dy + H, dx:dx + W]
 
 
 def cache_key(**spec) -> str:
