@@ -24,7 +24,7 @@ def _common(p):
 
 def _run_all(args, attacks, model, data, data_path=None, defenses=None, width=None, overrides=None):
     from fire_repair.eval import data as data_mod
-    from fire_repair.eval import harness, report
+    from fire_repair.eval import harness
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,20 +50,29 @@ def _run_all(args, attacks, model, data, data_path=None, defenses=None, width=No
             cfg.defenses = defenses
         log(f"{attack}: {model} on {ds.name}")
         results.append(harness.run(cfg, dataset=ds, progress=progress, log=log))
-    text = report.table(results)
-    if not args.no_ablations:
-        text += "\n\nLayer chosen without labels against the best single layer in hindsight:\n\n"
-        text += report.layer_table(results)
-        text += "\n\nAblations around the selected repair (evaluation half):\n\n" + report.ablation_table(results)
-    log("\n" + text)
-    (out / "table.md").write_text(text + "\n")
-    json_path = Path(args.json) if args.json else out / "results.json"
-    report.write_json(results, json_path)
-    report.plot(results, out / "results.png")
+    json_path = _write_outputs(results, out, args.json, log)
     log(f"\nwrote {json_path}, {out / 'table.md'}, {out / 'results.png'}, {out / 'run.log'} in "
         f"{time.perf_counter() - t0:.0f} s")
     log_file.close()
     return results
+
+
+def _write_outputs(results, out: Path, json_path=None, log=print) -> Path:
+    """table.md (printed too), results.json and results.png of a list of runs."""
+    from fire_repair.eval import report
+
+    text = report.table(results)
+    if any(r.get("ablations") for r in results):
+        text += "\n\nLayer chosen without labels against the best single layer in hindsight:\n\n"
+        text += report.layer_table(results)
+        text += "\n\nAblations around the selected repair (evaluation half):\n\n" + report.ablation_table(results)
+    log("\n" + text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text + "\n")
+    json_path = Path(json_path) if json_path else out / "results.json"
+    report.write_json(results, json_path)
+    report.plot(results, out / "results.png")
+    return json_path
 
 
 def main(argv=None):
@@ -87,7 +96,16 @@ def main(argv=None):
     ev.add_argument("--n-clean-holdout", type=int, default=None,
                     help="clean held-out images the defender uses (default: half the test set)")
     ev.add_argument("--n-eval", type=int, default=None, help="evaluation images (default: the other half)")
+    rp = sub.add_parser("report", help="one table, JSON and plot from the results.json of several runs")
+    rp.add_argument("inputs", nargs="+", help="results.json files written by demo or eval")
+    rp.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.command == "report":
+        import json
+
+        runs = [run for path in args.inputs for run in json.loads(Path(path).read_text())["runs"]]
+        _write_outputs(runs, Path(args.out))
+        return 0
     if args.command == "demo":
         _run_all(args, args.attacks, "cnn", "digits")
     else:
