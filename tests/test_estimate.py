@@ -258,3 +258,59 @@ def test_second_direction_points_to_the_poisoned_side():
         V = est.profile(mode="clamp", k=2).layer("feat").directions
         assert float(V[0] @ u0) > 0.99
         assert sign * float(V[1] @ u1) > 0.9, (sign, float(V[1] @ u1))
+
+
+@pytest.mark.parametrize("mask", [[False] * 6 + [True] * 4, "numpy", "int tensor"])
+def test_observe_accepts_masks_as_users_write_them(mask):
+    import numpy as np
+
+    clean, poisoned, _ = planted(n=10)
+    x = torch.cat([clean[:6], poisoned[6:]])
+    flags = [False] * 6 + [True] * 4
+    if mask == "numpy":
+        mask = np.array(flags)
+    elif mask == "int tensor":
+        mask = torch.tensor(flags).int()
+    est = fr.Estimator(identity_model(), ["feat"])
+    est.observe(x, poisoned=mask)
+    assert est.stats["feat"].n_clean == 6 and est.stats["feat"].n_poison == 4
+
+
+@pytest.mark.parametrize("mask, error", [([True] * 3, "one flag per sample"), (torch.rand(10), "booleans"),
+                                         ([2] * 10, "booleans"), (object(), "bool or a per-sample mask")])
+def test_observe_refuses_bad_masks(mask, error):
+    clean, _, _ = planted(n=10)
+    est = fr.Estimator(identity_model(), ["feat"])
+    with pytest.raises((ValueError, TypeError), match=error):
+        est.observe(clean, poisoned=mask)
+
+
+def test_non_finite_activations_are_refused_and_nothing_recorded():
+    clean, poisoned, _ = planted(n=20)
+    est = fr.Estimator(identity_model(), ["feat"])
+    est.observe_pairs(clean, poisoned)
+    before = {k: v.clone() for k, v in est.state_dict().items()}
+    bad = clean.clone()
+    bad[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite activations.*rows \\[3\\]"):
+        est.observe(bad, poisoned=False)
+    bad[3, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        est.observe_pairs(clean, bad)
+    after = est.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    est.profile(mode="clamp")  # still usable
+
+
+def test_empty_batches_are_no_ops_and_too_few_samples_are_clear():
+    clean, poisoned, _ = planted(n=4)
+    est = fr.Estimator(identity_model(), ["feat"], k=2)
+    est.observe(clean[:0], poisoned=False)
+    est.observe_pairs(clean[:0], poisoned[:0])
+    assert est.stats == {}
+    est.observe_pairs(clean[:1], poisoned[:1])
+    with pytest.raises(ValueError, match="at least 2 clean samples"):
+        est.profile(mode="clamp", k=1)
+    est.observe(clean[1:], poisoned=False)
+    with pytest.raises(ValueError, match="k=2 directions need at least 2 triggered samples, got 1"):
+        est.profile(mode="clamp", k=2)

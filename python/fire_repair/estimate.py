@@ -23,6 +23,7 @@ Directions (`LayerStats.directions`):
 """
 from typing import Callable, Iterable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -148,6 +149,9 @@ class LayerStats:
         v1 = beta / norm
         if k == 1:
             return v1[None].float()
+        n_triggered = self.n_pairs if source == "paired" else self.n_poison
+        if n_triggered < k:
+            raise ValueError(f"k={k} directions need at least {k} triggered samples, got {n_triggered}")
         # S through the sketches: paired, S = sum_i d_i d_i^T. Unpaired, with P, C the sketches of
         # the poisoned and clean rows: S = sum_i (p_i - mu_c)(p_i - mu_c)^T - (n_p / n_c) sum_j
         # (c_j - mu_c)(c_j - mu_c)^T = P^T P - (n_p / n_c) C^T C - n_p (mu_c mu_p^T + mu_p mu_c^T)
@@ -202,8 +206,9 @@ class LayerStats:
 
     def clean_projections(self, V: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
         rows = self.clean_sample.rows
-        if rows.shape[0] == 0:
-            raise ValueError("no clean samples were kept for calibration")
+        if rows.shape[0] < 2:
+            raise ValueError(f"calibration needs at least 2 clean samples (tau and the score scale come from the "
+                             f"spread of their projections), got {rows.shape[0]}")
         return (rows - center.float()) @ V.T
 
 
@@ -212,6 +217,26 @@ def _check_k(k: int, sketch_rows: int) -> None:
         raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
     if sketch_rows < k:
         raise ValueError(f"sketch_rows ({sketch_rows}) must be at least k ({k})")
+
+
+def _poison_mask(poisoned, n: int) -> Optional[torch.Tensor]:
+    """None for a whole clean batch, or an (n,) bool tensor (True everywhere for poisoned=True)."""
+    if isinstance(poisoned, (bool, np.bool_)):
+        return torch.ones(n, dtype=torch.bool) if poisoned else None
+    if isinstance(poisoned, torch.Tensor):
+        mask = poisoned.detach().cpu()
+    else:
+        try:
+            mask = torch.as_tensor(np.asarray(poisoned))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"poisoned must be a bool or a per-sample mask, got {type(poisoned).__name__}") from e
+    if mask.dtype != torch.bool:
+        if mask.dtype.is_floating_point or mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"poisoned mask must hold booleans (or 0/1), got dtype {mask.dtype}")
+        mask = mask.to(torch.bool)
+    if tuple(mask.shape) != (n,):
+        raise ValueError(f"poisoned mask must be ({n},), one flag per sample, got {tuple(mask.shape)}")
+    return mask
 
 
 def _flatten(h: torch.Tensor) -> torch.Tensor:
@@ -278,32 +303,40 @@ class Estimator:
         return [self.augment(x) for _ in range(self.n_augment)]
 
     # -- observation
-    def observe(self, x: torch.Tensor, poisoned: Union[bool, torch.Tensor]) -> None:
+    def observe(self, x: torch.Tensor, poisoned) -> None:
         """Unpaired: a batch of clean (poisoned=False) or poisoned (True) inputs, or a per-sample
-        bool mask of which rows are poisoned."""
-        for view in self._views(x):
-            acts = self.activations(view)
-            if isinstance(poisoned, torch.Tensor):
-                mask = poisoned.to(torch.bool).cpu()
-                if mask.shape != (x.shape[0],):
-                    raise ValueError(f"poisoned mask must be ({x.shape[0]},), got {tuple(mask.shape)}")
-                for name, h in acts.items():
-                    h = h.cpu()
-                    if (~mask).any():
-                        self.stats[name].add_clean(h[~mask])
-                    if mask.any():
-                        self.stats[name].add_poisoned(h[mask])
-            else:
-                for name, h in acts.items():
-                    (self.stats[name].add_poisoned if poisoned else self.stats[name].add_clean)(h)
+        mask of which rows are poisoned (a bool tensor, numpy array or sequence, or 0/1 values).
+        An empty batch is a no-op; non-finite activations are refused with nothing recorded."""
+        mask = _poison_mask(poisoned, x.shape[0])
+        if x.shape[0] == 0:
+            return
+        views = [self._finite(self.activations(view)) for view in self._views(x)]  # all checked first
+        for acts in views:
+            for name, h in acts.items():
+                h = h.cpu()
+                if mask is None or not bool(mask.all()):
+                    self.stats[name].add_clean(h if mask is None else h[~mask])
+                if mask is not None and bool(mask.any()):
+                    self.stats[name].add_poisoned(h[mask])
 
     def observe_pairs(self, x_clean: torch.Tensor, x_poisoned: torch.Tensor) -> None:
-        """Paired: row i of x_poisoned is row i of x_clean with the trigger."""
+        """Paired: row i of x_poisoned is row i of x_clean with the trigger (empty: a no-op)."""
         if x_clean.shape != x_poisoned.shape:
             raise ValueError(f"pairs must have equal shapes, got {tuple(x_clean.shape)} and {tuple(x_poisoned.shape)}")
-        hc, hp = self.activations(x_clean), self.activations(x_poisoned)
+        if x_clean.shape[0] == 0:
+            return
+        hc, hp = self._finite(self.activations(x_clean)), self._finite(self.activations(x_poisoned))
         for name in self.layers:
             self.stats[name].add_pairs(hc[name], hp[name])
+
+    @staticmethod
+    def _finite(acts: dict) -> dict:
+        for name, h in acts.items():
+            bad = ~torch.isfinite(h).all(dim=1)
+            if bool(bad.any()):
+                rows = torch.nonzero(bad).flatten()[:5].tolist()
+                raise ValueError(f"non-finite activations at layer {name!r} (rows {rows}); nothing was recorded")
+        return acts
 
     def observe_loader(self, batches: Iterable, poisoned=None, paired: bool = False, progress: bool = True,
                        desc: str = "estimating") -> None:

@@ -99,7 +99,8 @@ def plot(results: list, path) -> None:
     axes[2].set_ylabel("PA %")
     axes[2].set_ylim(0, 100)
     axes[2].set_title("Online FIRE (clamp)")
-    axes[2].legend(fontsize=7)
+    if any(r.get("online") for r in results):
+        axes[2].legend(fontsize=7)
     fig.tight_layout(rect=(0, 0.1 if len(defences) > 6 else 0.06, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
