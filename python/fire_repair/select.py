@@ -10,10 +10,13 @@ estimator observes the other folds, and the candidate's repair is scored on this
   (its logit minus the largest other one) after repair.
 - Unpaired (`select_unpaired`: flagged triggered samples, no twins): the backdoor target is
   inferred as the model's majority prediction on the flagged samples (no labels);
-  `agreement` = how often the repaired prediction leaves that target; `margin` = the mean
-  top-1 logit margin of the repaired prediction (a repair that restores the features lands
-  confidently in a class; one that overshoots, e.g. a large alpha at a late layer, lands where
-  no class is clear, so "away from the target" alone would reward overshooting).
+  `agreement` = how often the repaired prediction leaves that target, minus the total
+  variation distance between the repaired predictions' class histogram and the model's
+  prediction histogram on clean inputs (target class left out): a repair that restores the
+  features sends triggered samples to the classes clean data falls in, while one that
+  overshoots (a large alpha at a late layer, measured on CIFAR-10) sends them all off the target
+  into one or two wrong classes, which "off the target" alone would reward; `margin` = the mean
+  top-1 logit margin of the repaired prediction.
 - Both: `clean_change` = how often the repair (estimated from all the triggered samples)
   changes the model's prediction on the clean reference set.
 
@@ -101,9 +104,10 @@ def _choose(evidence: list, max_clean_change: float) -> dict:
 
 
 def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alphas, max_clean_change,
-         tau_quantile, source, folds, seed, criterion) -> Selection:
+         tau_quantile, source, folds, seed, criterion, adjust=None) -> Selection:
     """The shared loop: per fold, a copy of `estimator` observes the other folds through
-    `observe(est, index)`; `score(out, index)` gives (agreement, margin) sums on a fold."""
+    `observe(est, index)`; `score(profile, index)` gives (agreement sum, margin sum, predictions)
+    on a fold; `adjust(agreement, predictions of all folds)` may correct the agreement."""
     if layer_sets is None:
         layer_sets = [[name] for name in estimator.layers]
     _check_grid(layer_sets, modes, alphas)
@@ -122,12 +126,14 @@ def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alph
     for layers in layer_sets:
         for mode in modes:
             for alpha in alphas:
-                agree, margin = 0.0, 0.0
+                agree, margin, preds = 0.0, 0.0, []
                 for est, held in zip(fold_estimators, splits, strict=True):
                     profile = est.profile(mode=mode, alpha=alpha, tau_quantile=tau_quantile, source=source,
                                           layers=list(layers), with_fingerprint=False)
-                    a, m = score(profile, held)
+                    a, m, p = score(profile, held)
                     agree, margin = agree + a, margin + m
+                    preds.append(p)
+                agree = agree / n if adjust is None else adjust(agree / n, torch.cat(preds))
                 profile = full.profile(mode=mode, alpha=alpha, tau_quantile=tau_quantile, source=source,
                                        layers=list(layers), with_fingerprint=False)
                 attach(model, profile)
@@ -136,7 +142,7 @@ def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alph
                 finally:
                     detach(model)
                 evidence.append({"layers": list(layers), "mode": mode, "alpha": float(alpha),
-                                 "agreement": agree / n, "margin": margin / n, "clean_change": clean_change})
+                                 "agreement": agree, "margin": margin / n, "clean_change": clean_change})
     e = _choose(evidence, max_clean_change)
     profile = full.profile(mode=e["mode"], alpha=e["alpha"], tau_quantile=tau_quantile, source=source,
                            layers=e["layers"])  # the chosen one, with the model's fingerprint
@@ -177,7 +183,8 @@ def select(model: torch.nn.Module, estimator: Estimator, x_clean: torch.Tensor, 
 
     def score(profile, held):
         out = _scored(model, profile, x_poisoned[held])
-        return (out.argmax(1) == twin[held]).sum().item(), _margin_for(out, twin[held]).sum().item()
+        pred = out.argmax(1)
+        return (pred == twin[held]).sum().item(), _margin_for(out, twin[held]).sum().item(), pred
 
     return _run(model, estimator, observe, len(x_clean), score, clean_ref, layer_sets, modes, alphas,
                 max_clean_change, tau_quantile, source, folds, seed, "max agreement with the clean twins")
@@ -195,6 +202,14 @@ def select_unpaired(model: torch.nn.Module, estimator: Estimator, x_flagged: tor
     and how confidently, while keeping predictions on `x_clean_reference` (use the whole clean
     set here, the target class included: a repair must not move those images either)."""
     target = int(predict(model, x_flagged).mode().values) if len(x_flagged) else 0
+    clean_pred = predict(model, x_clean_reference)
+    n_classes = int(max(clean_pred.max().item() if len(clean_pred) else 0, target)) + 1
+
+    def histogram(pred):
+        h = torch.bincount(pred[pred != target], minlength=n_classes).double()
+        return h / h.sum().clamp_min(1)
+
+    clean_hist = histogram(clean_pred)
 
     def observe(est, idx):
         est.observe(x_flagged[idx], poisoned=True)
@@ -202,10 +217,17 @@ def select_unpaired(model: torch.nn.Module, estimator: Estimator, x_flagged: tor
     def score(profile, held):
         out = _scored(model, profile, x_flagged[held])
         pred = out.argmax(1)
-        return (pred != target).sum().item(), _margin_for(out, pred).sum().item()
+        return (pred != target).sum().item(), _margin_for(out, pred).sum().item(), pred
+
+    def adjust(off_target, preds):
+        h = histogram(preds)
+        if len(h) > len(clean_hist):  # a class the clean set never predicts
+            return off_target - 1.0
+        return off_target - 0.5 * float((h - clean_hist[: len(h)]).abs().sum() + clean_hist[len(h):].sum())
 
     sel = _run(model, estimator, observe, len(x_flagged), score, x_clean_reference, layer_sets, modes, alphas,
                max_clean_change, tau_quantile, "unpaired", folds, seed,
-               f"max share of flagged samples moved off the inferred target {target}")
+               f"max share of flagged samples moved off the inferred target {target} minus the total variation "
+               "between their repaired class histogram and the clean one", adjust)
     sel.profile.info["selection"]["inferred_target"] = target
     return sel
