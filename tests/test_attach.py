@@ -1,4 +1,6 @@
 """attach / detach on a trained backdoored model: buffers, dtypes, compile, export, exact detach."""
+from collections import OrderedDict
+
 import pytest
 import torch
 
@@ -142,3 +144,29 @@ def test_repair_recovers_labels_and_keeps_clean_accuracy(backdoored, repaired):
     ca = (predict(model, backdoored["eval_clean"]) == backdoored["eval_y"]).float().mean()
     pa = (predict(model, backdoored["eval_poison"]) == backdoored["eval_poison_y"]).float().mean()
     assert pa > 0.9 and ca >= before_ca - 0.01
+
+
+@pytest.mark.parametrize("order", [["feat", "feat.0"], ["feat.0", "feat"]])
+def test_parent_and_child_both_repair_whatever_the_order(order):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(OrderedDict(feat=torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU()),
+                                            head=torch.nn.Linear(6, 2)))
+    layers = []
+    for name in order:
+        V = torch.zeros(1, 6)
+        V[0, 0] = 1.0
+        layers.append(fr.LayerRepair(name=name, mode="shift", directions=V, alpha=torch.ones(1),
+                                     center=torch.zeros(6)))
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        plain = model.feat(x)
+        fr.attach(model, fr.Profile(layers=layers), check_fingerprint=False)
+        assert sorted(fr.repair_modules(model)) == ["feat", "feat.0"]
+        got = model.feat(x)
+    # feat.0's shift passes through the ReLU, then feat's shift: both ran
+    e0 = torch.tensor([1.0, 0, 0, 0, 0, 0])
+    expected = torch.relu(model.feat.layer[0].layer(x) - e0) - e0
+    torch.testing.assert_close(got, expected)
+    fr.detach(model)
+    assert not fr.repair_modules(model)
+    torch.testing.assert_close(model.feat(x), plain)

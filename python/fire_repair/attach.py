@@ -167,7 +167,9 @@ def attach(model: torch.nn.Module, profile: Profile, check_fingerprint: bool = T
     profile.check(model, check_fingerprint=check_fingerprint)
     modules = dict(model.named_modules())
     ref = next(iter(model.parameters()), None)
-    for layer in profile.layers:
+    # deepest first: a child wrapped after its parent would be put into the parent's old place,
+    # where it never runs; wrapped before, it lives inside the module the parent's wrapper runs
+    for layer in sorted(profile.layers, key=lambda layer: -layer.name.count(".")):
         repair = RepairModule(layer, record_scores=record_scores)
         if ref is not None:
             repair.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else None)
@@ -178,12 +180,13 @@ def attach(model: torch.nn.Module, profile: Profile, check_fingerprint: bool = T
 
 def detach(model: torch.nn.Module) -> torch.nn.Module:
     """Removes every repair attached to the model (a no-op on a model without one)."""
-    for name in sorted(repair_modules(model), key=lambda n: -n.count(".")):
+    paths = [name for name, m in model.named_modules() if isinstance(m, RepairedLayer)]
+    for name in sorted(paths, key=lambda n: -n.count(".")):
         parent, child = _parent(model, name)
         setattr(parent, child, getattr(parent, child).layer)
     return model
 
 
 def repair_modules(model: torch.nn.Module) -> dict:
-    """{layer name: RepairModule} of an attached model."""
-    return {name: m.fire_repair for name, m in model.named_modules() if isinstance(m, RepairedLayer)}
+    """{layer name (as the profile names it): RepairModule} of an attached model."""
+    return {m.fire_repair.layer_name: m.fire_repair for m in model.modules() if isinstance(m, RepairedLayer)}
