@@ -104,7 +104,7 @@ def _choose(evidence: list, max_clean_change: float) -> dict:
 
 
 def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alphas, max_clean_change,
-         tau_quantile, source, folds, seed, criterion, adjust=None) -> Selection:
+         tau_quantile, source, folds, seed, criterion, adjust=None, reference=None) -> Selection:
     """The shared loop: per fold, a copy of `estimator` observes the other folds through
     `observe(est, index)`; `score(profile, index)` gives (agreement sum, margin sum, predictions)
     on a fold; `adjust(agreement, predictions of all folds)` may correct the agreement."""
@@ -121,7 +121,8 @@ def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alph
         fold_estimators.append(est)
     full = estimator.clone()
     observe(full, torch.arange(n))
-    reference = predict(model, clean_ref)
+    if reference is None:  # the unrepaired model's predictions on the clean reference set
+        reference = predict(model, clean_ref)
     evidence = []
     for layers in layer_sets:
         for mode in modes:
@@ -228,6 +229,6 @@ def select_unpaired(model: torch.nn.Module, estimator: Estimator, x_flagged: tor
     sel = _run(model, estimator, observe, len(x_flagged), score, x_clean_reference, layer_sets, modes, alphas,
                max_clean_change, tau_quantile, "unpaired", folds, seed,
                f"max share of flagged samples moved off the inferred target {target} minus the total variation "
-               "between their repaired class histogram and the clean one", adjust)
+               "between their repaired class histogram and the clean one", adjust, reference=clean_pred)
     sel.profile.info["selection"]["inferred_target"] = target
     return sel
