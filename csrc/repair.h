@@ -1,10 +1,11 @@
 // Shared declarations of the native (C++/CUDA) repair kernels.
 //
 // The private op `fire::_repair_native` works on rows that the Python layer has already
-// laid out: x is (N, D) with unit stride along D (any row stride), directions (K, D) fp32
-// contiguous, alpha (K,) or (N, K) fp32 (per-row weights are what the backward pass needs),
-// center (D,) and tau (K,) fp32 or absent. It returns out (N, D) contiguous in x's dtype and
-// scores (N, K) fp32 (or an empty tensor when not asked for).
+// laid out: x is (B, P, D), any strides, row (b, p) holding D elements (a flattened sample, or
+// the channels at one position); directions (K, D) fp32 contiguous, alpha (K,) or (B*P, K) fp32
+// (per-row weights are what the backward pass needs), center (D,) and tau (K,) fp32 or absent.
+// It returns out (empty_like(x): x's strides where x is dense) in x's dtype and scores (B*P, K)
+// fp32 (or an empty tensor when not asked for).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,17 +24,31 @@ C10_HOST_DEVICE inline float mode_weight(int64_t mode, float alpha, float c, flo
   return alpha;
 }
 
+// Where row r = (b, p) of x and out starts, and the stride between a row's D elements: one
+// row per sample (flattened), or per sample and position (channels at stride 1 in channels-last
+// maps and (N, T, C) tokens, at stride H*W in contiguous NCHW maps).
+struct Rows {
+  int64_t B, P, D;
+  int64_t sxb, sxp, sxd, sob, sop, sod;
+  C10_HOST_DEVICE int64_t x_row(int64_t r) const { return (r / P) * sxb + (r % P) * sxp; }
+  C10_HOST_DEVICE int64_t out_row(int64_t r) const { return (r / P) * sob + (r % P) * sop; }
+};
+
+inline Rows rows_of(const at::Tensor& x, const at::Tensor& out) {
+  return Rows{x.size(0),   x.size(1),   x.size(2),   x.stride(0), x.stride(1),
+              x.stride(2), out.stride(0), out.stride(1), out.stride(2)};
+}
+
 inline void check_native_args(const at::Tensor& x, const at::Tensor& directions,
                               const at::Tensor& alpha,
                               const c10::optional<at::Tensor>& center,
                               const c10::optional<at::Tensor>& tau, int64_t mode) {
   TORCH_CHECK(mode >= kShift && mode <= kClamp, "fire::_repair_native: mode must be 0, 1 or 2, got ", mode);
-  TORCH_CHECK(x.dim() == 2, "fire::_repair_native: x must be (N, D), got ", x.sizes());
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "fire::_repair_native: x rows must be contiguous");
+  TORCH_CHECK(x.dim() == 3, "fire::_repair_native: x must be (B, P, D), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
                   x.scalar_type() == at::kBFloat16,
               "fire::_repair_native: x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  const int64_t D = x.size(1);
+  const int64_t D = x.size(2), rows = x.size(0) * x.size(1);
   TORCH_CHECK(directions.dim() == 2 && directions.size(1) == D && directions.size(0) >= 1,
               "fire::_repair_native: directions must be (K, D) with D=", D, ", got ", directions.sizes());
   const int64_t K = directions.size(0);
@@ -42,8 +57,8 @@ inline void check_native_args(const at::Tensor& x, const at::Tensor& directions,
   TORCH_CHECK(alpha.scalar_type() == at::kFloat && alpha.is_contiguous(),
               "fire::_repair_native: alpha must be contiguous float32");
   TORCH_CHECK((alpha.dim() == 1 && alpha.size(0) == K) ||
-                  (alpha.dim() == 2 && alpha.size(0) == x.size(0) && alpha.size(1) == K),
-              "fire::_repair_native: alpha must be (K,) or (N, K), got ", alpha.sizes());
+                  (alpha.dim() == 2 && alpha.size(0) == rows && alpha.size(1) == K),
+              "fire::_repair_native: alpha must be (K,) or (B*P, K), got ", alpha.sizes());
   if (center.has_value()) {
     TORCH_CHECK(center->scalar_type() == at::kFloat && center->is_contiguous() &&
                     center->dim() == 1 && center->size(0) == D,

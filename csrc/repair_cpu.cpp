@@ -1,6 +1,6 @@
 // CPU kernel of the fused repair and the registration of the private native op.
 //
-// Rows are processed in blocks sized to stay in L2: pass 1 converts each chunk of the block to
+// Contiguous rows (flattened samples, channels-last positions, tokens) are processed in blocks sized to stay in L2: pass 1 converts each chunk of the block to
 // fp32 and accumulates the K projections (each V chunk is loaded once for four rows at a
 // time); pass 2 re-reads the block (from L2, not memory) and writes it with the K directions
 // subtracted. So x is read from memory once and written once, and V is streamed once per
@@ -111,10 +111,12 @@ inline void store_cast<c10::BFloat16>(const float* __restrict src, c10::BFloat16
   }
 }
 
+// Rows whose elements are contiguous (sxd == sod == 1).
 template <typename scalar_t>
-void repair_rows(const scalar_t* x, int64_t stride_x, scalar_t* out, const float* V,
-                 const float* alpha, int64_t stride_alpha, const float* vmu, const float* tau,
-                 float* scores, int64_t N, int64_t D, int64_t K, int64_t mode) {
+void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V, const float* alpha,
+                 int64_t stride_alpha, const float* vmu, const float* tau, float* scores, int64_t K,
+                 int64_t mode) {
+  const int64_t N = L.B * L.P, D = L.D;
   const bool need_c = mode != kShift || scores != nullptr;
   // Rows per block: as many as keep the block in L2 between the two passes (so x is read from
   // memory once), up to kMaxRowBlock; each V chunk is then reused across the block's rows.
@@ -138,7 +140,7 @@ void repair_rows(const scalar_t* x, int64_t stride_x, scalar_t* out, const float
         for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
           const int64_t len = std::min(kChunk, D - d0);
           for (int64_t r = 0; r < rows; ++r)
-            load_fp32(x + (n0 + r) * stride_x + d0, buf.data() + r * kChunk, len);
+            load_fp32(x + L.x_row(n0 + r) + d0, buf.data() + r * kChunk, len);
           for (int64_t k = 0; k < K; ++k) {
             const float* vk = V + k * D + d0;
             int64_t r = 0;
@@ -173,7 +175,7 @@ void repair_rows(const scalar_t* x, int64_t stride_x, scalar_t* out, const float
         for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
           const int64_t len = std::min(kChunk, D - d0);
           float* y = buf.data();
-          load_fp32(x + (n0 + r) * stride_x + d0, y, len);
+          load_fp32(x + L.x_row(n0 + r) + d0, y, len);
           int64_t i = 0;
           for (; i + 8 <= len; i += 8) {
             vec8 acc = load8(y + i);
@@ -185,7 +187,73 @@ void repair_rows(const scalar_t* x, int64_t stride_x, scalar_t* out, const float
           }
           for (; i < len; ++i)
             for (int64_t j = 0; j < n_active; ++j) y[i] -= w[r * K + active[j]] * V[active[j] * D + d0 + i];
-          store_cast(y, out + (n0 + r) * D + d0, len);
+          store_cast(y, out + L.out_row(n0 + r) + d0, len);
+        }
+      }
+    }
+  });
+}
+
+// Rows whose elements are strided (the channels of a contiguous NCHW map): a tile of PB
+// positions x all D channels is converted to fp32 once (pass 1 reduces the K projections of
+// the PB positions, vectorised along positions), then written back from the tile (pass 2).
+// x is read once and written once; no transposing copy.
+template <typename scalar_t>
+void repair_tiles(const scalar_t* x, scalar_t* out, const Rows& L, const float* V, const float* alpha,
+                  int64_t stride_alpha, const float* vmu, const float* tau, float* scores, int64_t K,
+                  int64_t mode) {
+  const int64_t P = L.P, D = L.D;
+  const bool need_c = mode != kShift || scores != nullptr;
+  const int64_t PB = std::clamp<int64_t>((kL2Bytes / 2 / (4 * std::max<int64_t>(D, 1))) / 8 * 8, 8, 256);
+  const int64_t pblocks = (P + PB - 1) / PB;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, PB * D));
+  at::parallel_for(0, L.B * pblocks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> tile(D * PB), c(K * PB), w(K * PB);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / pblocks, p0 = (t % pblocks) * PB, len = std::min(PB, P - p0);
+      const scalar_t* xb = x + b * L.sxb + p0 * L.sxp;
+      scalar_t* ob = out + b * L.sob + p0 * L.sop;
+      for (int64_t d = 0; d < D; ++d) {
+        float* dst = tile.data() + d * PB;
+        if (L.sxp == 1) {
+          load_fp32(xb + d * L.sxd, dst, len);
+        } else {
+          for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<float>(xb[d * L.sxd + j * L.sxp]);
+        }
+      }
+      if (need_c) {
+        for (int64_t k = 0; k < K; ++k) {
+          float* ck = c.data() + k * PB;
+          const float m = vmu ? vmu[k] : 0.f;
+          for (int64_t j = 0; j < len; ++j) ck[j] = -m;
+          for (int64_t d = 0; d < D; ++d) {
+            const float v = V[k * D + d];
+            const float* src = tile.data() + d * PB;
+#pragma omp simd
+            for (int64_t j = 0; j < len; ++j) ck[j] += v * src[j];
+          }
+          if (scores)
+            for (int64_t j = 0; j < len; ++j) scores[(b * P + p0 + j) * K + k] = ck[j];
+        }
+      }
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t r = b * P + p0 + j;
+          w[k * PB + j] = mode_weight(mode, alpha[r * stride_alpha + k], need_c ? c[k * PB + j] : 0.f,
+                                      tau ? tau[k] : 0.f);
+        }
+      for (int64_t d = 0; d < D; ++d) {
+        float* y = tile.data() + d * PB;
+        for (int64_t k = 0; k < K; ++k) {
+          const float v = V[k * D + d];
+          const float* wk = w.data() + k * PB;
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j) y[j] -= wk[j] * v;
+        }
+        if (L.sop == 1) {
+          store_cast(y, ob + d * L.sod, len);
+        } else {
+          for (int64_t j = 0; j < len; ++j) ob[d * L.sod + j * L.sop] = static_cast<scalar_t>(y[j]);
         }
       }
     }
@@ -199,21 +267,27 @@ std::tuple<at::Tensor, at::Tensor> repair_native_cpu(const at::Tensor& x, const 
                                                      bool want_scores) {
   check_native_args(x, directions, alpha, center, tau, mode);
   TORCH_CHECK(x.device().is_cpu(), "fire::_repair_native (CPU): x must be on the CPU");
-  const int64_t N = x.size(0), D = x.size(1), K = directions.size(0);
-  at::Tensor out = at::empty({N, D}, x.options());
-  at::Tensor scores = want_scores ? at::empty({N, K}, x.options().dtype(at::kFloat))
+  const int64_t K = directions.size(0);
+  at::Tensor out = at::empty_like(x);  // x's strides where x is dense: no layout change
+  at::Tensor scores = want_scores ? at::empty({x.size(0) * x.size(1), K}, x.options().dtype(at::kFloat))
                                   : at::empty({0}, x.options().dtype(at::kFloat));
-  if (N == 0) return {out, scores};
+  const Rows L = rows_of(x, out);
+  if (L.B * L.P == 0) return {out, scores};
+  if (L.D == 0) {
+    if (want_scores) scores.zero_();
+    return {out, scores};
+  }
   // <v_k, mu> once per call, so each row only needs <v_k, x>.
   at::Tensor vmu;
   if (center.has_value() && (mode != kShift || want_scores)) vmu = at::mv(directions, *center).contiguous();
   const int64_t stride_alpha = alpha.dim() == 2 ? K : 0;
+  const bool unit_rows = (L.D == 1 || (L.sxd == 1 && L.sod == 1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fire_repair_cpu", [&] {
-    repair_rows<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), out.data_ptr<scalar_t>(),
-                          directions.data_ptr<float>(), alpha.data_ptr<float>(), stride_alpha,
-                          vmu.defined() ? vmu.data_ptr<float>() : nullptr,
-                          tau.has_value() ? tau->data_ptr<float>() : nullptr,
-                          want_scores ? scores.data_ptr<float>() : nullptr, N, D, K, mode);
+    auto run = unit_rows ? &repair_rows<scalar_t> : &repair_tiles<scalar_t>;
+    run(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), L, directions.const_data_ptr<float>(),
+        alpha.const_data_ptr<float>(), stride_alpha, vmu.defined() ? vmu.const_data_ptr<float>() : nullptr,
+        tau.has_value() ? tau->const_data_ptr<float>() : nullptr,
+        want_scores ? scores.mutable_data_ptr<float>() : nullptr, K, mode);
   });
   return {out, scores};
 }

@@ -1,6 +1,7 @@
 """Fused repair kernels.
 
-Per row x (D elements), with V (K x D), per-row weights alpha, centre mu and thresholds tau:
+Per row x (D elements: a flattened sample, or the channels at one position of a feature map
+or token tensor), with V (K x D), per-row weights alpha, centre mu and thresholds tau:
 
     c_k   = <v_k, x - mu>                          (the projection scores)
     w_k   = alpha_k            (shift)
@@ -14,6 +15,11 @@ Two kernels cover all row lengths:
 - `_partial_scores_kernel` + `_apply_chunk_kernel`: long rows are split in chunks across
   programs; the first launch writes per-chunk partial scores, the second sums them (in a fixed
   order, so results are deterministic) and writes its chunk. No host round trip in between.
+
+Rows are addressed as (b, p) with any strides, elements of a row at any stride: the flattened
+form is one row per sample; the per-position form puts the channels of each position in a row,
+so a contiguous NCHW map is read as (channel x position-block) tiles, coalesced along
+positions, with no transposing copy.
 
 All arithmetic is fp32: loads are upcast at once (the Triton interpreter also computes bf16
 wrongly otherwise).
@@ -51,20 +57,26 @@ if HAVE_TRITON:
     @triton.jit
     def _repair_fused_kernel(
         x_ptr, out_ptr, v_ptr, alpha_ptr, center_ptr, tau_ptr, scores_ptr,
-        N, D, K, stride_xn, stride_an,
+        P, D, K, sxb, sxp, sxd, sob, sop, sod, stride_an,
         MODE: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_TAU: tl.constexpr,
         NEED_C: tl.constexpr, WANT_SCORES: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        # A (BLOCK_N rows x BLOCK_D columns) tile of x[b]: rows are positions p, columns the
+        # D elements of a row, at any strides (sxd = H*W for channels of a contiguous NCHW map).
+        pblk = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        pos = pblk * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_D)
         kidx = tl.arange(0, BLOCK_K)
-        rmask = rows < N
+        rmask = pos < P
         cmask = cols < D
         mask = rmask[:, None] & cmask[None, :]
-        rows64 = rows.to(tl.int64)
-        x = tl.load(x_ptr + rows64[:, None] * stride_xn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        pos64 = pos.to(tl.int64)
+        cols64 = cols.to(tl.int64)
+        rows64 = b * P + pos64  # row index into scores and per-row alpha
+        x = tl.load(x_ptr + b * sxb + pos64[:, None] * sxp + cols64[None, :] * sxd, mask=mask, other=0.0)
+        x = x.to(tl.float32)
 
         c = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         if NEED_C:
@@ -90,12 +102,13 @@ if HAVE_TRITON:
                 t = tl.load(tau_ptr + k).to(tl.float32)
             w = _weights(c_k, a, t, MODE)
             y = y - w[:, None] * v[None, :]
-        tl.store(out_ptr + rows64[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        o_offs = b * sob + pos64[:, None] * sop + cols64[None, :] * sod
+        tl.store(out_ptr + o_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _partial_scores_kernel(
         x_ptr, v_ptr, center_ptr, partial_ptr,
-        D, K, stride_xn, n_chunks,
+        P, D, K, sxb, sxp, sxd, n_chunks,
         HAS_CENTER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -103,7 +116,8 @@ if HAVE_TRITON:
         cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
         kidx = tl.arange(0, BLOCK_K)
         cmask = cols < D
-        x = tl.load(x_ptr + row * stride_xn + cols, mask=cmask, other=0.0).to(tl.float32)
+        base = (row // P) * sxb + (row % P) * sxp
+        x = tl.load(x_ptr + base + cols.to(tl.int64) * sxd, mask=cmask, other=0.0).to(tl.float32)
         if HAS_CENTER:
             x = x - tl.load(center_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         p = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -115,7 +129,7 @@ if HAVE_TRITON:
     @triton.jit
     def _apply_chunk_kernel(
         x_ptr, out_ptr, v_ptr, alpha_ptr, tau_ptr, partial_ptr, scores_ptr,
-        D, K, stride_xn, stride_an, n_chunks,
+        P, D, K, sxb, sxp, sxd, sob, sop, sod, stride_an, n_chunks,
         MODE: tl.constexpr, HAS_TAU: tl.constexpr, NEED_C: tl.constexpr, WANT_SCORES: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
@@ -137,7 +151,9 @@ if HAVE_TRITON:
                     tl.store(scores_ptr + row * K + kidx, c, mask=kidx < K)
         cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
         cmask = cols < D
-        y = tl.load(x_ptr + row * stride_xn + cols, mask=cmask, other=0.0).to(tl.float32)
+        cols64 = cols.to(tl.int64)
+        b, p = row // P, row % P
+        y = tl.load(x_ptr + b * sxb + p * sxp + cols64 * sxd, mask=cmask, other=0.0).to(tl.float32)
         for k in range(K):
             v = tl.load(v_ptr + k * D + cols, mask=cmask, other=0.0).to(tl.float32)
             a = tl.load(alpha_ptr + row * stride_an + k).to(tl.float32)
@@ -147,28 +163,31 @@ if HAVE_TRITON:
                 t = tl.load(tau_ptr + k).to(tl.float32)
             w = _weights(c_k, a, t, MODE)
             y = y - w * v
-        tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=cmask)
+        tl.store(out_ptr + b * sob + p * sop + cols64 * sod, y.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 def repair_rows(x, directions, alpha, center, tau, mode: int, want_scores: bool):
     """Launch the repair on prepared rows.
 
-    x: (N, D) with unit stride along D; directions: (K, D) fp32 contiguous; alpha: (K,) or
-    (N, K) fp32 contiguous; center: (D,) fp32 or None; tau: (K,) fp32 or None.
-    Returns out (N, D) contiguous in x's dtype and scores (N, K) fp32 (empty if not wanted).
+    x: (B, P, D), any strides: row (b, p) holds D elements at stride x.stride(2) (1 for
+    flattened samples and channels-last positions, H*W for the channels of a contiguous NCHW
+    map); directions: (K, D) fp32 contiguous; alpha: (K,) or (B*P, K) fp32 contiguous; center:
+    (D,) fp32 or None; tau: (K,) fp32 or None.
+    Returns out (`empty_like(x)`: x's strides where x is dense) in x's dtype and scores
+    (B*P, K) fp32 (empty if not wanted).
     Safe inside `torch.library.triton_op`: every launch is a plain `wrap_triton(kernel)[grid]`
     call, the form torch's kernel discovery for triton_op recognises.
     """
     if not HAVE_TRITON:
         raise RuntimeError("fire_kernels: Triton is not installed; use the C++/CUDA backend instead")
-    N, D = x.shape
+    B, P, D = x.shape
     K = directions.shape[0]
     if K > MAX_K:
         raise ValueError(f"fire_kernels: at most {MAX_K} directions per call, got K={K}")
-    out = torch.empty((N, D), dtype=x.dtype, device=x.device)
+    out = torch.empty_like(x)
     f32 = dict(dtype=torch.float32, device=x.device)
-    scores = torch.empty((N, K), **f32) if want_scores else torch.empty((0,), **f32)
-    if N == 0 or D == 0:
+    scores = torch.empty((B * P, K), **f32) if want_scores else torch.empty((0,), **f32)
+    if B * P == 0 or D == 0:
         if want_scores:
             scores.zero_()  # an empty row projects to zero
         return out, scores
@@ -180,27 +199,28 @@ def repair_rows(x, directions, alpha, center, tau, mode: int, want_scores: bool)
     # dummies are never read (constexpr flags); the unused scores pointer is `out`, a fresh buffer, so
     # that no input can look mutated to torch.compile's analysis of the kernel
     scores_arg = scores if want_scores else out
+    xs, os_ = x.stride(), out.stride()
     if D <= FUSED_MAX_D:
         block_n, block_d, warps = fused_blocks(D)
-        grid = (triton.cdiv(N, block_n),)
+        grid = (triton.cdiv(P, block_n), B)
         wrap_triton(_repair_fused_kernel)[grid](
             x, out, directions, alpha, center_arg, tau_arg, scores_arg,
-            N, D, K, x.stride(0), stride_an,
+            P, D, K, xs[0], xs[1], xs[2], os_[0], os_[1], os_[2], stride_an,
             MODE=mode, HAS_CENTER=center is not None, HAS_TAU=tau is not None,
             NEED_C=need_c, WANT_SCORES=want_scores,
             BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
         )
         return out, scores
     block_d, n_chunks, warps = split_blocks(D)
-    partial = torch.empty((N, n_chunks, block_k), **f32) if need_c else torch.empty((1,), **f32)
+    partial = torch.empty((B * P, n_chunks, block_k), **f32) if need_c else torch.empty((1,), **f32)
     if need_c:
-        wrap_triton(_partial_scores_kernel)[(N, n_chunks)](
-            x, directions, center_arg, partial, D, K, x.stride(0), n_chunks,
+        wrap_triton(_partial_scores_kernel)[(B * P, n_chunks)](
+            x, directions, center_arg, partial, P, D, K, xs[0], xs[1], xs[2], n_chunks,
             HAS_CENTER=center is not None, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
         )
-    wrap_triton(_apply_chunk_kernel)[(N, n_chunks)](
+    wrap_triton(_apply_chunk_kernel)[(B * P, n_chunks)](
         x, out, directions, alpha, tau_arg, partial, scores_arg,
-        D, K, x.stride(0), stride_an, n_chunks,
+        P, D, K, xs[0], xs[1], xs[2], os_[0], os_[1], os_[2], stride_an, n_chunks,
         MODE=mode, HAS_TAU=tau is not None, NEED_C=need_c, WANT_SCORES=want_scores,
         BLOCK_D=block_d, BLOCK_K=block_k, BLOCK_C=min(64, next_pow2(n_chunks)), num_warps=warps,
     )

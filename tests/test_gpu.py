@@ -73,3 +73,43 @@ def test_cuda_graph_capture(monkeypatch, backend):
     torch.cuda.synchronize()
     expected, _ = fr.repair_reference(x, V, a, mu, tau, "clamp", compute_dtype=torch.float32)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+# (logical shape, memory format, channel_dim): conv maps both ways, tokens, 1x1 maps, a wide C
+POSITION_SHAPES = [
+    ((256, 64, 32, 32), torch.contiguous_format, 1),
+    ((256, 64, 32, 32), torch.channels_last, 1),
+    ((64, 197, 384), None, -1),
+    ((512, 2048, 1, 1), torch.contiguous_format, 1),
+    ((2, 20000, 3, 5), torch.contiguous_format, 1),
+]
+
+
+@pytest.mark.parametrize("mode", fr.MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,fmt,cd", POSITION_SHAPES, ids=[f"{s}-{f}" for s, f, _ in POSITION_SHAPES])
+def test_per_position_backends_agree(monkeypatch, mode, dtype, shape, fmt, cd):
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    C = x.shape[cd]
+    g = torch.Generator().manual_seed(0)
+    V = (torch.randn(8, C, generator=g) / C**0.5).cuda()
+    a, mu = torch.rand(8, generator=g).cuda(), (0.1 * torch.randn(C, generator=g)).cuda()
+    tau = torch.rand(8, generator=g).cuda() if mode == "clamp" else None
+    exact, ref_sc = fr.repair_reference(x.double(), V, a, mu, tau, mode, channel_dim=cd)
+    backends = ["triton"] + (["cuda"] if _cuda_native_available() else [])
+    for backend in backends:
+        monkeypatch.setenv("FIRE_BACKEND", backend)
+        out, sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd)
+        assert out.stride() == x.stride(), backend
+        torch.testing.assert_close(out.double(), exact, rtol=OUT_TOL[dtype][0], atol=OUT_TOL[dtype][1], msg=backend)
+        torch.testing.assert_close(sc, ref_sc, rtol=1e-3, atol=1e-3, msg=backend)
+
+
+def test_opcheck_cuda_per_position():
+    for mode in fr.MODES:
+        x = torch.randn(4, 8, 5, 7, device="cuda", requires_grad=True)
+        V, a = torch.randn(3, 8, device="cuda"), torch.rand(3, device="cuda")
+        mu, tau = torch.randn(8, device="cuda"), torch.rand(3, device="cuda") if mode == "clamp" else None
+        torch.library.opcheck(torch.ops.fire.repair_with_scores.default, (x, V, a, mu, tau, mode, 1))

@@ -86,8 +86,10 @@ def test_opcheck_backward_op():
 
 
 def test_opcheck_native_kernel():
-    x = torch.randn(4, 9)
+    x = torch.randn(1, 4, 9)  # (B, P, D): flattened rows
+    nchw = torch.randn(2, 9, 3).transpose(1, 2)  # channels strided over positions
     V = torch.randn(2, 9)
     for args in [(x, V, torch.rand(2), torch.randn(9), torch.rand(2), 2, True),
-                 (x, V, torch.rand(4, 2), None, None, 1, False)]:
+                 (x, V, torch.rand(4, 2), None, None, 1, False),
+                 (nchw, V, torch.rand(2), torch.randn(9), None, 1, True)]:
         torch.library.opcheck(torch.ops.fire._repair_native.default, args)

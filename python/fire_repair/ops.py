@@ -9,10 +9,16 @@ sends
 - CPU tensors to the C++ kernel (`torch.ops.fire._repair_native`, which has its own fake), or to
   the Triton kernels under TRITON_INTERPRET=1 with FIRE_BACKEND=triton (how CI runs them).
 
-Layouts: the kernels see rows in x's *physical* order, so a channels_last (or any permuted
-dense) input is never copied; the directions and centre are permuted instead (K*D + D
-elements) and `out` comes back in x's memory format. Only inputs whose rows are not dense
-(e.g. x[:, ::2]) are copied first.
+Two row forms, chosen by `channel_dim`:
+- None (flattened): one row per sample, D = all features. The kernels see rows in x's
+  *physical* order, so a channels_last (or any permuted dense) input is never copied; the
+  directions and centre are permuted instead (K*D + D elements).
+- an int (per position): the channels of x at that dim form a row, one row per sample and
+  position (D = C), the same (K, C) directions applied at every position; scores come out per
+  position, (N, *positions, K). The kernels take rows at any element stride, so contiguous NCHW
+  (channels at stride H*W), channels_last and (N, T, C) tokens are all read in place.
+Either way `out` comes back in x's memory format. Only inputs whose rows cannot be addressed
+with one stride per level (e.g. x[:, ::2] flattened) are copied first.
 """
 import math
 import os
@@ -81,15 +87,30 @@ def _check_values(name: str, t: Tensor, eager: bool, allow_inf: bool = False) ->
     _per_version(t, ("finite", allow_inf), check, eager)
 
 
-def _validate(x, directions, alpha, center, tau, mode, eager: bool):
-    """Checks the public arguments; returns (mode_id, alpha fp32, tau fp32 or None). Nothing is
-    broadcast."""
+def _channel_dim(x, channel_dim):
+    """channel_dim as a dim of x in [1, x.dim()), or None for the flattened form."""
+    if channel_dim is None:
+        return None
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise TypeError(f"fire.repair: channel_dim must be an int or None, got {channel_dim!r}")
+    if x.dim() < 2 or not -x.dim() <= channel_dim < x.dim():
+        raise ValueError(f"fire.repair: channel_dim={channel_dim} is not a feature dim of x {tuple(x.shape)}")
+    cd = channel_dim % x.dim()
+    if cd == 0:
+        raise ValueError("fire.repair: channel_dim cannot be the batch dim 0")
+    return cd
+
+
+def _validate(x, directions, alpha, center, tau, mode, channel_dim, eager: bool):
+    """Checks the public arguments; returns (mode_id, alpha fp32, tau fp32 or None, channel dim
+    normalised). Nothing is broadcast."""
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"fire.repair: mode must be one of {MODES}, got {mode!r}")
     if x.dim() < 1:
         raise ValueError("fire.repair: x must be (N, ...) with a batch dimension, got a 0-d tensor")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"fire.repair: x must be float32, float16 or bfloat16, got {x.dtype}")
+    cd = _channel_dim(x, channel_dim)
     for name, t in (("directions", directions), ("alpha", alpha), ("center", center), ("tau", tau)):
         if t is None:
             continue
@@ -97,17 +118,28 @@ def _validate(x, directions, alpha, center, tau, mode, eager: bool):
             raise ValueError(f"fire.repair: {name} is on {t.device} but x is on {x.device}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"fire.repair: {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    feat = tuple(x.shape[1:])
-    D = math.prod(feat)
-    if not (directions.dim() == 2 and directions.shape[1] == D) and tuple(directions.shape[1:]) != feat:
-        raise ValueError(f"fire.repair: directions must be (K, {D}) or (K, *{feat}), got {tuple(directions.shape)}")
+    if cd is None:
+        feat = tuple(x.shape[1:])
+        D = math.prod(feat)
+        if not (directions.dim() == 2 and directions.shape[1] == D) and tuple(directions.shape[1:]) != feat:
+            raise ValueError(
+                f"fire.repair: directions must be (K, {D}) or (K, *{feat}), got {tuple(directions.shape)}")
+        center_shapes = ((D,), feat)
+    else:
+        C = x.shape[cd]
+        if not (directions.dim() == 2 and directions.shape[1] == C):
+            raise ValueError(
+                f"fire.repair: per-position directions must be (K, C) = (K, {C}) for channel_dim={channel_dim}, "
+                f"got {tuple(directions.shape)}")
+        center_shapes = ((C,),)
     K = directions.shape[0]
     if not 1 <= K <= MAX_K:
         raise ValueError(f"fire.repair: directions must hold 1 to {MAX_K} directions, got K={K}")
     if tuple(alpha.shape) != (K,):
         raise ValueError(f"fire.repair: alpha must be (K,) = ({K},), got {tuple(alpha.shape)}")
-    if center is not None and tuple(center.shape) not in ((D,), feat):
-        raise ValueError(f"fire.repair: center must be ({D},) or {feat}, got {tuple(center.shape)}")
+    if center is not None and tuple(center.shape) not in center_shapes:
+        allowed = " or ".join(map(str, center_shapes))
+        raise ValueError(f"fire.repair: center must be {allowed}, got {tuple(center.shape)}")
     if tau is not None:
         if mode != "clamp":
             raise ValueError(f"fire.repair: tau is only used by mode='clamp', got mode={mode!r}")
@@ -120,7 +152,7 @@ def _validate(x, directions, alpha, center, tau, mode, eager: bool):
     if tau is not None:
         _check_values("tau", tau, eager, allow_inf=True)
     f32 = torch.float32
-    return MODE_IDS[mode], alpha.to(f32).contiguous(), None if tau is None else tau.to(f32).contiguous()
+    return MODE_IDS[mode], alpha.to(f32).contiguous(), None if tau is None else tau.to(f32).contiguous(), cd
 
 
 # ----------------------------------------------------------------------------- backends
@@ -174,33 +206,78 @@ def _in_order(t: Tensor, lead: int, feat: list, perm: list, eager: bool) -> Tens
     return _per_version(t, ("rows", tuple(perm)), build, eager)
 
 
-def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool, eager: bool):
-    """The repair of x (any layout). `directions` (K, D) or (K, *feat) and `center` in logical
-    order, any float dtype; alpha fp32 (K,) or (N, K). Returns out (x's shape and memory format)
-    and scores (N, K) fp32 or an empty tensor."""
-    N, K = x.shape[0], directions.shape[0]
-    feat = list(x.shape[1:])
+def _mergeable(t: Tensor, start: int, end: int) -> bool:
+    """Whether dims [start, end) of t can be viewed as one dim (one stride), without a copy."""
+    dims = [d for d in range(start, end) if t.shape[d] != 1]
+    return all(t.stride(a) == t.stride(b) * t.shape[b] for a, b in zip(dims, dims[1:], strict=False))
+
+
+def _flat_rows(x: Tensor):
+    """x as (1, N, D) rows in physical order, and a function taking the kernel's output back to
+    x's shape. Directions and centre must follow the returned permutation of x's feature dims."""
+    N = x.shape[0]
     perm = _physical_perm(x)
     if perm is None:  # rows not dense in any order: the one case that copies x
         x = x.contiguous()
         perm = list(range(1, x.dim()))
     xp = x.permute(0, *perm) if perm != sorted(perm) else x
-    D = math.prod(feat)
-    x2 = xp.reshape(N, D)
-    V = _in_order(directions, K, feat, perm, eager)
-    center = None if center is None else _in_order(center, 0, feat, perm, eager)
-    if backend_for(x.device) == "triton":
-        out2, scores = repair_rows(x2, V, alpha, center, tau, mode_id, want_scores)
-    else:
-        _ext.require_native()
-        out2, scores = torch.ops.fire._repair_native(x2, V, alpha, center, tau, mode_id, want_scores)
-    out = out2.reshape(xp.shape)
-    if xp is not x:
+    x3 = xp.reshape(1, N, math.prod(x.shape[1:]))
+
+    def restore(out3):
+        out = out3.reshape(xp.shape)
+        if xp is x:
+            return out
         inverse = [0] * x.dim()
         for i, p in enumerate([0, *perm]):
             inverse[p] = i
-        out = out.permute(*inverse)
-    return out, scores
+        return out.permute(*inverse)
+
+    return x3, perm, restore
+
+
+def _position_rows(x: Tensor, cd: int):
+    """x as (B, P, C) rows, one per sample and position, channels at any stride: (1, N*P, C)
+    where sample and positions share one stride (channels_last, tokens), (N, P, C) where only
+    the positions do (contiguous NCHW: channels at stride H*W). Returns the rows and a function
+    taking the kernel's output back to x's shape."""
+    xm = x.movedim(cd, -1)
+    N, C = xm.shape[0], xm.shape[-1]
+    P = math.prod(xm.shape[1:-1])
+    if _mergeable(xm, 0, xm.dim() - 1):
+        x3 = xm.reshape(1, N * P, C)
+    elif _mergeable(xm, 1, xm.dim() - 1):
+        x3 = xm.reshape(N, P, C)
+    else:  # positions not addressable with one stride: copy once
+        x3 = xm.contiguous().reshape(1, N * P, C)
+    return x3, lambda out3: out3.reshape(xm.shape).movedim(-1, cd)
+
+
+def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool, eager: bool, cd=None):
+    """The repair of x (any layout). Flattened (cd None): `directions` (K, D) or (K, *feat) and
+    `center` in logical order; per position (cd the channel dim): (K, C) and (C,). Any float
+    dtype; alpha fp32 (K,) or (rows, K). Returns out (x's shape and memory format) and scores
+    ((N, K) or (N, *positions, K), fp32) or an empty tensor."""
+    K = directions.shape[0]
+    if cd is None:
+        x3, perm, restore = _flat_rows(x)
+        feat = list(x.shape[1:])
+        V = _in_order(directions, K, feat, perm, eager)
+        center = None if center is None else _in_order(center, 0, feat, perm, eager)
+        lead = [x.shape[0]]
+    else:
+        x3, restore = _position_rows(x, cd)
+        V = _per_version(directions, "rows", lambda: directions.to(torch.float32).contiguous(), eager)
+        if center is not None:
+            center = _per_version(center, "rows", lambda: center.to(torch.float32).contiguous(), eager)
+        lead = [s for d, s in enumerate(x.shape) if d != cd]
+    if backend_for(x.device) == "triton":
+        out3, scores = repair_rows(x3, V, alpha, center, tau, mode_id, want_scores)
+    else:
+        _ext.require_native()
+        out3, scores = torch.ops.fire._repair_native(x3, V, alpha, center, tau, mode_id, want_scores)
+    if want_scores:
+        scores = scores.reshape(*lead, K)
+    return restore(out3), scores
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -226,10 +303,11 @@ def repair(
     center: Optional[Tensor] = None,
     tau: Optional[Tensor] = None,
     mode: str = "project",
+    channel_dim: Optional[int] = None,
 ) -> Tensor:
     eager = _is_eager(x)
-    mode_id, a, t = _validate(x, directions, alpha, center, tau, mode, eager)
-    return _run(x, directions, a, center, t, mode_id, False, eager)[0]
+    mode_id, a, t, cd = _validate(x, directions, alpha, center, tau, mode, channel_dim, eager)
+    return _run(x, directions, a, center, t, mode_id, False, eager, cd)[0]
 
 
 @_define("fire::repair_with_scores")
@@ -240,17 +318,22 @@ def repair_with_scores(
     center: Optional[Tensor] = None,
     tau: Optional[Tensor] = None,
     mode: str = "project",
+    channel_dim: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     eager = _is_eager(x)
-    mode_id, a, t = _validate(x, directions, alpha, center, tau, mode, eager)
-    out, scores = _run(x, directions, a, center, t, mode_id, True, eager)
+    mode_id, a, t, cd = _validate(x, directions, alpha, center, tau, mode, channel_dim, eager)
+    out, scores = _run(x, directions, a, center, t, mode_id, True, eager, cd)
     return out, scores
 
 
 @_define("fire::_repair_grad")
-def _repair_grad(grad: Tensor, directions: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-    """grad - sum_k weights[n, k] <grad_n, v_k> v_k, and <grad_n, v_k>, in one pass (backward)."""
-    out, p = _run(grad, directions, weights, None, None, fire_kernels.PROJECT, True, _is_eager(grad))
+def _repair_grad(
+    grad: Tensor, directions: Tensor, weights: Tensor, channel_dim: Optional[int] = None
+) -> tuple[Tensor, Tensor]:
+    """grad - sum_k weights[r, k] <grad_r, v_k> v_k, and <grad_r, v_k>, per row r, in one pass
+    (backward). Rows as in the forward op: per sample, or per sample and position."""
+    cd = _channel_dim(grad, channel_dim)
+    out, p = _run(grad, directions, weights, None, None, fire_kernels.PROJECT, True, _is_eager(grad), cd)
     return out, p
 
 
@@ -258,9 +341,9 @@ if _ext.AVAILABLE:
 
     @torch.library.register_fake("fire::_repair_native")
     def _repair_native_fake(x, directions, alpha, center, tau, mode, want_scores):
-        N, K = x.shape[0], directions.shape[0]
-        out = x.new_empty((N, x.shape[1]))
-        scores = x.new_empty((N, K) if want_scores else (0,), dtype=torch.float32)
+        rows, K = x.shape[0] * x.shape[1], directions.shape[0]
+        out = torch.empty_like(x)
+        scores = x.new_empty((rows, K) if want_scores else (0,), dtype=torch.float32)
         return out, scores
 
 
@@ -274,9 +357,10 @@ if _ext.AVAILABLE:
 # plus, for repair_with_scores, the scores' own gradient (c = V (x - mu)).
 
 def _setup(ctx, inputs, output):
-    x, directions, alpha, center, tau, mode = inputs
+    x, directions, alpha, center, tau, mode, *rest = inputs
     scores = output[1] if isinstance(output, tuple) else None
     ctx.mode = mode
+    ctx.channel_dim = rest[0] if rest else None
     ctx.has_center, ctx.has_tau = center is not None, tau is not None
     ctx.save_for_backward(x, directions, alpha, center, tau, scores)
 
@@ -285,51 +369,67 @@ def _backward(ctx, grad_out, grad_scores=None):
     x, directions, alpha, center, tau, c = ctx.saved_tensors
     n_inputs = len(ctx.needs_input_grad)  # trailing defaulted arguments may be absent
     need_x, need_v, need_a, need_mu, need_tau = (list(ctx.needs_input_grad) + [False] * 5)[:5]
-    mode = ctx.mode
-    N, K = x.shape[0], directions.shape[0]
-    D = math.prod(x.shape[1:])
+    mode, cd = ctx.mode, _channel_dim(x, ctx.channel_dim)
+    K = directions.shape[0]
+
+    # Everything below works on rows: (N, D) flattened, or (N * positions, C) per position.
+    def rows(t):
+        if cd is None:
+            return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+        m = t.movedim(cd, -1)
+        return m.reshape(math.prod(m.shape[:-1]), m.shape[-1])
+
+    def unrows(r):
+        if cd is None:
+            return r.reshape(x.shape)
+        return r.reshape(x.movedim(cd, -1).shape).movedim(-1, cd)
+
+    xc = rows(x).float()
+    R, D = xc.shape
     V = directions.reshape(K, D).float()
     a = alpha.float()
-    xc = x.reshape(N, D).float()
     if center is not None:
         xc = xc - center.reshape(1, D).float()
     if c is None and mode != "shift":
         c = xc @ V.T
+    c = None if c is None else c.reshape(R, K)
     if mode == "shift":
-        G, w = torch.ones(N, K, dtype=torch.float32, device=x.device), None
+        G, w = torch.ones(R, K, dtype=torch.float32, device=x.device), None
     elif mode == "project":
-        G, w = c, a.expand(N, K)
+        G, w = c, a.expand(R, K)
     else:
         t = tau.float() if tau is not None else torch.zeros_like(a)
         active = (c > t).float()
         G, w = torch.clamp(c - t, min=0), a * active
 
+    g2 = rows(grad_out).float()
     if w is None:  # shift: out = x - const
         dx = grad_out
-        P = grad_out.reshape(N, D).float() @ V.T if need_a else None
+        P = g2 @ V.T if need_a else None
     else:
-        dx, P = _repair_grad(grad_out, V, w.contiguous())
+        dx, P = _repair_grad(grad_out, V, w.contiguous(), cd)
+        P = P.reshape(R, K)
+    gs = None
     if grad_scores is not None:
-        gs = grad_scores.float()
-        dx = dx + (gs @ V).reshape(x.shape).to(dx.dtype)
+        gs = grad_scores.float().reshape(R, K)
+        dx = dx + unrows(gs @ V).to(dx.dtype)
 
-    g2 = grad_out.reshape(N, D).float()
     dV = da = dmu = dtau = None
     if need_v:
         dV = -(a[:, None] * g2.sum(0)[None, :]) if w is None else -(a * G).T @ g2 - (w * P).T @ xc
-        if grad_scores is not None:
-            dV = dV + grad_scores.float().T @ xc
+        if gs is not None:
+            dV = dV + gs.T @ xc
         dV = dV.reshape(directions.shape).to(directions.dtype)
     if need_a:
         da = (-(G * P).sum(0)).to(alpha.dtype)
     if need_mu:
-        dmu = torch.zeros(V.shape[1], device=x.device) if w is None else (w * P).sum(0) @ V
-        if grad_scores is not None:
-            dmu = dmu - grad_scores.float().sum(0) @ V
+        dmu = torch.zeros(D, device=x.device) if w is None else (w * P).sum(0) @ V
+        if gs is not None:
+            dmu = dmu - gs.sum(0) @ V
         dmu = dmu.reshape(center.shape).to(center.dtype)
     if need_tau:
         dtau = (w * P).sum(0).to(tau.dtype)
-    return (dx, dV, da, dmu, dtau, None)[:n_inputs]
+    return (dx, dV, da, dmu, dtau, None, None)[:n_inputs]
 
 
 repair.register_autograd(_backward, setup_context=_setup)

@@ -7,24 +7,33 @@ import torch
 from fire_kernels.modes import MODES  # noqa: F401  (re-exported: fire_repair.MODES)
 
 
-def repair_reference(x, directions, alpha, center=None, tau=None, mode="project", compute_dtype=torch.float64):
-    """Returns (out, scores) computed in `compute_dtype`; out is cast back to x's dtype."""
+def repair_reference(x, directions, alpha, center=None, tau=None, mode="project", channel_dim=None,
+                     compute_dtype=torch.float64):
+    """Returns (out, scores) computed in `compute_dtype`; out is cast back to x's dtype.
+
+    channel_dim None: one row per sample (D = all features), scores (N, K). channel_dim an int:
+    one row per sample and position (D = x.shape[channel_dim]), the same directions at every
+    position, scores (N, *positions, K)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    N = x.shape[0]
     K = directions.shape[0]
-    D = math.prod(x.shape[1:])
-    xr = x.reshape(N, D).to(compute_dtype)
+    if channel_dim is None:
+        xm = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    else:
+        xm = x.movedim(channel_dim, -1)
+    lead, D = xm.shape[:-1], xm.shape[-1]
+    xr = xm.reshape(math.prod(lead), D).to(compute_dtype)
     V = directions.reshape(K, D).to(compute_dtype)
     a = alpha.to(compute_dtype)
     xc = xr if center is None else xr - center.reshape(-1).to(compute_dtype)
     c = xc @ V.T
     if mode == "shift":
-        w = a.expand(N, K)
+        w = a.expand(xr.shape[0], K)
     elif mode == "project":
         w = a * c
     else:
         t = torch.zeros_like(a) if tau is None else tau.to(compute_dtype)
         w = a * torch.clamp(c - t, min=0)
-    out = (xr - w @ V).to(x.dtype).reshape(x.shape)
-    return out, c.float()
+    out = (xr - w @ V).to(x.dtype).reshape(xm.shape)
+    out = out.reshape(x.shape) if channel_dim is None else out.movedim(-1, channel_dim)
+    return out, c.float().reshape(*lead, K)
