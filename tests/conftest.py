@@ -51,15 +51,11 @@ def pytest_report_header(config):
     return "fire backends here: " + ", ".join(b[0] for b in BACKENDS)
 
 
-@pytest.fixture(scope="session")
-def backdoored():
-    """A small CNN trained on the embedded digits with a BadNets trigger (about 5 s on 2 cores).
-
-    Returns a dict: model, attack, clean/poisoned held-out and evaluation splits."""
+def _backdoored(name):
     from fire_repair.eval import attacks, data, models, train
 
     ds = data.digits(seed=0)
-    attack = attacks.build("badnets", target=0)
+    attack = attacks.build(name, target=0)
     x, y, _ = attacks.poison_training_set(ds.x_train, ds.y_train, attack, rate=0.1, seed=0)
     torch.manual_seed(0)
     model = train.train(models.build("cnn"), x, y, epochs=8, progress=False)
@@ -70,3 +66,17 @@ def backdoored():
         "hold_clean": ds.x_test[:half], "eval_clean": ds.x_test[half:], "eval_y": ds.y_test[half:],
         "hold_pairs": (cx[:phalf], px[:phalf]), "eval_poison": px[phalf:], "eval_poison_y": ty[phalf:],
     }
+
+
+@pytest.fixture(scope="session")
+def backdoored():
+    """A small CNN trained on the embedded digits with a BadNets trigger (about 5 s on 2 cores).
+
+    Returns a dict: model, attack, clean/poisoned held-out and evaluation splits."""
+    return _backdoored("badnets")
+
+
+@pytest.fixture(scope="session")
+def backdoored_moving():
+    """As `backdoored`, with the BadNets patch at a random position per image."""
+    return _backdoored("moving")

@@ -24,7 +24,7 @@ class RepairModule(torch.nn.Module):
 
     def __init__(self, layer: LayerRepair, record_scores: bool = False):
         super().__init__()
-        self.layer_name, self.mode = layer.name, layer.mode
+        self.layer_name, self.mode, self.channel_dim = layer.name, layer.mode, layer.channel_dim
         self.register_buffer("directions", layer.directions.detach().clone())
         self.register_buffer("alpha", layer.alpha.detach().clone())
         self.register_buffer("center", layer.center.detach().clone())
@@ -38,8 +38,10 @@ class RepairModule(torch.nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self._capture is None and not self.record_scores:
-            return torch.ops.fire.repair(h, self.directions, self.alpha, self.center, self.tau, self.mode)
-        out, c = torch.ops.fire.repair_with_scores(h, self.directions, self.alpha, self.center, self.tau, self.mode)
+            return torch.ops.fire.repair(h, self.directions, self.alpha, self.center, self.tau, self.mode,
+                                         self.channel_dim)
+        out, c = torch.ops.fire.repair_with_scores(h, self.directions, self.alpha, self.center, self.tau, self.mode,
+                                                   self.channel_dim)
         if self._capture is not None:
             self._capture._record(self.layer_name, h.detach(), c.detach())
         if self.record_scores:
@@ -47,19 +49,22 @@ class RepairModule(torch.nn.Module):
         return out
 
     def backdoor_score(self, c: torch.Tensor) -> torch.Tensor:
-        """Per-sample backdoor score from the projections c (N, K): the largest projection in
-        units of its clean std."""
-        return (c / self.score_scale.float()).amax(dim=1)
+        """Per-sample backdoor score from the projections c ((N, K), or (N, *positions, K) per
+        position): the largest projection, over directions and positions, in units of its
+        clean std."""
+        return (c / self.score_scale.float()).reshape(c.shape[0], -1).amax(dim=1)
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """The backdoor score of the layer outputs h."""
-        _, c = torch.ops.fire.repair_with_scores(h, self.directions, self.alpha, self.center, self.tau, self.mode)
+        _, c = torch.ops.fire.repair_with_scores(h, self.directions, self.alpha, self.center, self.tau, self.mode,
+                                                 self.channel_dim)
         return self.backdoor_score(c)
 
     @torch.no_grad()
     def load_layer(self, layer: LayerRepair) -> None:
         """Updates the buffers in place (same tensors: compiled graphs and CUDA graphs stay valid)."""
-        if layer.mode != self.mode or layer.directions.shape != self.directions.shape:
+        if layer.mode != self.mode or layer.directions.shape != self.directions.shape or \
+                layer.channel_dim != self.channel_dim:
             raise ValueError(f"layer {layer.name!r}: cannot update in place from mode {layer.mode}, "
                              f"shape {tuple(layer.directions.shape)}")
         self.directions.copy_(layer.directions)
@@ -71,7 +76,8 @@ class RepairModule(torch.nn.Module):
             self.score_scale.copy_(layer.score_scale)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer_name!r}, mode={self.mode!r}, k={self.directions.shape[0]}"
+        form = "flattened" if self.channel_dim is None else f"per position, channel_dim={self.channel_dim}"
+        return f"layer={self.layer_name!r}, mode={self.mode!r}, k={self.directions.shape[0]}, {form}"
 
 
 class RepairedLayer(torch.nn.Module):
@@ -109,8 +115,8 @@ def _parent(model: torch.nn.Module, name: str):
 class Capture:
     """What the repair modules saw in the forward passes run inside `capture(model)`: per
     layer, the last pass's `inputs` (the activations before repair) and `projections` (the raw
-    c = V (x - center), (N, K)), and `score(layer)`, the per-sample backdoor score (the largest
-    projection in units of its clean std)."""
+    c = V (x - center), (N, K), or (N, *positions, K) per position), and `score(layer)`, the
+    per-sample backdoor score (the largest projection in units of its clean std)."""
 
     def __init__(self, modules: dict):
         self.modules = modules

@@ -85,16 +85,26 @@ class LayerStats:
         """Every statistic as a named tensor (copies), settings included."""
         state = {"feature_shape": torch.tensor(self.feature_shape, dtype=torch.int64),
                  "settings": torch.tensor([self.sketch_rows, self.reservoir, self.seed], dtype=torch.int64)}
+        state.update(self._form_state())
         state.update({name: torch.tensor(getattr(self, name), dtype=torch.int64) for name in self.COUNTS})
         state.update({name: getattr(self, name).clone() for name in self.SUMS})
         for name in self.SKETCHES + self.SAMPLES:
             state.update({f"{name}.{k}": v for k, v in getattr(self, name).state_dict().items()})
         return state
 
+    def _form_state(self) -> dict:
+        return {}
+
     @classmethod
     def from_state_dict(cls, state: dict) -> "LayerStats":
         sketch_rows, reservoir, seed = (int(v) for v in state["settings"])
-        out = cls([int(s) for s in state["feature_shape"]], sketch_rows, reservoir, seed)
+        shape = [int(s) for s in state["feature_shape"]]
+        if "touched" in state:  # per-position statistics
+            if len(shape) != 1:
+                raise ValueError(f"per-position statistics hold (C,) rows, got feature_shape {shape}")
+            out = PositionStats(shape[0], sketch_rows, reservoir, seed, touched=float(state["touched"]))
+        else:
+            out = LayerStats(shape, sketch_rows, reservoir, seed)
         for name in cls.COUNTS:
             setattr(out, name, int(state[name]))
         for name in cls.SUMS:
@@ -107,6 +117,9 @@ class LayerStats:
 
     def merge(self, other: "LayerStats") -> None:
         """Adds other's statistics to these (other is not changed, nothing is shared)."""
+        if type(other) is not type(self):
+            raise ValueError(f"cannot merge {type(other).__name__} into {type(self).__name__} (flattened and "
+                             "per-position statistics describe different rows)")
         if other.feature_shape != self.feature_shape:
             raise ValueError(f"cannot merge stats of shapes {self.feature_shape} and {other.feature_shape}")
         for name in self.COUNTS + self.SUMS:
@@ -116,6 +129,10 @@ class LayerStats:
 
     def copy(self) -> "LayerStats":
         return LayerStats.from_state_dict(self.state_dict())
+
+    def rows(self, h: torch.Tensor) -> torch.Tensor:
+        """A layer output (N, ...) as these statistics' rows: (N, D) fp32."""
+        return h.detach().reshape(h.shape[0], -1).float()
 
     # -- results
     def source(self, requested: str = "auto") -> str:
@@ -212,6 +229,87 @@ class LayerStats:
         return (rows - center.float()) @ V.T
 
 
+class PositionStats(LayerStats):
+    """Per-position statistics: a row is the C channels at one position of a feature map (or
+    one token), so the directions are (K, C) and apply wherever a trigger lands.
+
+    A moving trigger touches a few positions of each image; the others carry no shift, and
+    averaging over them would dilute the direction towards zero. So:
+    - paired: per pair, only the positions whose difference norm is at least `touched` x the
+      largest difference norm of that pair enter the differences (mean, sketch) and the
+      poisoned statistics; every clean position enters the clean statistics;
+    - unpaired: every position is kept (in a reservoir of rows); when directions are asked for,
+      the poisoned positions that stand out from the clean ones (mean squared z-score over
+      channels above the clean positions' 99th percentile) are the triggered rows, and the
+      directions come from them against the clean statistics.
+    Centre, tau and score scale are calibrated on clean positions: channel statistics shared by
+    every position."""
+
+    def __init__(self, channels: int, sketch_rows: int = 32, reservoir: int = 8192, seed: int = 0,
+                 touched: float = 0.5):
+        if not 0.0 < touched <= 1.0:
+            raise ValueError(f"touched must be in (0, 1], got {touched}")
+        super().__init__((channels,), sketch_rows, reservoir, seed)
+        self.touched = touched
+
+    def _form_state(self) -> dict:
+        return {"touched": torch.tensor(self.touched, dtype=torch.float64)}
+
+    def rows(self, h: torch.Tensor) -> torch.Tensor:
+        """Rows are per position; the channel dim was moved last by the estimator: (N, P, C)."""
+        return h.detach().float()
+
+    @staticmethod
+    def _flat(h: torch.Tensor) -> torch.Tensor:
+        return h.reshape(-1, h.shape[-1])
+
+    def add_clean(self, h: torch.Tensor) -> None:
+        super().add_clean(self._flat(h))
+
+    def add_poisoned(self, h: torch.Tensor) -> None:
+        super().add_poisoned(self._flat(h))
+
+    def add_pairs(self, h_clean: torch.Tensor, h_poisoned: torch.Tensor) -> None:
+        d = (h_poisoned.detach().double() - h_clean.detach().double()).cpu()  # (N, P, C)
+        norms = d.norm(dim=2)
+        touched = (norms >= self.touched * norms.amax(dim=1, keepdim=True)) & (norms > 0)
+        rows = d[touched]
+        self.n_pairs += rows.shape[0]
+        self.sum_diff += rows.sum(0)
+        self.diff_sketch.update(rows)
+        super().add_clean(self._flat(h_clean))
+        super().add_poisoned(h_poisoned.detach().cpu()[touched])
+
+    def _triggered(self) -> LayerStats:
+        """Unpaired: statistics of the poisoned positions that stand out from the clean ones,
+        with the clean statistics of all positions."""
+        clean = self.clean_sample.rows.double()
+        poisoned = self.poison_sample.rows.double()
+        if clean.shape[0] < 2:
+            raise ValueError(f"per-position unpaired estimation needs clean positions to compare with, "
+                             f"got {clean.shape[0]}")
+        mu = self.clean_mean()
+        sd = clean.std(0).clamp_min(1e-12)
+
+        def z(r):
+            return ((r - mu) / sd).pow(2).mean(1)
+
+        picked = poisoned[z(poisoned) > torch.quantile(z(clean), 0.99)]
+        if picked.shape[0] == 0:
+            raise ValueError("no poisoned position stands out from the clean positions: no direction to estimate")
+        out = LayerStats(self.feature_shape, self.sketch_rows, picked.shape[0], self.seed)
+        out.n_clean, out.sum_clean = self.n_clean, self.sum_clean.clone()
+        out.clean_sketch, out.clean_sample = self.clean_sketch, self.clean_sample  # read only
+        out.add_poisoned(picked.float())
+        return out
+
+    def beta(self, source: str) -> torch.Tensor:
+        return self._triggered().beta(source) if source == "unpaired" else super().beta(source)
+
+    def directions(self, k: int, source: str) -> torch.Tensor:
+        return self._triggered().directions(k, source) if source == "unpaired" else super().directions(k, source)
+
+
 def _check_k(k: int, sketch_rows: int) -> None:
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
@@ -239,21 +337,24 @@ def _poison_mask(poisoned, n: int) -> Optional[torch.Tensor]:
     return mask
 
 
-def _flatten(h: torch.Tensor) -> torch.Tensor:
-    return h.detach().reshape(h.shape[0], -1).float()
-
-
 class Estimator:
     """Collects activations at named layers through forward hooks and estimates directions.
 
     >>> est = Estimator(model, layers=["layer3"], k=1)
     >>> est.observe(x_clean, poisoned=False); est.observe(x_poisoned, poisoned=True)
     >>> profile = est.profile(mode="clamp", alpha=1.0)
+
+    `per_position=True` estimates (K, C) directions over the channels at `channel_dim` (1 for
+    NCHW maps, -1 for (N, T, C) tokens), applied at every position: for triggers that move, and
+    for transformers. `touched` is the share of a pair's largest per-position difference that
+    marks a position as touched by the trigger (see PositionStats); `reservoir` then counts
+    positions, not samples (default 16 x 512).
     """
 
     def __init__(self, model: torch.nn.Module, layers: Sequence[str], k: int = 1,
                  augment: Optional[Callable] = None, n_augment: int = 1, sketch_rows: int = 32,
-                 reservoir: int = 512, seed: int = 0):
+                 reservoir: Optional[int] = None, seed: int = 0, per_position: bool = False,
+                 channel_dim: int = 1, touched: float = 0.5):
         if isinstance(layers, str):
             layers = [layers]
         if not layers:
@@ -265,16 +366,44 @@ class Estimator:
         _check_k(k, sketch_rows)
         if n_augment < 1:
             raise ValueError(f"n_augment must be >= 1, got {n_augment}")
+        if per_position and (isinstance(channel_dim, bool) or not isinstance(channel_dim, int) or channel_dim == 0):
+            raise ValueError(f"channel_dim must be a non-zero int (the batch dim 0 is not a channel dim), "
+                             f"got {channel_dim!r}")
+        if not 0.0 < touched <= 1.0:
+            raise ValueError(f"touched must be in (0, 1], got {touched}")
         self.model, self.layers, self.k = model, list(layers), k
         self.augment, self.n_augment = augment, n_augment
+        self.per_position, self.channel_dim, self.touched = bool(per_position), channel_dim, touched
+        if reservoir is None:
+            reservoir = 512 * (16 if per_position else 1)
         self.sketch_rows, self.reservoir, self.seed = sketch_rows, reservoir, seed
         self.stats: dict = {}
         self._modules = {name: modules[name] for name in self.layers}
 
     # -- activations
+    @property
+    def form(self) -> str:
+        return "per_position" if self.per_position else "flattened"
+
+    def _new_stats(self, h: torch.Tensor) -> LayerStats:
+        if self.per_position:
+            return PositionStats(h.shape[-1], self.sketch_rows, self.reservoir, self.seed, self.touched)
+        return LayerStats(h.shape[1:], self.sketch_rows, self.reservoir, self.seed)
+
+    def rows(self, h: torch.Tensor) -> torch.Tensor:
+        """A layer output as this estimator's rows: (N, D) fp32 flattened, or (N, P, C) fp32
+        per position (the channel dim moved last, every other feature dim a position)."""
+        if not self.per_position:
+            return h.detach().reshape(h.shape[0], -1).float()
+        if h.dim() < 2 or not -h.dim() <= self.channel_dim < h.dim() or self.channel_dim % h.dim() == 0:
+            raise ValueError(f"channel_dim={self.channel_dim} is not a feature dim of a layer output of shape "
+                             f"{tuple(h.shape)}")
+        hm = h.detach().movedim(self.channel_dim, -1)
+        return hm.reshape(h.shape[0], -1, hm.shape[-1]).float()
+
     @torch.no_grad()
     def activations(self, x: torch.Tensor) -> dict:
-        """The outputs of the named layers for x (flattened to (N, D) fp32), in eval mode."""
+        """The outputs of the named layers for x as rows (see `rows`), in eval mode."""
         captured = {}
         hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: captured.__setitem__(name, out))
                  for name, m in self._modules.items()]
@@ -286,15 +415,20 @@ class Estimator:
             for h in hooks:
                 h.remove()
             self.model.train(was_training)
+        out = {}
         for name in self.layers:
             if name not in captured:
                 raise RuntimeError(f"layer {name!r} did not run in the forward pass")
+            h = self.rows(captured[name])
             if name not in self.stats:
-                self.stats[name] = LayerStats(captured[name].shape[1:], self.sketch_rows, self.reservoir, self.seed)
-            elif tuple(captured[name].shape[1:]) != self.stats[name].feature_shape:
-                raise ValueError(f"layer {name!r} produced shape {tuple(captured[name].shape[1:])}, earlier "
-                                 f"{self.stats[name].feature_shape}")
-        return {name: _flatten(captured[name]) for name in self.layers}
+                self.stats[name] = self._new_stats(h if self.per_position else captured[name])
+            # per position, only the channels must agree: positions may differ between batches
+            shape = (h.shape[-1],) if self.per_position else tuple(captured[name].shape[1:])
+            if shape != self.stats[name].feature_shape:
+                what = "channels" if self.per_position else "shape"
+                raise ValueError(f"layer {name!r} produced {what} {shape}, earlier {self.stats[name].feature_shape}")
+            out[name] = h
+        return out
 
     def _views(self, x):
         """x itself, or its augmented copies (the unpaired estimate averages over augmentations)."""
@@ -332,7 +466,7 @@ class Estimator:
     @staticmethod
     def _finite(acts: dict) -> dict:
         for name, h in acts.items():
-            bad = ~torch.isfinite(h).all(dim=1)
+            bad = ~torch.isfinite(h.reshape(h.shape[0], -1)).all(dim=1)
             if bool(bad.any()):
                 rows = torch.nonzero(bad).flatten()[:5].tolist()
                 raise ValueError(f"non-finite activations at layer {name!r} (rows {rows}); nothing was recorded")
@@ -379,7 +513,7 @@ class Estimator:
         """An estimator on the same model and settings with a copy of these statistics (what
         selection extends with the pairs of each fold)."""
         out = Estimator(self.model, self.layers, self.k, self.augment, self.n_augment, self.sketch_rows,
-                        self.reservoir, self.seed)
+                        self.reservoir, self.seed, self.per_position, self.channel_dim, self.touched)
         return out.merge(self)
 
     def all_reduce(self, group=None) -> "Estimator":
@@ -436,9 +570,10 @@ class Estimator:
             out.append(LayerRepair(
                 name=name, mode=mode, directions=directions.reshape(k, *fs).contiguous(), alpha=a,
                 center=center.reshape(fs), tau=tau, score_scale=proj.std(0).clamp_min(1e-12).float(),
-                beta=beta.reshape(fs)))
-            info["layers"][name] = {"source": src, "n_clean": st.n_clean, "n_poisoned": st.n_poison,
-                                    "n_pairs": st.n_pairs, "beta_norm": float(beta.norm())}
+                beta=beta.reshape(fs), channel_dim=self.channel_dim if self.per_position else None))
+            # per position, the counts are of rows (positions), not of samples
+            info["layers"][name] = {"source": src, "form": self.form, "n_clean": st.n_clean,
+                                    "n_poisoned": st.n_poison, "n_pairs": st.n_pairs, "beta_norm": float(beta.norm())}
         return Profile(layers=out, fingerprint=fingerprint(self.model) if with_fingerprint else None, info=info)
 
 

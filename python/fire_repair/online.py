@@ -71,7 +71,7 @@ class Online:
         if flags is not None and flags.any():
             if cap is not None:  # activations captured before the repair, in the pass above
                 for name, h in cap.inputs.items():
-                    self.estimator.stats[name].add_poisoned(h.reshape(x.shape[0], -1).float().cpu()[flags])
+                    self.estimator.stats[name].add_poisoned(self.estimator.rows(h).cpu()[flags])
             else:
                 self.estimator.observe(x[flags], poisoned=True)
             self.seen_poisoned += int(flags.sum())

@@ -1,7 +1,8 @@
 """The repair profile: everything needed to repair one model, saved as safetensors.
 
 The file holds only tensors and string metadata (never a pickle): a format tag and version,
-the layer list (name, mode, K, feature shape), the model's fingerprint, free-form estimation
+the layer list (name, mode, K, feature shape, form: flattened or per position with its channel
+dim), the model's fingerprint, free-form estimation
 info, and a SHA-256 over all of it (every metadata entry and every tensor's name, shape, dtype
 and bytes), so that any edit that could change behaviour is refused on load.
 """
@@ -20,7 +21,8 @@ from fire_kernels import MAX_K
 from fire_kernels.modes import MODES
 
 FORMAT = "fire-profile"
-VERSION = "1"
+VERSION = "2"  # 2 records each layer's form (channel_dim); version 1 files (all flattened) still load
+READABLE = ("1", "2")
 
 
 class ProfileError(ValueError):
@@ -29,7 +31,12 @@ class ProfileError(ValueError):
 
 @dataclass
 class LayerRepair:
-    """The repair at one layer: the arguments of `torch.ops.fire.repair` plus what produced them."""
+    """The repair at one layer: the arguments of `torch.ops.fire.repair` plus what produced them.
+
+    Flattened (channel_dim None): a direction spans the layer's whole output, feature_shape is
+    that output's shape without the batch. Per position (channel_dim the channel dim of the
+    output, 1 for NCHW maps, -1 for (N, T, C) tokens): directions are (K, C), applied at every
+    position, and feature_shape is (C,)."""
 
     name: str
     mode: str
@@ -39,6 +46,7 @@ class LayerRepair:
     tau: Optional[torch.Tensor] = None  # (K,), clamp only
     score_scale: Optional[torch.Tensor] = None  # (K,): clean std of the projections
     beta: Optional[torch.Tensor] = None  # feature_shape: the raw trigger direction estimate
+    channel_dim: Optional[int] = None  # None: flattened; an int: per position
 
     def __post_init__(self):
         self.validate()
@@ -57,6 +65,11 @@ class LayerRepair:
             raise ProfileError(f"{where}: mode must be one of {MODES}, got {self.mode!r}")
         if self.directions.dim() < 2:
             raise ProfileError(f"{where}: directions must be (K, *feature_shape)")
+        if self.channel_dim is not None:
+            if isinstance(self.channel_dim, bool) or not isinstance(self.channel_dim, int) or self.channel_dim == 0:
+                raise ProfileError(f"{where}: channel_dim must be None or a non-zero int, got {self.channel_dim!r}")
+            if self.directions.dim() != 2:
+                raise ProfileError(f"{where}: per-position directions must be (K, C)")
         fs, k = self.feature_shape, self.k
         expect = {"alpha": (k,), "center": fs, "tau": (k,), "score_scale": (k,), "beta": fs}
         for attr, shape in expect.items():
@@ -75,6 +88,10 @@ class LayerRepair:
                 raise ProfileError(f"{where}: {attr} has non-finite values")
         if self.tau is not None and torch.isnan(self.tau).any():
             raise ProfileError(f"{where}: tau has NaN")
+
+    @property
+    def form(self) -> str:
+        return "flattened" if self.channel_dim is None else "per_position"
 
     def tensors(self) -> dict:
         out = {"directions": self.directions, "alpha": self.alpha, "center": self.center}
@@ -151,7 +168,7 @@ class Profile:
             for key, t in layer.tensors().items():
                 tensors[f"{i}.{key}"] = t.detach().to("cpu", torch.float32).contiguous()
             layers.append({"name": layer.name, "mode": layer.mode, "k": layer.k,
-                           "feature_shape": list(layer.feature_shape)})
+                           "feature_shape": list(layer.feature_shape), "channel_dim": layer.channel_dim})
         metadata = {
             "format": FORMAT, "version": VERSION, "layers": json.dumps(layers),
             "fingerprint": self.fingerprint or "", "info": json.dumps(self.info, default=str),
@@ -176,8 +193,8 @@ class Profile:
             raise ProfileError(f"{path} is not a readable profile (truncated or corrupted?): {e}") from e
         if meta.get("format") != FORMAT:
             raise ProfileError(f"{path} is not a fire profile (format {meta.get('format')!r})")
-        if meta.get("version") != VERSION:
-            raise ProfileError(f"{path} has profile version {meta.get('version')!r}; this library reads {VERSION!r}")
+        if meta.get("version") not in READABLE:
+            raise ProfileError(f"{path} has profile version {meta.get('version')!r}; this library reads {READABLE}")
         if meta.get("sha256") != _digest(tensors, meta):
             raise ProfileError(f"{path}: contents do not match the recorded checksum (tampered or damaged)")
         try:
@@ -218,11 +235,14 @@ def _parse(meta: dict, tensors: dict):
     if not isinstance(specs, list) or not specs:
         raise ProfileError("layers must be a non-empty JSON list")
     fields = {"name": str, "mode": str, "k": int, "feature_shape": list}
+    if meta["version"] != "1":
+        fields["channel_dim"] = (int, type(None))
     layers, used = [], set()
     for i, spec in enumerate(specs):
         if not isinstance(spec, dict) or set(spec) != set(fields) or \
                 any(not isinstance(spec[f], t) or isinstance(spec[f], bool) for f, t in fields.items()):
-            raise ProfileError(f"layer {i}: expected {{name: str, mode: str, k: int, feature_shape: list}}")
+            raise ProfileError(f"layer {i}: expected {{{', '.join(fields)}}} of types "
+                               f"{[getattr(t, '__name__', str(t)) for t in fields.values()]}")
         if not 1 <= spec["k"] <= MAX_K:
             raise ProfileError(f"layer {spec['name']!r}: k must be between 1 and {MAX_K}, got {spec['k']}")
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in spec["feature_shape"]):
@@ -240,7 +260,7 @@ def _parse(meta: dict, tensors: dict):
                 raise ProfileError(f"layer {spec['name']!r}: the file lacks {key}")
         if tuple(t["directions"].shape) != (spec["k"], *spec["feature_shape"]):
             raise ProfileError(f"layer {spec['name']!r}: directions do not match the recorded shape")
-        layers.append(LayerRepair(name=spec["name"], mode=spec["mode"], **t))
+        layers.append(LayerRepair(name=spec["name"], mode=spec["mode"], channel_dim=spec.get("channel_dim"), **t))
     extra = sorted(set(tensors) - used)
     if extra:
         raise ProfileError(f"tensors {extra} belong to no layer")

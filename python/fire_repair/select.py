@@ -20,13 +20,17 @@ estimator observes the other folds, and the candidate's repair is scored on this
 - Both: `clean_change` = how often the repair (estimated from all the triggered samples)
   changes the model's prediction on the clean reference set.
 
+Candidates may come from several estimators (`estimator` a sequence): typically one flattened
+and one per-position estimator on the same layers, so that the form is chosen by the same
+criterion as the layer, mode and alpha.
+
 The chosen candidate has the highest agreement among those with clean_change <=
 max_clean_change; ties go to the larger margin, then to the smaller clean change (never to the
 order tried). Every candidate's evidence is returned.
 """
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -41,13 +45,15 @@ class Selection:
     mode: str
     alpha: float
     evidence: list = field(default_factory=list)  # one dict per candidate
+    form: str = "flattened"
 
     def table(self) -> str:
-        lines = ["layers | mode | alpha | agreement | margin | clean_change"]
+        lines = ["layers | form | mode | alpha | agreement | margin | clean_change"]
+        chosen = (self.layers, self.form, self.mode, self.alpha)
         for e in self.evidence:
-            mark = " *" if (e["layers"], e["mode"], e["alpha"]) == (self.layers, self.mode, self.alpha) else ""
-            lines.append(f"{'+'.join(e['layers'])} | {e['mode']} | {e['alpha']:g} | {e['agreement']:.3f} | "
-                         f"{e['margin']:.3f} | {e['clean_change']:.3f}{mark}")
+            mark = " *" if (e["layers"], e["form"], e["mode"], e["alpha"]) == chosen else ""
+            lines.append(f"{'+'.join(e['layers'])} | {e['form']} | {e['mode']} | {e['alpha']:g} | "
+                         f"{e['agreement']:.3f} | {e['margin']:.3f} | {e['clean_change']:.3f}{mark}")
         return "\n".join(lines)
 
 
@@ -103,54 +109,66 @@ def _choose(evidence: list, max_clean_change: float) -> dict:
     return min(evidence, key=lambda e: (e["clean_change"], -e["agreement"], -e["margin"]))
 
 
+def _estimators(estimator) -> list:
+    return [estimator] if isinstance(estimator, Estimator) else list(estimator)
+
+
 def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alphas, max_clean_change,
          tau_quantile, source, folds, seed, criterion, adjust=None, reference=None) -> Selection:
-    """The shared loop: per fold, a copy of `estimator` observes the other folds through
-    `observe(est, index)`; `score(profile, index)` gives (agreement sum, margin sum, predictions)
-    on a fold; `adjust(agreement, predictions of all folds)` may correct the agreement."""
-    if layer_sets is None:
-        layer_sets = [[name] for name in estimator.layers]
-    _check_grid(layer_sets, modes, alphas)
+    """The shared loop: per estimator (form) and fold, a copy of the estimator observes the
+    other folds through `observe(est, index)`; `score(profile, index)` gives (agreement sum,
+    margin sum, predictions) on a fold; `adjust(agreement, predictions of all folds)` may
+    correct the agreement."""
+    estimators = _estimators(estimator)
+    if not estimators:
+        raise ValueError("pass at least one estimator")
     splits = _folds(n, folds, seed)
-    fold_estimators = []
-    for held in splits:
-        est = estimator.clone()
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[held] = False
-        observe(est, torch.nonzero(keep).flatten())
-        fold_estimators.append(est)
-    full = estimator.clone()
-    observe(full, torch.arange(n))
     if reference is None:  # the unrepaired model's predictions on the clean reference set
         reference = predict(model, clean_ref)
-    evidence = []
-    for layers in layer_sets:
-        for mode in modes:
-            for alpha in alphas:
-                agree, margin, preds = 0.0, 0.0, []
-                for est, held in zip(fold_estimators, splits, strict=True):
-                    profile = est.profile(mode=mode, alpha=alpha, tau_quantile=tau_quantile, source=source,
-                                          layers=list(layers), with_fingerprint=False)
-                    a, m, p = score(profile, held)
-                    agree, margin = agree + a, margin + m
-                    preds.append(p)
-                agree = agree / n if adjust is None else adjust(agree / n, torch.cat(preds))
-                profile = full.profile(mode=mode, alpha=alpha, tau_quantile=tau_quantile, source=source,
-                                       layers=list(layers), with_fingerprint=False)
-                attach(model, profile)
-                try:
-                    clean_change = (predict(model, clean_ref) != reference).float().mean().item()
-                finally:
-                    detach(model)
-                evidence.append({"layers": list(layers), "mode": mode, "alpha": float(alpha),
-                                 "agreement": agree, "margin": margin / n, "clean_change": clean_change})
+    evidence, full_by_form = [], {}
+    for base in estimators:
+        sets = [[name] for name in base.layers] if layer_sets is None else layer_sets
+        _check_grid(sets, modes, alphas)
+        fold_estimators = []
+        for held in splits:
+            est = base.clone()
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[held] = False
+            observe(est, torch.nonzero(keep).flatten())
+            fold_estimators.append(est)
+        full = base.clone()
+        observe(full, torch.arange(n))
+        if base.form in full_by_form:
+            raise ValueError(f"two estimators of the same form ({base.form}); pass one per form")
+        full_by_form[base.form] = full
+        for layers in sets:
+            for mode in modes:
+                for alpha in alphas:
+                    agree, margin, preds = 0.0, 0.0, []
+                    for est, held in zip(fold_estimators, splits, strict=True):
+                        profile = est.profile(mode=mode, alpha=alpha, tau_quantile=tau_quantile, source=source,
+                                              layers=list(layers), with_fingerprint=False)
+                        a, m, p = score(profile, held)
+                        agree, margin = agree + a, margin + m
+                        preds.append(p)
+                    agree = agree / n if adjust is None else adjust(agree / n, torch.cat(preds))
+                    profile = full.profile(mode=mode, alpha=alpha, tau_quantile=tau_quantile, source=source,
+                                           layers=list(layers), with_fingerprint=False)
+                    attach(model, profile)
+                    try:
+                        clean_change = (predict(model, clean_ref) != reference).float().mean().item()
+                    finally:
+                        detach(model)
+                    evidence.append({"layers": list(layers), "form": base.form, "mode": mode, "alpha": float(alpha),
+                                     "agreement": agree, "margin": margin / n, "clean_change": clean_change})
     e = _choose(evidence, max_clean_change)
-    profile = full.profile(mode=e["mode"], alpha=e["alpha"], tau_quantile=tau_quantile, source=source,
-                           layers=e["layers"])  # the chosen one, with the model's fingerprint
+    profile = full_by_form[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], tau_quantile=tau_quantile,
+                                              source=source, layers=e["layers"])  # with the model's fingerprint
     profile.info["selection"] = {"criterion": f"{criterion}, out of {len(splits)} folds, s.t. clean_change <= "
                                               f"{max_clean_change:g}; ties: margin",
                                  "chosen": e, "candidates": evidence}
-    return Selection(profile=profile, layers=e["layers"], mode=e["mode"], alpha=e["alpha"], evidence=evidence)
+    return Selection(profile=profile, layers=e["layers"], mode=e["mode"], alpha=e["alpha"], evidence=evidence,
+                     form=e["form"])
 
 
 def _scored(model, profile, x):
@@ -162,17 +180,18 @@ def _scored(model, profile, x):
 
 
 @torch.no_grad()
-def select(model: torch.nn.Module, estimator: Estimator, x_clean: torch.Tensor, x_poisoned: torch.Tensor,
+def select(model: torch.nn.Module, estimator: Union[Estimator, Sequence[Estimator]], x_clean: torch.Tensor,
+           x_poisoned: torch.Tensor,
            layer_sets: Sequence[Sequence[str]] = None, modes: Sequence[str] = ("clamp",),
            alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0), max_clean_change: float = 0.01,
            tau_quantile: float = 0.99, source: str = "auto", folds: int = 4,
            x_clean_reference: Optional[torch.Tensor] = None, seed: int = 0) -> Selection:
-    """Paired selection. `estimator` holds what was observed besides these pairs (typically a
-    clean held-out set); the pairs (x_clean[i], x_poisoned[i]) are observed here, fold by fold.
+    """Paired selection. `estimator` (or several, one per form) holds what was observed besides
+    these pairs (typically a clean held-out set); the pairs (x_clean[i], x_poisoned[i]) are observed here, fold by fold.
     `x_clean_reference` (default: x_clean) is where clean_change is measured."""
     if x_clean.shape != x_poisoned.shape:
         raise ValueError(f"pairs must have equal shapes, got {tuple(x_clean.shape)} and {tuple(x_poisoned.shape)}")
-    if any(st.n_pairs for st in estimator.stats.values()):
+    if any(st.n_pairs for est in _estimators(estimator) for st in est.stats.values()):
         warnings.warn("select() estimates from the pairs it is given, fold by fold; this estimator has already "
                       "observed pairs, so they are counted in every fold. Pass an estimator without pairs.",
                       DeprecationWarning, stacklevel=2)
@@ -192,7 +211,7 @@ def select(model: torch.nn.Module, estimator: Estimator, x_clean: torch.Tensor, 
 
 
 @torch.no_grad()
-def select_unpaired(model: torch.nn.Module, estimator: Estimator, x_flagged: torch.Tensor,
+def select_unpaired(model: torch.nn.Module, estimator: Union[Estimator, Sequence[Estimator]], x_flagged: torch.Tensor,
                     x_clean_reference: torch.Tensor, layer_sets: Sequence[Sequence[str]] = None,
                     modes: Sequence[str] = ("clamp",), alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
                     max_clean_change: float = 0.01, tau_quantile: float = 0.99, folds: int = 4,

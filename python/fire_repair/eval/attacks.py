@@ -13,10 +13,12 @@ labels unchanged).
 | wanet    | smooth warp, k 4, s 0.5, noise mode with cross ratio 2                   | Nguyen & Tran 2021       |
 | trojan   | 5x5 fixed random-colour square, bottom-right (not optimised)             | Liu et al. 2018 (style)  |
 | adaptive | 4 corner patches; training uses random 2-of-4 subsets, test uses all 4    | Qi et al. 2023 (style)   |
+| moving   | the BadNets 3x3 white patch at a random position per image (train and test) | BadNets, random location |
 
 The adaptive attack spreads the backdoor over several feature directions (each subset of
 patches is its own trigger during training), which a single mean direction does not capture:
-it is where K > 1 directions earn their keep.
+it is where K > 1 directions earn their keep. The moving patch lands somewhere else on every
+image: a flattened direction cannot describe it, a per-position one can.
 """
 import math
 from dataclasses import dataclass, field
@@ -154,8 +156,33 @@ class AdaptivePatch(Attack):
         return out
 
 
+@dataclass
+class MovingPatch(Attack):
+    """BadNets' patch at a uniformly random position per image. `apply` draws the positions from
+    a generator seeded by the attack's seed, so the same batch gets the same positions."""
+
+    name: str = "moving"
+    size: int = 3
+
+    def _stamp(self, x, gen):
+        x = x.clone()
+        H, W = x.shape[-2:]
+        rows = torch.randint(0, H - self.size + 1, (x.shape[0],), generator=gen).tolist()
+        cols = torch.randint(0, W - self.size + 1, (x.shape[0],), generator=gen).tolist()
+        for n, (r, c) in enumerate(zip(rows, cols, strict=True)):
+            x[n, ..., r:r + self.size, c:c + self.size] = 1.0
+        return x
+
+    def apply(self, x):
+        return self._stamp(x, torch.Generator().manual_seed(4000 + self.seed))
+
+    def apply_train(self, x, gen):
+        return self._stamp(x, gen)
+
+
 ATTACKS = {"badnets": BadNets, "blended": Blended, "sig": SIG, "wanet": WaNet, "trojan": Trojan,
-           "adaptive": AdaptivePatch}
+           "adaptive": AdaptivePatch,
+           "moving": MovingPatch}
 
 
 def build(name: str, target: int = 0, seed: int = 0) -> Attack:
