@@ -5,7 +5,9 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_ATTACKS = ["badnets", "blended", "sig", "wanet", "trojan", "adaptive"]
+DEMO_ATTACKS = ["badnets", "blended", "sig", "wanet", "trojan", "adaptive", "moving"]
+DEMO_VIT_ATTACKS = ["badnets", "blended"]  # the transformer rows: token features repaired per position
+MODELS = ("cnn", "preact18", "vgg", "vit")  # fire_repair.eval.models.MODELS, without importing torch
 DATASETS = ("digits", "cifar10", "gtsrb", "folder")  # fire_repair.eval.data.DATASETS, without importing torch
 
 
@@ -13,7 +15,7 @@ def _common(p):
     p.add_argument("--out", default="fire-demo-out", help="folder for results.json, the table and the plot")
     p.add_argument("--json", default=None, help="where to write the JSON results (default: OUT/results.json)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 8; 30 for vit)")
     p.add_argument("--rate", type=float, default=0.1, help="poison rate")
     p.add_argument("--target", type=int, default=0, help="target class")
     p.add_argument("--cache", default=".fire-cache", help="trained-model cache folder ('' to disable)")
@@ -22,7 +24,8 @@ def _common(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _run_all(args, attacks, model, data, data_path=None, defenses=None, width=None, overrides=None):
+def _run_all(args, jobs, data, data_path=None, defenses=None, width=None, overrides=None):
+    """Runs each (model, attack) of `jobs` on one data set; writes the outputs of all of them."""
     from fire_repair.eval import data as data_mod
     from fire_repair.eval import harness
 
@@ -41,7 +44,7 @@ def _run_all(args, attacks, model, data, data_path=None, defenses=None, width=No
     ds = data_mod.load(data, data_path, seed=args.seed, cache_dir=args.cache or None)
     log(f"data: {ds.name}, {len(ds.y_train)} train / {len(ds.y_test)} test images, {ds.num_classes} classes")
     results = []
-    for attack in attacks:
+    for model, attack in jobs:
         cfg = harness.RunConfig(attack=attack, model=model, data=data, data_path=data_path, rate=args.rate,
                                 target=args.target, seed=args.seed, epochs=args.epochs, width=width,
                                 cache_dir=args.cache or None, ablations=not args.no_ablations,
@@ -80,11 +83,12 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="every attack on the embedded digits data, FIRE against the baselines")
     _common(demo)
-    demo.add_argument("--attacks", nargs="+", default=DEMO_ATTACKS)
+    demo.add_argument("--attacks", nargs="+", default=DEMO_ATTACKS, help="attacks on the small CNN")
+    demo.add_argument("--vit-attacks", nargs="*", default=DEMO_VIT_ATTACKS, help="attacks on the small ViT")
     ev = sub.add_parser("eval", help="one attack / model / data set / defence list")
     _common(ev)
     ev.add_argument("--attack", nargs="+", default=["badnets"])
-    ev.add_argument("--model", default="cnn", choices=["cnn", "preact18", "vgg"])
+    ev.add_argument("--model", default="cnn", choices=list(MODELS))
     ev.add_argument("--width", type=int, default=None, help="model width (default: the model's standard width)")
     ev.add_argument("--data", default="digits", choices=list(DATASETS))
     ev.add_argument("--data-path", default=None,
@@ -107,11 +111,13 @@ def main(argv=None):
         _write_outputs(runs, Path(args.out))
         return 0
     if args.command == "demo":
-        _run_all(args, args.attacks, "cnn", "digits")
+        jobs = [("cnn", a) for a in args.attacks] + [("vit", a) for a in args.vit_attacks]
+        _run_all(args, jobs, "digits")
     else:
         overrides = {"n_pairs": args.n_pairs, "n_poison_seen": args.n_poison_seen,
                      "n_clean_holdout": args.n_clean_holdout, "n_eval": args.n_eval}
-        _run_all(args, args.attack, args.model, args.data, args.data_path, args.defenses, args.width, overrides)
+        _run_all(args, [(args.model, a) for a in args.attack], args.data, args.data_path, args.defenses, args.width,
+                 overrides)
     return 0
 
 

@@ -127,7 +127,11 @@ def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alph
         reference = predict(model, clean_ref)
     evidence, full_by_form = [], {}
     for base in estimators:
-        sets = [[name] for name in base.layers] if layer_sets is None else layer_sets
+        # each estimator scores the given layer sets it watches (a per-position one may watch fewer)
+        sets = [[name] for name in base.layers] if layer_sets is None else \
+            [s for s in layer_sets if set(s) <= set(base.layers)]
+        if layer_sets is not None and not sets and len(estimators) > 1:
+            continue
         _check_grid(sets, modes, alphas)
         fold_estimators = []
         for held in splits:

@@ -13,7 +13,7 @@ labels unchanged).
 | wanet    | smooth warp, k 4, s 0.5, noise mode with cross ratio 2                   | Nguyen & Tran 2021       |
 | trojan   | 5x5 fixed random-colour square, bottom-right (not optimised)             | Liu et al. 2018 (style)  |
 | adaptive | 4 corner patches; training uses random 2-of-4 subsets, test uses all 4    | Qi et al. 2023 (style)   |
-| moving   | the BadNets 3x3 white patch at a random position per image (train and test) | BadNets, random location |
+| moving   | BadNets' 3x3 checkerboard pattern at a random position per image (train and test) | Gu et al. 2017, random location |
 
 The adaptive attack spreads the backdoor over several feature directions (each subset of
 patches is its own trigger during training), which a single mean direction does not capture:
@@ -158,8 +158,12 @@ class AdaptivePatch(Attack):
 
 @dataclass
 class MovingPatch(Attack):
-    """BadNets' patch at a uniformly random position per image. `apply` draws the positions from
-    a generator seeded by the attack's seed, so the same batch gets the same positions."""
+    """BadNets' pattern trigger (a 3x3 checkerboard: white where row + column is even, black
+    elsewhere) at a uniformly random position per image. The pattern rather than the plain white
+    square: on the digits a white square at a random position looks like a piece of stroke
+    (measured: ASR 72% on the small CNN against 99.6% with the pattern). `apply` draws the
+    positions from a generator seeded by the attack's seed, so the same batch gets the same
+    positions."""
 
     name: str = "moving"
     size: int = 3
@@ -169,8 +173,10 @@ class MovingPatch(Attack):
         H, W = x.shape[-2:]
         rows = torch.randint(0, H - self.size + 1, (x.shape[0],), generator=gen).tolist()
         cols = torch.randint(0, W - self.size + 1, (x.shape[0],), generator=gen).tolist()
+        ij = torch.arange(self.size)
+        pattern = ((ij[:, None] + ij[None, :]) % 2 == 0).to(x.dtype)
         for n, (r, c) in enumerate(zip(rows, cols, strict=True)):
-            x[n, ..., r:r + self.size, c:c + self.size] = 1.0
+            x[n, ..., r:r + self.size, c:c + self.size] = pattern
         return x
 
     def apply(self, x):

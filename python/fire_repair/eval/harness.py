@@ -34,11 +34,13 @@ class RunConfig:
     rate: float = 0.1
     target: int = 0
     seed: int = 0
-    epochs: int = 8
+    epochs: Optional[int] = None  # None: the model's default (models.EPOCHS)
     width: Optional[int] = None
     defenses: list = field(default_factory=lambda: list(DEFAULT_DEFENSES))
     layers: Optional[list] = None  # candidate layers (default: the model's REPAIRABLE list)
     layer_pairs: bool = True  # also try each two consecutive candidate layers together
+    # the repair forms selection chooses between; per position only at layers with positions
+    forms: list = field(default_factory=lambda: ["flattened", "per_position"])
     alphas: list = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     k: int = 1
     tau_quantile: float = 0.99
@@ -79,24 +81,26 @@ class FireDefense(Defense):
         layer_sets = [[name] for name in layers]
         if cfg.layer_pairs:
             layer_sets += [list(p) for p in zip(layers[:-1], layers[1:], strict=True)]
-        est = fr.Estimator(model, layers, k=cfg.k, seed=cfg.seed)
+        ests = estimators(model, layers, cfg, held.clean[:2])
         grid = dict(layer_sets=layer_sets, modes=[self.mode], alphas=[1.0] if self.gated else cfg.alphas,
                     max_clean_change=1.0 if self.gated else cfg.max_clean_change, tau_quantile=cfg.tau_quantile,
                     folds=cfg.folds, seed=cfg.seed)
         if self.paired:
-            est.observe(held.clean, poisoned=False)
-            self.selection = fr.select(model, est, *held.pairs, x_clean_reference=held.clean, **grid)
+            for est in ests:
+                est.observe(held.clean, poisoned=False)
+            self.selection = fr.select(model, ests, *held.pairs, x_clean_reference=held.clean, **grid)
         else:
             clean, target = clean_reference(model, held.clean, held.flagged, cfg.match_clean)
-            est.observe(clean, poisoned=False)
+            for est in ests:
+                est.observe(clean, poisoned=False)
             # estimated against the matched clean set, judged on all of it (target class included)
-            self.selection = fr.select_unpaired(model, est, held.flagged, held.clean, **grid)
+            self.selection = fr.select_unpaired(model, ests, held.flagged, held.clean, **grid)
         self.profile = self.selection.profile
         return self
 
     def report(self) -> dict:
         sel = self.selection
-        return {"layers": sel.layers, "alpha": sel.alpha, "evidence": sel.evidence}
+        return {"layers": sel.layers, "form": sel.form, "alpha": sel.alpha, "evidence": sel.evidence}
 
     def predict(self, x):
         fr.attach(self.model, self.profile)
@@ -140,14 +144,50 @@ DEFAULT_DEFENSES = ["none", *FIRE_DEFENSES, "shrinkpad", "jpeg", "blur", "strip"
 
 # ----------------------------------------------------------------------------- the run's steps
 
+@torch.no_grad()
+def positional_layers(model, layers, x) -> list:
+    """The layers among `layers` whose outputs have positions (conv maps, tokens): where a
+    per-position repair differs from a flattened one."""
+    shapes = {}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, o.shape)) for n in layers]
+    try:
+        model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [n for n in layers if len(shapes[n]) >= 3]
+
+
+def estimator(model, layers, cfg: RunConfig, form: str, **kwargs) -> "fr.Estimator":
+    if form not in ("flattened", "per_position"):
+        raise ValueError(f"form must be 'flattened' or 'per_position', got {form!r}")
+    per_position = form == "per_position"
+    return fr.Estimator(model, layers, k=cfg.k, seed=cfg.seed, per_position=per_position,
+                        channel_dim=models_mod.channel_dim(model), **kwargs)
+
+
+def estimators(model, layers, cfg: RunConfig, probe) -> list:
+    """One estimator per form of cfg.forms (per position: only the layers with positions)."""
+    out = []
+    for form in cfg.forms:
+        watch = positional_layers(model, layers, probe) if form == "per_position" else list(layers)
+        if watch:
+            out.append(estimator(model, watch, cfg, form))
+    if not out:
+        raise ValueError(f"no layer of {layers} can be repaired in the forms {cfg.forms}")
+    return out
+
+
 def backdoored_model(cfg: RunConfig, ds, attack, progress: bool):
     x_train, y_train, poisoned_idx = attacks_mod.poison_training_set(ds.x_train, ds.y_train, attack, cfg.rate,
                                                                      cfg.seed)
     torch.manual_seed(cfg.seed)
     model = models_mod.build(cfg.model, ds.num_classes, cfg.width)
+    epochs = cfg.epochs or models_mod.EPOCHS.get(cfg.model, 8)
     spec = {"attack": cfg.attack, "params": attack.params(), "model": cfg.model, "width": cfg.width,
-            "data": ds.name, "n_train": len(y_train), "rate": cfg.rate, "seed": cfg.seed, "epochs": cfg.epochs}
-    model, cached = load_or_train(model, x_train, y_train, cfg.cache_dir, spec, epochs=cfg.epochs, seed=cfg.seed,
+            "data": ds.name, "n_train": len(y_train), "rate": cfg.rate, "seed": cfg.seed, "epochs": epochs}
+    model, cached = load_or_train(model, x_train, y_train, cfg.cache_dir, spec, epochs=epochs, seed=cfg.seed,
                                   progress=progress, desc=f"training {cfg.model} / {cfg.attack}")
     for p in model.parameters():
         p.requires_grad_(False)
@@ -198,7 +238,7 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
         row = {"defense": name, **score(defence), "seconds": time.perf_counter() - t}
         if isinstance(defence, FireDefense):
             rep = defence.report()
-            row.update(layers=rep["layers"], alpha=rep["alpha"])
+            row.update(layers=rep["layers"], form=rep["form"], alpha=rep["alpha"])
             result["fire"][name] = rep
         result["rows"].append(row)
         log(f"  {cfg.attack:>9} {name:<20} CA {100 * row['CA']:5.1f}  ASR {100 * row['ASR']:5.1f}  "
@@ -244,7 +284,7 @@ def online_curve(model, sel, cfg, hold_clean, stream, eval_poison, eval_poison_y
     """PA on the evaluation set as the online loop sees more poisoned samples (caller flags).
     The clean reference is matched (see clean_reference) on the first poisoned batch only."""
     clean, _ = clean_reference(model, hold_clean, stream[:batch], cfg.match_clean)
-    est = fr.Estimator(model, sel.layers, k=cfg.k, seed=cfg.seed)
+    est = estimator(model, sel.layers, cfg, sel.form)
     est.observe(clean, poisoned=False)
     online = fr.Online(model, est, mode="clamp", alpha=sel.alpha, tau_quantile=cfg.tau_quantile, threshold=None)
     curve = [[0, (predict(model, eval_poison) == eval_poison_y).float().mean().item()]]
@@ -263,10 +303,11 @@ def online_curve(model, sel, cfg, hold_clean, stream, eval_poison, eval_poison_y
 
 def ablations(model, sel, cfg, held: Held, layers, score) -> list:
     """FIRE's choices one at a time around the selected clamp repair, scored on the evaluation
-    set: every single layer (the best layer in hindsight against the chosen one), k, the
-    unpaired variants and tau."""
+    set: every single layer (the best layer in hindsight against the chosen one, in the chosen
+    form), the other form at the chosen layers, k, the unpaired variants and tau."""
     rows = []
-    est = fr.Estimator(model, layers, k=cfg.k, seed=cfg.seed)
+    watch = positional_layers(model, layers, held.clean[:2]) if sel.form == "per_position" else list(layers)
+    est = estimator(model, watch, cfg, sel.form)
     est.observe(held.clean, poisoned=False)
     est.observe_pairs(*held.pairs)
 
@@ -274,8 +315,14 @@ def ablations(model, sel, cfg, held: Held, layers, score) -> list:
         rows.append({"ablation": what, **score(ProfileDefense(model, profile))})
 
     mode, alpha = sel.mode, sel.alpha
-    for name in layers:
+    for name in watch:
         add(f"layer={name}", est.profile(mode=mode, alpha=alpha, tau_quantile=cfg.tau_quantile, layers=[name]))
+    other = "flattened" if sel.form == "per_position" else "per_position"
+    if other == "flattened" or set(sel.layers) <= set(positional_layers(model, sel.layers, held.clean[:2])):
+        o = estimator(model, sel.layers, cfg, other)
+        o.observe(held.clean, poisoned=False)
+        o.observe_pairs(*held.pairs)
+        add(f"form={other} (selected layers)", o.profile(mode=mode, alpha=alpha, tau_quantile=cfg.tau_quantile))
     for k in (1, 2, 4):
         try:
             add(f"k={k}", est.profile(mode=mode, alpha=alpha, tau_quantile=cfg.tau_quantile, k=k, layers=sel.layers))
@@ -286,7 +333,7 @@ def ablations(model, sel, cfg, held: Held, layers, score) -> list:
                 ("unpaired+shift", RandomShift(seed=cfg.seed), cfg.match_clean))
     for what, augment, match in variants:
         clean, _ = clean_reference(model, held.clean, held.flagged, match)
-        u = fr.Estimator(model, sel.layers, k=cfg.k, seed=cfg.seed, augment=augment, n_augment=4 if augment else 1)
+        u = estimator(model, sel.layers, cfg, sel.form, augment=augment, n_augment=4 if augment else 1)
         u.observe(clean, poisoned=False)
         u.observe(held.flagged, poisoned=True)
         add(f"{what} (selected layers)", u.profile(mode="clamp", alpha=alpha, tau_quantile=cfg.tau_quantile))

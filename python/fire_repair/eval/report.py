@@ -3,6 +3,12 @@ import json
 from pathlib import Path
 
 
+def label(res: dict, results: list) -> str:
+    """The attack, and the model where the runs cover more than one."""
+    models = {r["config"]["model"] for r in results}
+    return res["config"]["attack"] + (f" / {res['config']['model']}" if len(models) > 1 else "")
+
+
 def table(results: list) -> str:
     lines = ["| attack | defence | CA % | ASR % | PA % | rejected (clean / poisoned) % | chosen |",
              "|---|---|---:|---:|---:|---:|---|"]
@@ -13,11 +19,12 @@ def table(results: list) -> str:
                 row = {**row, "defense": "none (attack not implanted: ASR < 50%)"}
             chosen = ""
             if "layers" in row:
-                chosen = f"{'+'.join(row['layers'])}, alpha {row['alpha']:g}"
+                form = ", per position" if row.get("form") == "per_position" else ""
+                chosen = f"{'+'.join(row['layers'])}{form}, alpha {row['alpha']:g}"
             rej = ""
             if row["defense"] == "strip":
                 rej = f"{100 * row['reject_clean']:.1f} / {100 * row['reject_poison']:.1f}"
-            lines.append(f"| {res['config']['attack']} | {row['defense']} | {100 * row['CA']:.1f} | "
+            lines.append(f"| {label(res, results)} | {row['defense']} | {100 * row['CA']:.1f} | "
                          f"{100 * row['ASR']:.1f} | {100 * row['PA']:.1f} | {rej} | {chosen} |")
     extra = ["", "| attack | detection AUROC | online: PA after 0 / 8 / all seen | online ms per sample |",
              "|---|---:|---|---:|"]
@@ -31,7 +38,7 @@ def table(results: list) -> str:
             picks = [c[0], c[min(1, len(c) - 1)], c[-1]]
             curve = " / ".join(f"{100 * pa:.0f} ({seen})" for seen, pa in picks)
         ms = f"{online['ms_per_sample']:.2f}" if online else ""
-        extra.append(f"| {res['config']['attack']} | {res['auroc']:.3f} | {curve} | {ms} |")
+        extra.append(f"| {label(res, results)} | {res['auroc']:.3f} | {curve} | {ms} |")
     return "\n".join(lines + extra)
 
 
@@ -40,9 +47,9 @@ def ablation_table(results: list) -> str:
     for res in results:
         for row in res.get("ablations", []):
             if "error" in row:
-                lines.append(f"| {res['config']['attack']} | {row['ablation']} | n/a | n/a | {row['error']} |")
+                lines.append(f"| {label(res, results)} | {row['ablation']} | n/a | n/a | {row['error']} |")
             else:
-                lines.append(f"| {res['config']['attack']} | {row['ablation']} | {100 * row['CA']:.1f} | "
+                lines.append(f"| {label(res, results)} | {row['ablation']} | {100 * row['CA']:.1f} | "
                              f"{100 * row['ASR']:.1f} | {100 * row['PA']:.1f} |")
     return "\n".join(lines)
 
@@ -58,7 +65,8 @@ def layer_table(results: list) -> str:
         if not per_layer or chosen is None:
             continue
         best = max(per_layer, key=lambda r: r["PA"])
-        lines.append(f"| {res['config']['attack']} | {'+'.join(chosen['layers'])} | {100 * chosen['PA']:.1f} | "
+        form = " (per position)" if chosen.get("form") == "per_position" else ""
+        lines.append(f"| {label(res, results)} | {'+'.join(chosen['layers'])}{form} | {100 * chosen['PA']:.1f} | "
                      f"{best['ablation'][6:]} | {100 * best['PA']:.1f} |")
     return "\n".join(lines)
 
@@ -74,7 +82,7 @@ def plot(results: list, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attacks = [r["config"]["attack"] for r in results]
+    attacks = [label(r, results) for r in results]
     defences = [row["defense"] for row in results[0]["rows"]]
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.6))
     width = 0.8 / max(len(defences), 1)
@@ -94,7 +102,7 @@ def plot(results: list, path) -> None:
     for r in results:
         if r.get("online"):
             c = r["online"]["curve"]
-            axes[2].plot([s for s, _ in c], [100 * pa for _, pa in c], marker="o", ms=3, label=r["config"]["attack"])
+            axes[2].plot([s for s, _ in c], [100 * pa for _, pa in c], marker="o", ms=3, label=label(r, results))
     axes[2].set_xlabel("poisoned samples seen (online)")
     axes[2].set_ylabel("PA %")
     axes[2].set_ylim(0, 100)
