@@ -118,3 +118,23 @@ def test_auroc_on_hand_built_cases():
 def test_unknown_attack_is_an_error():
     with pytest.raises(ValueError, match="unknown attack"):
         attacks.build("nope")
+
+
+def test_moving_patch_is_a_checkerboard_at_a_random_seeded_position():
+    a = attacks.build("moving")
+    x = torch.full((16, 3, 32, 32), 0.25)
+    out = a.apply(x)
+    torch.testing.assert_close(a.apply(x), out)  # the same positions for the same batch
+    corners = set()
+    for n in range(16):
+        changed = torch.nonzero((out[n] != x[n]).any(0))
+        r, c = changed.min(0).values.tolist()
+        corners.add((r, c))
+        patch = out[n, :, r:r + 3, c:c + 3]
+        ij = torch.arange(3)
+        expected = ((ij[:, None] + ij[None, :]) % 2 == 0).float().expand(3, 3, 3)
+        torch.testing.assert_close(patch, expected)
+        assert bool((out[n] != x[n]).any(0).sum() == 9)
+    assert len(corners) > 10  # it moves
+    gen = torch.Generator().manual_seed(1)
+    assert not torch.equal(a.apply_train(x, gen), out)  # training draws its own positions

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fire_repair import cli
-from fire_repair.eval import data, harness
+from fire_repair.eval import attacks, data, harness, models
 
 
 def test_digits_is_embedded_and_seeded():
@@ -121,6 +121,62 @@ def test_harness_on_the_other_architectures(tmp_path, arch, layer_prefix):
     assert rows["none"]["ASR"] > 0.9
     assert rows["fire-clamp"]["PA"] > 0.9 and rows["fire-clamp"]["CA"] >= rows["none"]["CA"] - 0.01
     assert rows["fire-clamp"]["layers"][0].startswith(layer_prefix)
+
+
+@pytest.mark.slow
+def test_moving_patch_is_repaired_per_position(tmp_path):
+    """The moving patch on the digits: selection picks the per-position form, which beats the
+    flattened form at the same layers (measured: 92.9% against 64.9% PA)."""
+    cfg = harness.RunConfig(attack="moving", epochs=8, cache_dir=None, alphas=[1.0, 2.0], layer_pairs=False,
+                            defenses=["none", "fire-clamp"], online=False)
+    res = harness.run(cfg, progress=False, log=lambda *a: None)
+    rows = {r["defense"]: r for r in res["rows"]}
+    assert rows["none"]["ASR"] > 0.9
+    assert rows["fire-clamp"]["form"] == "per_position" and rows["fire-clamp"]["PA"] > 0.85
+    other = next(r for r in res["ablations"] if r["ablation"].startswith("form=flattened"))
+    assert rows["fire-clamp"]["PA"] > other["PA"] + 0.1
+
+
+def test_vit_tokens_and_positional_layers():
+    model = models.build("vit").eval()
+    x = torch.rand(3, 3, 32, 32)
+    assert model(x).shape == (3, 10) and models.channel_dim(model) == -1
+    assert harness.positional_layers(model, model.REPAIRABLE, x) == model.REPAIRABLE
+    cnn = models.build("cnn").eval()
+    assert harness.positional_layers(cnn, cnn.REPAIRABLE, x) == ["block1", "block2", "block3"]
+    assert models.channel_dim(cnn) == 1
+
+
+def test_vit_repaired_per_position_compiles_and_exports():
+    import fire_repair as fr
+
+    model = models.build("vit").eval()
+    x = torch.rand(4, 3, 32, 32)
+    est = fr.Estimator(model, ["block2"], per_position=True, channel_dim=-1)
+    est.observe(x, poisoned=False)
+    est.observe_pairs(x, attacks.build("badnets").apply(x))
+    fr.attach(model, est.profile(mode="clamp"))
+    try:
+        with torch.no_grad():
+            eager = model(x)
+            compiled = torch.compile(model, fullgraph=True)(x)
+            ep = torch.export.export(model, (x,))
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ep.module()(x), eager, rtol=1e-5, atol=1e-5)
+        assert any("fire.repair" in str(n.target) for n in ep.graph.nodes if n.op == "call_function")
+    finally:
+        fr.detach(model)
+
+
+@pytest.mark.slow
+def test_harness_vit_badnets(tmp_path):
+    cfg = harness.RunConfig(attack="badnets", model="vit", cache_dir=None, alphas=[1.0, 1.5], layers=["block1"],
+                            defenses=["none", "fire-clamp"], ablations=False, online=False)
+    res = harness.run(cfg, progress=False, log=lambda *a: None)
+    rows = {r["defense"]: r for r in res["rows"]}
+    assert rows["none"]["ASR"] > 0.9
+    assert rows["fire-clamp"]["PA"] > 0.9 and rows["fire-clamp"]["CA"] >= rows["none"]["CA"] - 0.01
+    assert {e["form"] for e in res["fire"]["fire-clamp"]["evidence"]} == {"flattened", "per_position"}
 
 
 def test_clean_reference_leaves_out_the_inferred_target(backdoored):
