@@ -187,7 +187,7 @@ def _scored(model, profile, x):
 def select(model: torch.nn.Module, estimator: Union[Estimator, Sequence[Estimator]], x_clean: torch.Tensor,
            x_poisoned: torch.Tensor,
            layer_sets: Sequence[Sequence[str]] = None, modes: Sequence[str] = ("clamp",),
-           alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0), max_clean_change: float = 0.01,
+           alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 3.0), max_clean_change: float = 0.01,
            tau_quantile: float = 0.99, source: str = "auto", folds: int = 4,
            x_clean_reference: Optional[torch.Tensor] = None, seed: int = 0) -> Selection:
     """Paired selection. `estimator` (or several, one per form) holds what was observed besides
@@ -217,7 +217,7 @@ def select(model: torch.nn.Module, estimator: Union[Estimator, Sequence[Estimato
 @torch.no_grad()
 def select_unpaired(model: torch.nn.Module, estimator: Union[Estimator, Sequence[Estimator]], x_flagged: torch.Tensor,
                     x_clean_reference: torch.Tensor, layer_sets: Sequence[Sequence[str]] = None,
-                    modes: Sequence[str] = ("clamp",), alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
+                    modes: Sequence[str] = ("clamp",), alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 3.0),
                     max_clean_change: float = 0.01, tau_quantile: float = 0.99, folds: int = 4,
                     seed: int = 0) -> Selection:
     """Unpaired selection: `estimator` holds clean statistics; the flagged (triggered) samples

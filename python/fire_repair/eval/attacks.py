@@ -13,7 +13,7 @@ labels unchanged).
 | wanet    | smooth warp, k 4, s 0.5, noise mode with cross ratio 2                   | Nguyen & Tran 2021       |
 | trojan   | 5x5 fixed random-colour square, bottom-right (not optimised)             | Liu et al. 2018 (style)  |
 | adaptive | 4 corner patches; training uses random 2-of-4 subsets, test uses all 4    | Qi et al. 2023 (style)   |
-| moving   | BadNets' 3x3 checkerboard pattern at a random position per image (train and test) | Gu et al. 2017, random location |
+| moving   | 3x3 checkerboard (BadNets' pattern) at a random position per image       | Gu et al. 2017 (moving)  |
 
 The adaptive attack spreads the backdoor over several feature directions (each subset of
 patches is its own trigger during training), which a single mean direction does not capture:

@@ -41,7 +41,8 @@ class RunConfig:
     layer_pairs: bool = True  # also try each two consecutive candidate layers together
     # the repair forms selection chooses between; per position only at layers with positions
     forms: list = field(default_factory=lambda: ["flattened", "per_position"])
-    alphas: list = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    # 3.0: global triggers on the ViT need more than 2 (measured: Blended PA 47% with alphas up to 2, 67% with 3)
+    alphas: list = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 3.0])
     k: int = 1
     tau_quantile: float = 0.99
     n_pairs: int = 16  # paired FIRE estimates and selects from this many triggered images and twins
