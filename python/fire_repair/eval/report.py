@@ -5,8 +5,8 @@ from pathlib import Path
 
 def label(res: dict, results: list) -> str:
     """The attack, and the model where the runs cover more than one."""
-    models = {r["config"]["model"] for r in results}
-    return res["config"]["attack"] + (f" / {res['config']['model']}" if len(models) > 1 else "")
+    models = {r["config"].get("model") for r in results}
+    return res["config"]["attack"] + (f" / {res['config'].get('model')}" if len(models) > 1 else "")
 
 
 def table(results: list) -> str:
