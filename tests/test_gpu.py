@@ -102,7 +102,9 @@ def test_per_position_backends_agree(monkeypatch, mode, dtype, shape, fmt, cd):
     for backend in backends:
         monkeypatch.setenv("FIRE_BACKEND", backend)
         out, sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd)
-        assert out.stride() == x.stride(), backend
+        # the same memory layout (strides of size-1 dims carry no meaning)
+        assert [st for st, n in zip(out.stride(), x.shape, strict=True) if n > 1] == \
+            [st for st, n in zip(x.stride(), x.shape, strict=True) if n > 1], backend
         torch.testing.assert_close(out.double(), exact, rtol=OUT_TOL[dtype][0], atol=OUT_TOL[dtype][1], msg=backend)
         torch.testing.assert_close(sc, ref_sc, rtol=1e-3, atol=1e-3, msg=backend)
 
