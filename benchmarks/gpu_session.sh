@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks, in one command (device time is scarce; see README):
-#   bash benchmarks/gpu_session.sh [gpu] [tests] [bench] [e2e]
+#   bash benchmarks/gpu_session.sh [gpu] [ops] [tests] [bench] [positions] [e2e]
 # builds the extension for this GPU (CUDA C++ fallback included), runs the whole test suite
 # (tests/test_gpu.py and the CUDA backends of every op test), then the op and end-to-end
 # benchmarks (OMP_NUM_THREADS=1 for the parallel test run: 12 workers x 16 threads starved the
@@ -28,6 +28,9 @@ for step in $steps; do
     gpu)   timeout 200 python3 -m pytest tests/test_gpu.py -v -p no:randomly -rfEs --timeout=120 \
                > "$OUT/test_gpu.log" 2>&1
            echo "test_gpu rc=$?"; tail -15 "$OUT/test_gpu.log" ;;
+    ops)   OMP_NUM_THREADS=1 timeout 300 python3 -m pytest tests/test_op*.py -q -n 12 -p no:randomly -rfE --timeout=90 \
+               > "$OUT/ops.log" 2>&1
+           echo "ops rc=$?"; grep -E "FAILED|ERROR|Timeout|passed|failed" "$OUT/ops.log" | tail -25 ;;
     tests) OMP_NUM_THREADS=1 timeout 330 python3 -m pytest tests -v -n 12 -p no:randomly -rfE --timeout=90 --deselect tests/test_gpu.py \
                > "$OUT/tests.log" 2>&1
            echo "tests rc=$?"; grep -E "FAILED|ERROR|Timeout|passed|failed" "$OUT/tests.log" | tail -25 ;;
@@ -35,6 +38,10 @@ for step in $steps; do
                --benchmark-min-rounds=5 --benchmark-max-time=0.5 --benchmark-json="$OUT/$name-op.json" \
                > "$OUT/bench.log" 2>&1
            echo "bench rc=$?"; tail -5 "$OUT/bench.log" ;;
+    positions) FIRE_BENCH_BATCHES=${FIRE_BENCH_BATCHES:-1,256} timeout 420 python3 -m pytest benchmarks/test_bench_positions.py -q -p no:randomly \
+               --benchmark-min-rounds=5 --benchmark-max-time=0.5 --benchmark-json="$OUT/$name-positions.json" \
+               > "$OUT/positions.log" 2>&1
+           echo "positions rc=$?"; tail -5 "$OUT/positions.log" ;;
     e2e)   timeout 200 python3 -m pytest benchmarks/test_bench_e2e.py -q -p no:randomly \
                --benchmark-min-rounds=5 --benchmark-max-time=0.5 --benchmark-json="$OUT/$name-e2e.json" \
                > "$OUT/e2e.log" 2>&1

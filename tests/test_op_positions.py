@@ -65,7 +65,10 @@ def test_matches_reference(backend, mode, k, dtype, layout):
     out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd)
     check(out, scores, x, V, a, mu, tau, mode, cd)
     out_only = torch.ops.fire.repair(x, V, a, mu, tau, mode, channel_dim=cd)
-    torch.testing.assert_close(out_only, out, rtol=0, atol=0)
+    # the same kernel on the CPU; on a GPU the scores-writing variant is compiled separately and
+    # ptxas may contract its multiply-adds differently (seen on an H100: 1 ulp at K = 16)
+    tol = (0, 0) if backend == "cpu" else (2e-6, 2e-6)
+    torch.testing.assert_close(out_only, out, rtol=tol[0], atol=tol[1])
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens", "transposed_tokens", "ncdhw"])
