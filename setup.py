@@ -56,7 +56,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.6,<3.10"],
         "eval": ["scikit-learn", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "matplotlib", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "matplotlib", "ruff"],
     },
     entry_points={"console_scripts": ["fire-repair=fire_repair.cli:main"]},
 )

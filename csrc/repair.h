@@ -17,10 +17,15 @@ namespace fire {
 enum Mode : int64_t { kShift = 0, kProject = 1, kClamp = 2 };
 
 // The weight of direction k for one row, the only place the C++ kernels state the mode maths:
-// shift alpha_k; project alpha_k c_k; clamp alpha_k max(c_k - tau_k, 0).
+// shift alpha_k; project alpha_k c_k; clamp alpha_k max(c_k - tau_k, 0). A NaN score stays NaN
+// (so does the row it repairs), as in the reference: written so that a comparison with NaN
+// (always false) keeps c_k - tau_k rather than 0 (fmaxf would drop the NaN).
 C10_HOST_DEVICE inline float mode_weight(int64_t mode, float alpha, float c, float tau) {
   if (mode == kProject) return alpha * c;
-  if (mode == kClamp) return alpha * (c > tau ? c - tau : 0.f);
+  if (mode == kClamp) {
+    const float excess = c - tau;
+    return alpha * (excess < 0.f ? 0.f : excess);
+  }
   return alpha;
 }
 

@@ -1,7 +1,9 @@
 // CPU kernel of the fused repair and the registration of the private native op.
 //
-// Contiguous rows (flattened samples, channels-last positions, tokens) are processed in blocks sized to stay in L2: pass 1 converts each chunk of the block to
-// fp32 and accumulates the K projections (each V chunk is loaded once for four rows at a
+// Contiguous rows (flattened samples, channels-last positions, tokens) are processed in blocks
+// sized to stay in L2: pass 1 converts each chunk of the block to fp32, centres it (c_k =
+// <v_k, x - mu>, not <v_k, x> - <v_k, mu>, which cancels catastrophically when |mu| >> |x - mu|)
+// and accumulates the K projections (each V chunk is loaded once for four rows at a
 // time); pass 2 re-reads the block (from L2, not memory) and writes it with the K directions
 // subtracted. So x is read from memory once and written once, and V is streamed once per
 // block rather than once per row.
@@ -92,6 +94,11 @@ inline void load_fp32<c10::BFloat16>(const c10::BFloat16* __restrict src, float*
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
 }
 
+inline void subtract(float* __restrict dst, const float* __restrict mu, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] -= mu[i];
+}
+
 template <typename scalar_t>
 inline void store_cast(const float* __restrict src, scalar_t* __restrict dst, int64_t n) {
 #pragma omp simd
@@ -114,7 +121,7 @@ inline void store_cast<c10::BFloat16>(const float* __restrict src, c10::BFloat16
 // Rows whose elements are contiguous (sxd == sod == 1).
 template <typename scalar_t>
 void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V, const float* alpha,
-                 int64_t stride_alpha, const float* vmu, const float* tau, float* scores, int64_t K,
+                 int64_t stride_alpha, const float* mu, const float* tau, float* scores, int64_t K,
                  int64_t mode) {
   const int64_t N = L.B * L.P, D = L.D;
   const bool need_c = mode != kShift || scores != nullptr;
@@ -134,13 +141,15 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * R;
       const int64_t rows = std::min(R, N - n0);
-      // Pass 1: projections c[r][k] = <v_k, x_r> - <v_k, mu>.
+      // Pass 1: projections c[r][k] = <v_k, x_r - mu>.
       if (need_c) {
         std::fill(c.begin(), c.end(), 0.f);
         for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
           const int64_t len = std::min(kChunk, D - d0);
-          for (int64_t r = 0; r < rows; ++r)
+          for (int64_t r = 0; r < rows; ++r) {
             load_fp32(x + L.x_row(n0 + r) + d0, buf.data() + r * kChunk, len);
+            if (mu) subtract(buf.data() + r * kChunk, mu + d0, len);
+          }
           for (int64_t k = 0; k < K; ++k) {
             const float* vk = V + k * D + d0;
             int64_t r = 0;
@@ -153,12 +162,9 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
             for (; r < rows; ++r) c[r * K + k] += dot(buf.data() + r * kChunk, vk, len);
           }
         }
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t k = 0; k < K; ++k) {
-            float ck = c[r * K + k] - (vmu ? vmu[k] : 0.f);
-            c[r * K + k] = ck;
-            if (scores) scores[(n0 + r) * K + k] = ck;
-          }
+        if (scores)
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t k = 0; k < K; ++k) scores[(n0 + r) * K + k] = c[r * K + k];
       }
       // Per-row weight of each direction.
       for (int64_t r = 0; r < rows; ++r)
@@ -200,7 +206,7 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
 // x is read once and written once; no transposing copy.
 template <typename scalar_t>
 void repair_tiles(const scalar_t* x, scalar_t* out, const Rows& L, const float* V, const float* alpha,
-                  int64_t stride_alpha, const float* vmu, const float* tau, float* scores, int64_t K,
+                  int64_t stride_alpha, const float* mu, const float* tau, float* scores, int64_t K,
                   int64_t mode) {
   const int64_t P = L.P, D = L.D;
   const bool need_c = mode != kShift || scores != nullptr;
@@ -224,13 +230,12 @@ void repair_tiles(const scalar_t* x, scalar_t* out, const Rows& L, const float* 
       if (need_c) {
         for (int64_t k = 0; k < K; ++k) {
           float* ck = c.data() + k * PB;
-          const float m = vmu ? vmu[k] : 0.f;
-          for (int64_t j = 0; j < len; ++j) ck[j] = -m;
+          for (int64_t j = 0; j < len; ++j) ck[j] = 0.f;
           for (int64_t d = 0; d < D; ++d) {
-            const float v = V[k * D + d];
+            const float v = V[k * D + d], m = mu ? mu[d] : 0.f;
             const float* src = tile.data() + d * PB;
 #pragma omp simd
-            for (int64_t j = 0; j < len; ++j) ck[j] += v * src[j];
+            for (int64_t j = 0; j < len; ++j) ck[j] += v * (src[j] - m);
           }
           if (scores)
             for (int64_t j = 0; j < len; ++j) scores[(b * P + p0 + j) * K + k] = ck[j];
@@ -277,15 +282,12 @@ std::tuple<at::Tensor, at::Tensor> repair_native_cpu(const at::Tensor& x, const 
     if (want_scores) scores.zero_();
     return {out, scores};
   }
-  // <v_k, mu> once per call, so each row only needs <v_k, x>.
-  at::Tensor vmu;
-  if (center.has_value() && (mode != kShift || want_scores)) vmu = at::mv(directions, *center).contiguous();
   const int64_t stride_alpha = alpha.dim() == 2 ? K : 0;
   const bool unit_rows = (L.D == 1 || (L.sxd == 1 && L.sod == 1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fire_repair_cpu", [&] {
     auto run = unit_rows ? &repair_rows<scalar_t> : &repair_tiles<scalar_t>;
     run(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), L, directions.const_data_ptr<float>(),
-        alpha.const_data_ptr<float>(), stride_alpha, vmu.defined() ? vmu.const_data_ptr<float>() : nullptr,
+        alpha.const_data_ptr<float>(), stride_alpha, center.has_value() ? center->const_data_ptr<float>() : nullptr,
         tau.has_value() ? tau->const_data_ptr<float>() : nullptr,
         want_scores ? scores.mutable_data_ptr<float>() : nullptr, K, mode);
   });

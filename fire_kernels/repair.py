@@ -46,12 +46,16 @@ if HAVE_TRITON:
 
     @triton.jit
     def _weights(c_k, alpha_k, tau_k, MODE: tl.constexpr):
+        # NaN semantics follow the reference: a NaN score gives a NaN weight in project and
+        # clamp (tl.maximum would drop it: the comparison below keeps it), never in shift,
+        # whose weight does not depend on the score (no arithmetic on c_k, only its shape).
         if MODE == 0:  # Mode.SHIFT (Triton compares constexprs with literals)
-            w = alpha_k + 0.0 * c_k
+            w = tl.where(c_k == c_k, alpha_k, alpha_k)
         elif MODE == 1:  # Mode.PROJECT
             w = alpha_k * c_k
         else:
-            w = alpha_k * tl.maximum(c_k - tau_k, 0.0)
+            excess = c_k - tau_k
+            w = alpha_k * tl.where(excess < 0.0, 0.0, excess)
         return w
 
     @triton.jit

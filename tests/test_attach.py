@@ -68,8 +68,11 @@ def test_dtype_and_device_moves(backdoored, repaired):
     fr.attach(model, profile)
     x = backdoored["eval_poison"][:16]
     ref = model(x)
+    directions = model.block2.fire_repair.directions.clone()
     low = model.to(torch.bfloat16)
-    assert low.block2.fire_repair.directions.dtype == torch.bfloat16
+    # the repair's tensors move but are not rounded: the kernels compute in fp32 anyway
+    assert low.block2.layer[0][0].weight.dtype == torch.bfloat16
+    assert torch.equal(low.block2.fire_repair.directions, directions)
     out = low(x.bfloat16())
     assert (out.float().argmax(1) == ref.argmax(1)).float().mean() > 0.9
     model.to(torch.float32)

@@ -8,7 +8,7 @@ Importing registers `torch.ops.fire.repair` and `torch.ops.fire.repair_with_scor
     fire_repair.attach(model, profile)
 """
 from . import _ext  # noqa: F401  (loads the extension, or warns how to build it)
-from .attach import Capture, RepairModule, attach, capture, detach, repair_modules
+from .attach import Capture, RepairModule, attach, capture, check_repairs, detach, repair_modules
 from .detect import scores
 from .estimate import Estimator
 from .online import Online
@@ -20,6 +20,6 @@ from .select import Selection, select, select_unpaired
 __version__ = "0.1.0"
 __all__ = [
     "Capture", "Estimator", "LayerRepair", "MODES", "Online", "Profile", "ProfileError", "RepairModule", "Selection",
-    "attach", "backend_for", "capture", "detach", "fingerprint", "repair", "repair_modules", "repair_reference",
-    "repair_with_scores", "scores", "select", "select_unpaired",
+    "attach", "backend_for", "capture", "check_repairs", "detach", "fingerprint", "repair", "repair_modules",
+    "repair_reference", "repair_with_scores", "scores", "select", "select_unpaired",
 ]

@@ -14,29 +14,74 @@ from typing import Optional
 
 import torch
 
+from .ops import _physical_perm
 from .profile import LayerRepair, Profile
 
 CHILD = "fire_repair"
 
 
 class RepairModule(torch.nn.Module):
-    """Applies `torch.ops.fire.repair` to its input with the tensors of one profile layer."""
+    """Applies `torch.ops.fire.repair` to its input with the tensors of one profile layer.
+
+    It owns its tensors, so it is where their values are checked (the op itself reads no value:
+    see `fire_repair.ops`): at construction, in `load_layer` and in `load_state_dict` (before
+    anything is copied in), and on demand with `check()`. The buffers stay fp32 whatever the
+    model's dtype (`.half()`, `.to(torch.bfloat16)` move them, never round them: the kernels
+    compute in fp32 anyway), and flattened directions follow the memory format of the inputs
+    they meet (once, in eager mode), so the op never converts or permutes them per call."""
+
+    BUFFERS = ("directions", "alpha", "center", "tau", "score_scale")
 
     def __init__(self, layer: LayerRepair, record_scores: bool = False):
         super().__init__()
+        layer.validate()
         self.layer_name, self.mode, self.channel_dim = layer.name, layer.mode, layer.channel_dim
-        self.register_buffer("directions", layer.directions.detach().clone())
-        self.register_buffer("alpha", layer.alpha.detach().clone())
-        self.register_buffer("center", layer.center.detach().clone())
-        self.register_buffer("tau", None if layer.tau is None else layer.tau.detach().clone())
+        f32 = dict(dtype=torch.float32, memory_format=torch.contiguous_format)
+        self.register_buffer("directions", layer.directions.detach().to(**f32, copy=True))
+        self.register_buffer("alpha", layer.alpha.detach().to(**f32, copy=True))
+        self.register_buffer("center", layer.center.detach().to(**f32, copy=True))
+        self.register_buffer("tau", None if layer.tau is None else layer.tau.detach().to(**f32, copy=True))
         scale = layer.score_scale if layer.score_scale is not None else torch.ones(layer.k)
-        self.register_buffer("score_scale", scale.detach().clone())
+        self.register_buffer("score_scale", scale.detach().to(**f32, copy=True))
         self.record_scores = record_scores  # deprecated: use fire_repair.capture(model)
         self.last_scores: Optional[torch.Tensor] = None
         self.last_input: Optional[torch.Tensor] = None
         self._capture: Optional["Capture"] = None  # set only inside `capture(model)`
+        self.register_load_state_dict_pre_hook(_check_incoming)
+
+    def check(self) -> None:
+        """Raises ValueError if a buffer holds a value the repair cannot use (NaN or inf; NaN
+        in tau), e.g. after a write that bypassed the library (`.data`, numpy, storage)."""
+        _check_values(self.layer_name, {name: getattr(self, name) for name in self.BUFFERS})
+
+    def _apply(self, fn, recurse=True):
+        # device moves apply; dtype casts do not (a cast to bf16 and back would round the
+        # directions for nothing: the kernels read any dtype but compute in fp32)
+        def keep_dtype(t):
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(device=moved.device)
+
+        return super()._apply(keep_dtype, recurse)
+
+    def _follow_layout(self, h: torch.Tensor) -> None:
+        """Lays flattened directions and centre out in h's physical order of feature dims
+        (e.g. channels_last), once, in eager mode: the op then reads them without a copy."""
+        if self.channel_dim is not None or self.directions.dim() != h.dim() or torch.compiler.is_compiling() or \
+                (h.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        perm = _physical_perm(h)
+        if perm is None:
+            return
+        for name, lead in (("directions", 1), ("center", 0)):
+            t = getattr(self, name)
+            order = list(range(lead)) + [p - 1 + lead for p in perm]  # outermost first
+            if t.permute(*order).is_contiguous():
+                continue
+            inverse = [order.index(d) for d in range(t.dim())]
+            setattr(self, name, t.permute(*order).contiguous().permute(*inverse))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self._follow_layout(h)
         if self._capture is None and not self.record_scores:
             return torch.ops.fire.repair(h, self.directions, self.alpha, self.center, self.tau, self.mode,
                                          self.channel_dim)
@@ -67,6 +112,7 @@ class RepairModule(torch.nn.Module):
                 layer.channel_dim != self.channel_dim:
             raise ValueError(f"layer {layer.name!r}: cannot update in place from mode {layer.mode}, "
                              f"shape {tuple(layer.directions.shape)}")
+        layer.validate()  # its tensors may have been edited since it was built
         self.directions.copy_(layer.directions)
         self.alpha.copy_(layer.alpha)
         self.center.copy_(layer.center)
@@ -78,6 +124,30 @@ class RepairModule(torch.nn.Module):
     def extra_repr(self) -> str:
         form = "flattened" if self.channel_dim is None else f"per position, channel_dim={self.channel_dim}"
         return f"layer={self.layer_name!r}, mode={self.mode!r}, k={self.directions.shape[0]}, {form}"
+
+
+def _check_values(layer_name: str, tensors: dict) -> None:
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        bad = torch.isnan(t).any() if name == "tau" else ~torch.isfinite(t).all()
+        if bool(bad):
+            what = "NaN" if name == "tau" else "NaN or inf"
+            raise ValueError(f"the repair at {layer_name!r}: {name} contains {what}")
+
+
+def _check_incoming(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """Before load_state_dict copies anything into a RepairModule: its new values must be usable."""
+    _check_values(module.layer_name, {name: state_dict[prefix + name] for name in module.BUFFERS
+                                      if isinstance(state_dict.get(prefix + name), torch.Tensor)})
+
+
+def check_repairs(model: torch.nn.Module) -> None:
+    """Re-checks the values of every repair attached to `model` (RepairModule.check); raises
+    ValueError naming the layer and tensor. The op does not read values on each call (a device
+    sync per call), so a server that lets code write into the buffers directly can call this."""
+    for module in repair_modules(model).values():
+        module.check()
 
 
 class RepairedLayer(torch.nn.Module):

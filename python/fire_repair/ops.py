@@ -19,10 +19,23 @@ Two row forms, chosen by `channel_dim`:
   (channels at stride H*W), channels_last and (N, T, C) tokens are all read in place.
 Either way `out` comes back in x's memory format. Only inputs whose rows cannot be addressed
 with one stride per level (e.g. x[:, ::2] flattened) are copied first.
+
+Values. The op checks types, devices and shapes on every call and never reads a value on the
+host (that would cost a device sync per call and could only be cached by tensor version, which
+`.data`, numpy and storage writes do not bump: the stale-result bug of earlier releases). So
+nothing is cached, and the arithmetic is plain IEEE fp32, the same on every backend and in the
+reference: NaN or inf in directions/center/alpha reach the output as they would in
+`x - w @ V`; a NaN in x makes its row's scores NaN and, in project and clamp, the whole
+repaired row NaN (shift subtracts a constant, so only the NaN elements stay NaN); an infinite
+score gives the infinities and NaNs of that arithmetic (clamp leaves a row whose score is -inf
+unrepaired). Finite inputs whose centred values x - mu or scores overflow fp32 (|.| > 3.4e38)
+give inf like any fp32 computation; scores are computed centred (<v, x - mu>), so a large
+common offset in x and mu costs no precision. The tensors' owners validate values where they
+are set: `RepairModule` (at attach, `load_layer`, `load_state_dict`), `Profile.load`,
+`LayerRepair`; `fire_repair.check(model)` re-checks an attached model on demand.
 """
 import math
 import os
-import weakref
 from typing import Optional
 
 import torch
@@ -42,51 +55,6 @@ BACKENDS = ("auto", "triton", "cuda", "cpu")
 
 # ----------------------------------------------------------------------------- validation
 
-def _is_eager(x: Tensor) -> bool:
-    """A real tensor outside tracing and CUDA-graph capture: values may be read and cached.
-    Decided once per op call, from x (the other tensors of a call are traced alike)."""
-    if type(x) not in (torch.Tensor, torch.nn.Parameter) or torch.compiler.is_compiling():
-        return False
-    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-_version_cache: dict = {}  # (id(tensor), tag) -> (weakref, version, value); tensors compare elementwise
-
-
-def _per_version(t: Tensor, tag, compute, eager: bool):
-    """compute() once per version of t in eager mode, so a module's buffers are checked and
-    converted once rather than on every call; every time for traced, captured or inference
-    tensors (no version counter)."""
-    if not eager or type(t) not in (torch.Tensor, torch.nn.Parameter):
-        return compute()
-    try:
-        version = t._version
-    except RuntimeError:
-        return compute()
-    key = (id(t), tag)
-    hit = _version_cache.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == version:
-        return hit[2]
-    value = compute()
-    _version_cache[key] = (weakref.ref(t, lambda _, key=key: _version_cache.pop(key, None)), version, value)
-    return value
-
-
-def _check_values(name: str, t: Tensor, eager: bool, allow_inf: bool = False) -> None:
-    """Rejects NaN (and inf unless allowed), in eager mode only: traced and captured tensors
-    have no values to read. One check (one sync on CUDA) per tensor version."""
-    if not eager:
-        return
-
-    def check():
-        ok = bool((~torch.isnan(t)).all()) if allow_inf else bool(torch.isfinite(t).all())
-        if not ok:
-            raise ValueError(f"fire.repair: {name} contains {'NaN' if allow_inf else 'NaN or inf'}")
-        return True
-
-    _per_version(t, ("finite", allow_inf), check, eager)
-
-
 def _channel_dim(x, channel_dim):
     """channel_dim as a dim of x in [1, x.dim()), or None for the flattened form."""
     if channel_dim is None:
@@ -101,9 +69,10 @@ def _channel_dim(x, channel_dim):
     return cd
 
 
-def _validate(x, directions, alpha, center, tau, mode, channel_dim, eager: bool):
-    """Checks the public arguments; returns (mode_id, alpha fp32, tau fp32 or None, channel dim
-    normalised). Nothing is broadcast."""
+def _validate(x, directions, alpha, center, tau, mode, channel_dim):
+    """Checks the public arguments' types, devices and shapes (exact and cheap: no values are
+    read, so no device sync and nothing to cache); returns (mode_id, alpha fp32, tau fp32 or
+    None, channel dim normalised). Nothing is broadcast."""
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"fire.repair: mode must be one of {MODES}, got {mode!r}")
     if x.dim() < 1:
@@ -145,12 +114,6 @@ def _validate(x, directions, alpha, center, tau, mode, channel_dim, eager: bool)
             raise ValueError(f"fire.repair: tau is only used by mode='clamp', got mode={mode!r}")
         if tuple(tau.shape) != (K,):
             raise ValueError(f"fire.repair: tau must be (K,) = ({K},), got {tuple(tau.shape)}")
-    _check_values("directions", directions, eager)
-    _check_values("alpha", alpha, eager)
-    if center is not None:
-        _check_values("center", center, eager)
-    if tau is not None:
-        _check_values("tau", tau, eager, allow_inf=True)
     f32 = torch.float32
     return MODE_IDS[mode], alpha.to(f32).contiguous(), None if tau is None else tau.to(f32).contiguous(), cd
 
@@ -190,20 +153,17 @@ def _physical_perm(x: Tensor):
     return dims
 
 
-def _in_order(t: Tensor, lead: int, feat: list, perm: list, eager: bool) -> Tensor:
+def _in_order(t: Tensor, lead: int, feat: list, perm: list) -> Tensor:
     """t as contiguous fp32 rows ((lead, D), or (D,) when lead is 0) whose columns follow the
-    physical order `perm` of x's feature dims (cached per tensor version in eager mode)."""
+    physical order `perm` of x's feature dims. No copy when t is already fp32 and laid out in
+    that order (e.g. (K, C, H, W) directions in channels_last for channels_last x: what
+    RepairModule keeps), a K*D copy otherwise."""
     D = math.prod(feat)
-    shape = ([lead] if lead else []) + feat
-
-    def build():
-        u = t.reshape(shape).to(torch.float32)
-        if perm != sorted(perm):
-            off = 1 if lead else 0
-            u = u.permute(*range(off), *[p - 1 + off for p in perm])
-        return u.reshape(([lead] if lead else []) + [D]).contiguous()
-
-    return _per_version(t, ("rows", tuple(perm)), build, eager)
+    u = t.reshape(([lead] if lead else []) + feat).to(torch.float32)
+    if perm != sorted(perm):
+        off = 1 if lead else 0
+        u = u.permute(*range(off), *[p - 1 + off for p in perm])
+    return u.reshape(([lead] if lead else []) + [D]).contiguous()
 
 
 def _mergeable(t: Tensor, start: int, end: int) -> bool:
@@ -252,7 +212,7 @@ def _position_rows(x: Tensor, cd: int):
     return x3, lambda out3: out3.reshape(xm.shape).movedim(-1, cd)
 
 
-def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool, eager: bool, cd=None):
+def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool, cd=None):
     """The repair of x (any layout). Flattened (cd None): `directions` (K, D) or (K, *feat) and
     `center` in logical order; per position (cd the channel dim): (K, C) and (C,). Any float
     dtype; alpha fp32 (K,) or (rows, K). Returns out (x's shape and memory format) and scores
@@ -261,16 +221,18 @@ def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool, eag
     if cd is None:
         x3, perm, restore = _flat_rows(x)
         feat = list(x.shape[1:])
-        V = _in_order(directions, K, feat, perm, eager)
-        center = None if center is None else _in_order(center, 0, feat, perm, eager)
+        V = _in_order(directions, K, feat, perm)
+        center = None if center is None else _in_order(center, 0, feat, perm)
         lead = [x.shape[0]]
     else:
         x3, restore = _position_rows(x, cd)
-        V = _per_version(directions, "rows", lambda: directions.to(torch.float32).contiguous(), eager)
-        if center is not None:
-            center = _per_version(center, "rows", lambda: center.to(torch.float32).contiguous(), eager)
+        V = directions.to(torch.float32).contiguous()
+        center = None if center is None else center.to(torch.float32).contiguous()
         lead = [s for d, s in enumerate(x.shape) if d != cd]
-    if backend_for(x.device) == "triton":
+    if x.device.type == "meta":  # shapes only (e.g. a model built on the meta device)
+        out3 = torch.empty_like(x3)
+        scores = x.new_empty((x3.shape[0] * x3.shape[1], K) if want_scores else (0,), dtype=torch.float32)
+    elif backend_for(x.device) == "triton":
         out3, scores = repair_rows(x3, V, alpha, center, tau, mode_id, want_scores)
     else:
         _ext.require_native()
@@ -305,9 +267,8 @@ def repair(
     mode: str = "project",
     channel_dim: Optional[int] = None,
 ) -> Tensor:
-    eager = _is_eager(x)
-    mode_id, a, t, cd = _validate(x, directions, alpha, center, tau, mode, channel_dim, eager)
-    return _run(x, directions, a, center, t, mode_id, False, eager, cd)[0]
+    mode_id, a, t, cd = _validate(x, directions, alpha, center, tau, mode, channel_dim)
+    return _run(x, directions, a, center, t, mode_id, False, cd)[0]
 
 
 @_define("fire::repair_with_scores")
@@ -320,9 +281,8 @@ def repair_with_scores(
     mode: str = "project",
     channel_dim: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
-    eager = _is_eager(x)
-    mode_id, a, t, cd = _validate(x, directions, alpha, center, tau, mode, channel_dim, eager)
-    out, scores = _run(x, directions, a, center, t, mode_id, True, eager, cd)
+    mode_id, a, t, cd = _validate(x, directions, alpha, center, tau, mode, channel_dim)
+    out, scores = _run(x, directions, a, center, t, mode_id, True, cd)
     return out, scores
 
 
@@ -333,7 +293,7 @@ def _repair_grad(
     """grad - sum_k weights[r, k] <grad_r, v_k> v_k, and <grad_r, v_k>, per row r, in one pass
     (backward). Rows as in the forward op: per sample, or per sample and position."""
     cd = _channel_dim(grad, channel_dim)
-    out, p = _run(grad, directions, weights, None, None, fire_kernels.PROJECT, True, _is_eager(grad), cd)
+    out, p = _run(grad, directions, weights, None, None, fire_kernels.PROJECT, True, cd)
     return out, p
 
 
@@ -432,5 +392,43 @@ def _backward(ctx, grad_out, grad_scores=None):
     return (dx, dV, da, dmu, dtau, None, None)[:n_inputs]
 
 
+# Second derivatives (e.g. a gradient penalty on the input): `_repair_grad` is linear in grad,
+# out_r = (I - sum_k w_rk v_k v_k^T) grad_r and p_rk = <grad_r, v_k>. The matrix is symmetric,
+# so its vector-Jacobian product is the same fused pass; p contributes sum_k gp_rk v_k. The
+# weights depend on alpha (and on x only through clamp's piecewise-constant active set), so
+# x's second derivative needs nothing else; derivatives through directions or weights are not
+# implemented and say so.
+
+def _grad_setup(ctx, inputs, output):
+    grad, directions, weights, *rest = inputs
+    ctx.channel_dim = rest[0] if rest else None
+    ctx.grad_shape = grad.shape
+    ctx.save_for_backward(directions, weights)
+
+
+def _grad_backward(ctx, g_out, g_p):
+    directions, weights = ctx.saved_tensors
+    n_inputs = len(ctx.needs_input_grad)
+    if any(ctx.needs_input_grad[1:3]):
+        raise NotImplementedError(
+            "fire.repair: second derivatives are implemented with respect to x only; a double backward "
+            "through the directions, alpha, center or tau (create_graph=True with those requiring grad) is not")
+    dgrad = None
+    if ctx.needs_input_grad[0]:
+        cd = ctx.channel_dim
+        dgrad = _repair_grad(g_out, directions, weights, cd)[0]
+        if g_p is not None:
+            K = directions.shape[0]
+            back = g_p.reshape(-1, K).float() @ directions.reshape(K, -1).float()
+            if cd is None:
+                back = back.reshape(ctx.grad_shape)
+            else:
+                moved = torch.empty(ctx.grad_shape, device="meta").movedim(cd, -1).shape
+                back = back.reshape(moved).movedim(-1, cd)
+            dgrad = dgrad + back.to(dgrad.dtype)
+    return (dgrad, None, None, None)[:n_inputs]
+
+
 repair.register_autograd(_backward, setup_context=_setup)
 repair_with_scores.register_autograd(_backward, setup_context=_setup)
+_repair_grad.register_autograd(_grad_backward, setup_context=_grad_setup)
