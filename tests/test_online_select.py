@@ -138,3 +138,34 @@ def test_unpaired_selection_needs_no_twins_and_no_labels(backdoored):
     assert sel.profile.info["selection"]["inferred_target"] == backdoored["attack"].target
     assert len(sel.evidence) == 3
     assert _pa_with(model, sel.profile, backdoored) > 0.85
+
+
+@pytest.mark.parametrize("flags", [[True, False, True, False], "numpy", True])
+def test_online_step_takes_flags_as_the_estimator_does(flags):
+    import numpy as np
+    from helpers import identity_model, planted
+
+    clean, poisoned, _ = planted(n=40)
+    model = identity_model()
+    est = fr.Estimator(model, ["feat"])
+    est.observe(clean, poisoned=False)
+    online = fr.Online(model, est, mode="clamp", threshold=None)
+    try:
+        if flags == "numpy":
+            flags = np.array([True, False, True, False])
+        _, used = online.step(poisoned[:4], poisoned=flags)
+        assert used.dtype == torch.bool and used.shape == (4,)
+        assert online.seen_poisoned == int(used.sum()) > 0
+        with pytest.raises(ValueError, match="one flag per sample"):
+            online.step(poisoned[:4], poisoned=[True] * 3)
+        with pytest.raises(ValueError, match="booleans"):
+            online.step(poisoned[:4], poisoned=torch.rand(4))
+    finally:
+        online.close()
+
+
+def test_select_refuses_pairs_of_different_sizes(backdoored):
+    est = fr.Estimator(backdoored["model"], ["block2"])
+    clean, poisoned = backdoored["hold_pairs"]
+    with pytest.raises(ValueError, match="pairs must have equal shapes"):
+        fr.select(backdoored["model"], est, clean[:8], poisoned[:6])

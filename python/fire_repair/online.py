@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .attach import attach, capture, detach, repair_modules
-from .estimate import Estimator
+from .estimate import Estimator, _poison_mask
 from .profile import Profile
 
 
@@ -64,10 +64,10 @@ class Online:
         flags = poisoned
         if flags is None and cap is not None and self.threshold is not None:
             flags = cap.score(self.estimator.layers[0]) > self.threshold
-        if flags is not None:
-            flags = torch.as_tensor(flags, dtype=torch.bool).cpu()
-            if flags.shape != (x.shape[0],):
-                raise ValueError(f"poisoned must be one flag per sample, ({x.shape[0]},), got {tuple(flags.shape)}")
+        if flags is not None:  # the estimator's rules: bools, numpy, sequences, 0/1 tensors
+            flags = _poison_mask(flags, x.shape[0])
+            if flags is None:  # poisoned=False: nothing to learn from this batch
+                flags = torch.zeros(x.shape[0], dtype=torch.bool)
         if flags is not None and flags.any():
             if cap is not None:  # activations captured before the repair, in the pass above
                 for name, h in cap.inputs.items():
