@@ -44,7 +44,7 @@ def _extension():
 
 setup(
     name="fire-kernels",
-    version="0.1.0",
+    version="0.2.0",
     description="Fused kernels for FIRE: inference-time repair of backdoored networks",
     package_dir={"": "python", "fire_kernels": "fire_kernels"},
     packages=["fire_repair", "fire_repair.eval", "fire_kernels"],

@@ -28,7 +28,7 @@ for step in $steps; do
     gpu)   timeout 200 python3 -m pytest tests/test_gpu.py -v -p no:randomly -rfEs --timeout=120 \
                > "$OUT/test_gpu.log" 2>&1
            echo "test_gpu rc=$?"; tail -15 "$OUT/test_gpu.log" ;;
-    ops)   OMP_NUM_THREADS=1 timeout 300 python3 -m pytest tests/test_op*.py -q -n 12 -p no:randomly -rfE --timeout=90 \
+    ops)   OMP_NUM_THREADS=1 timeout 300 python3 -m pytest tests/test_op*.py tests/test_hardening.py tests/test_properties.py -q -n 12 -p no:randomly -rfE --timeout=90 \
                > "$OUT/ops.log" 2>&1
            echo "ops rc=$?"; grep -E "FAILED|ERROR|Timeout|passed|failed" "$OUT/ops.log" | tail -25 ;;
     tests) OMP_NUM_THREADS=1 timeout 330 python3 -m pytest tests -v -n 12 -p no:randomly -rfE --timeout=90 --deselect tests/test_gpu.py \

@@ -21,7 +21,7 @@ def _random_profile(model, layer, k=4, mode="clamp"):
     fs = tuple(h["o"].shape[1:])
     D = h["o"][0].numel()
     V = torch.linalg.qr(torch.randn(D, k, generator=g))[0].T.reshape(k, *fs).contiguous()
-    layer_repair = fr.LayerRepair(name=layer, mode=mode, directions=V, alpha=torch.ones(k),
+    layer_repair = fr.LayerProfile(name=layer, mode=mode, directions=V, alpha=torch.ones(k),
                                   center=torch.zeros(fs), tau=torch.full((k,), 3.0) if mode == "clamp" else None,
                                   score_scale=torch.ones(k))
     return fr.Profile(layers=[layer_repair])
@@ -57,7 +57,7 @@ def test_online_step(benchmark, arch, layer):
     poisoned = clean.clone()
     poisoned[..., -3:, -3:] = 1.0
     est.observe(poisoned[:8], poisoned=True)
-    online = fr.Online(model, est, mode="clamp", threshold=None)
+    online = fr.Online(est, mode="clamp", threshold=None)
     batch = 8
     flags = torch.ones(batch, dtype=torch.bool, device=DEVICE)
     xb = poisoned[:batch]

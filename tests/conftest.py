@@ -52,20 +52,9 @@ def pytest_report_header(config):
 
 
 def _backdoored(name):
-    from fire_repair.eval import attacks, data, models, train
+    from fire_repair.eval.scenario import backdoored_digits
 
-    ds = data.digits(seed=0)
-    attack = attacks.build(name, target=0)
-    x, y, _ = attacks.poison_training_set(ds.x_train, ds.y_train, attack, rate=0.1, seed=0)
-    torch.manual_seed(0)
-    model = train.train(models.build("cnn"), x, y, epochs=8, progress=False)
-    px, cx, ty = attacks.poisoned_test_set(ds.x_test, ds.y_test, attack)
-    half, phalf = len(ds.y_test) // 2, len(ty) // 2
-    return {
-        "model": model, "attack": attack,
-        "hold_clean": ds.x_test[:half], "eval_clean": ds.x_test[half:], "eval_y": ds.y_test[half:],
-        "hold_pairs": (cx[:phalf], px[:phalf]), "eval_poison": px[phalf:], "eval_poison_y": ty[phalf:],
-    }
+    return backdoored_digits(name, seed=0)
 
 
 @pytest.fixture(scope="session")

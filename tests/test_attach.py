@@ -99,9 +99,9 @@ def test_scores_detect_the_trigger(backdoored, repaired):
     hook = model.block2.register_forward_hook(lambda m, i, o: acts.__setitem__("h", o))  # runs before the repair
     with torch.no_grad():
         model(backdoored["eval_poison"])
-        pos = module.scores(acts["h"])
+        pos = module.backdoor_scores(acts["h"])
         model(backdoored["eval_clean"])
-        neg = module.scores(acts["h"])
+        neg = module.backdoor_scores(acts["h"])
     hook.remove()
     assert auroc(pos, neg) > 0.95
 
@@ -127,7 +127,7 @@ def test_capture_gives_inputs_projections_and_scores_then_restores(backdoored, r
     torch.testing.assert_close(captured, plain)  # the same repair, scores from the same pass
     module = fr.repair_modules(model)["block2"]
     assert cap.inputs["block2"].shape[0] == 8 and cap.projections["block2"].shape == (8, 1)
-    torch.testing.assert_close(cap.score("block2"), module.scores(cap.inputs["block2"]))
+    torch.testing.assert_close(cap.score("block2"), module.backdoor_scores(cap.inputs["block2"]))
     assert module._capture is None  # restored: later forwards record nothing
     with pytest.raises(KeyError, match="no forward pass"):
         cap.score("block1")
@@ -158,7 +158,7 @@ def test_parent_and_child_both_repair_whatever_the_order(order):
     for name in order:
         V = torch.zeros(1, 6)
         V[0, 0] = 1.0
-        layers.append(fr.LayerRepair(name=name, mode="shift", directions=V, alpha=torch.ones(1),
+        layers.append(fr.LayerProfile(name=name, mode="shift", directions=V, alpha=torch.ones(1),
                                      center=torch.zeros(6)))
     x = torch.randn(4, 6)
     with torch.no_grad():

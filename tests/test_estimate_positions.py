@@ -189,10 +189,10 @@ def test_version_1_profiles_still_load_as_flattened(tmp_path):
 
 def test_layer_repair_rejects_a_bad_channel_dim():
     with pytest.raises(fr.ProfileError, match="channel_dim must be None or a non-zero int"):
-        fr.LayerRepair(name="x", mode="project", directions=torch.randn(1, C), alpha=torch.ones(1),
+        fr.LayerProfile(name="x", mode="project", directions=torch.randn(1, C), alpha=torch.ones(1),
                        center=torch.zeros(C), channel_dim=0)
     with pytest.raises(fr.ProfileError, match="per-position directions must be"):
-        fr.LayerRepair(name="x", mode="project", directions=torch.randn(1, C, 2), alpha=torch.ones(1),
+        fr.LayerProfile(name="x", mode="project", directions=torch.randn(1, C, 2), alpha=torch.ones(1),
                        center=torch.zeros(C, 2), channel_dim=1)
 
 
@@ -218,7 +218,7 @@ def test_online_refines_per_position_directions():
     model = map_model()
     est = fr.Estimator(model, ["feat"], per_position=True)
     est.observe(clean[:48], poisoned=False)
-    online = fr.Online(model, est, mode="clamp", threshold=None)
+    online = fr.Online(est, mode="clamp", threshold=None)
     try:
         for i in range(48, 96, 16):
             online.step(poisoned[i:i + 16], poisoned=torch.ones(16, dtype=torch.bool))
@@ -237,11 +237,11 @@ def test_select_chooses_between_forms(backdoored_moving):
     pos = fr.Estimator(model, ["block2"], per_position=True)
     for est in (flat, pos):
         est.observe(b["hold_clean"], poisoned=False)
-    sel = fr.select(model, [flat, pos], *b["hold_pairs"], alphas=(1.0,), x_clean_reference=b["hold_clean"])
+    sel = fr.select([flat, pos], *b["hold_pairs"], alphas=(1.0,), x_clean_reference=b["hold_clean"])
     forms = {e["form"] for e in sel.evidence}
     assert forms == {"flattened", "per_position"}
     best = max(sel.evidence, key=lambda e: e["agreement"])
     assert sel.form == best["form"] and sel.profile.layer("block2").form == sel.form
     assert "per_position" in sel.table()
     with pytest.raises(ValueError, match="two estimators of the same form"):
-        fr.select(model, [pos, pos], *b["hold_pairs"], alphas=(1.0,))
+        fr.select([pos, pos], *b["hold_pairs"], alphas=(1.0,))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fire_repair as fr
-from fire_repair.profile import LayerRepair, Profile
+from fire_repair.profile import LayerProfile, Profile
 
 
 def _rss_mib() -> float:
@@ -35,7 +35,7 @@ def _write_numpy(V, W):
 
 
 def _write_storage(V, W):
-    torch.tensor([], dtype=V.dtype).set_(V.untyped_storage(), 0, V.shape, V.stride()).copy_(W)
+    torch.tensor([], dtype=V.dtype, device=V.device).set_(V.untyped_storage(), 0, V.shape, V.stride()).copy_(W)
 
 
 def _assign_data(V, W):
@@ -71,7 +71,7 @@ def test_writes_that_bypass_version_counters_are_seen(backend, write, layout):
 
 def test_nan_written_past_the_version_counter_is_the_ieee_answer_and_check_repairs_finds_it(backend):
     model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).to(backend)
-    layer = LayerRepair("1", "project", torch.eye(6)[:2], torch.ones(2), torch.zeros(6))
+    layer = LayerProfile("1", "project", torch.eye(6)[:2], torch.ones(2), torch.zeros(6))
     fr.attach(model, Profile([layer], fingerprint=fr.fingerprint(model)))
     x = torch.randn(4, 6, device=backend)
     assert torch.isfinite(model(x)).all()
@@ -113,7 +113,7 @@ def test_ten_thousand_fresh_directions_tensors_leave_memory_flat():
 @pytest.mark.slow
 def test_ten_thousand_attach_detach_cycles_leave_memory_flat():
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
-    layer = LayerRepair("0", "clamp", torch.randn(4, 256), torch.ones(4), torch.zeros(256), tau=torch.zeros(4))
+    layer = LayerProfile("0", "clamp", torch.randn(4, 256), torch.ones(4), torch.zeros(256), tau=torch.zeros(4))
     profile = Profile([layer], fingerprint=fr.fingerprint(model))
     x = torch.randn(2, 64)
     refs = []
@@ -132,7 +132,7 @@ def test_ten_thousand_attach_detach_cycles_leave_memory_flat():
 # ----------------------------------------------------------------------------- values where owned
 
 def _module(mode="clamp"):
-    layer = LayerRepair("l", mode, torch.randn(2, 8), torch.ones(2), torch.zeros(8),
+    layer = LayerProfile("l", mode, torch.randn(2, 8), torch.ones(2), torch.zeros(8),
                         tau=torch.zeros(2) if mode == "clamp" else None)
     return layer, fr.RepairModule(layer)
 
@@ -181,7 +181,7 @@ def test_buffers_move_devices_but_keep_fp32_under_dtype_casts():
 
 def test_flattened_directions_follow_the_input_layout_once():
     g = torch.Generator().manual_seed(0)
-    layer = LayerRepair("l", "project", torch.randn(2, 3, 5, 7, generator=g), torch.ones(2),
+    layer = LayerProfile("l", "project", torch.randn(2, 3, 5, 7, generator=g), torch.ones(2),
                         torch.randn(3, 5, 7, generator=g))
     module = fr.RepairModule(layer)
     x = torch.randn(4, 3, 5, 7, generator=g).contiguous(memory_format=torch.channels_last)
@@ -319,12 +319,12 @@ def test_select_scores_and_metrics_restore_the_training_flag():
     est = fr.Estimator(model, ["1"], k=1)
     est.observe(torch.randn(64, 8), poisoned=False)
     x_clean = torch.randn(8, 8)
-    sel = fr.select(model, est, x_clean, x_clean + 3, alphas=(1.0,), folds=2)
+    sel = fr.select(est, x_clean, x_clean + 3, alphas=(1.0,), folds=2)
     assert model.training
     predict(model, x_clean)
     assert model.training
     fr.attach(model, sel.profile, check_fingerprint=False)
-    fr.scores(model, x_clean)
+    fr.backdoor_scores(model, x_clean)
     assert model.training
     with pytest.raises(ValueError, match="batch must be >= 1"):
-        fr.scores(model, x_clean, batch=0)
+        fr.backdoor_scores(model, x_clean, batch=0)

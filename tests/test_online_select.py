@@ -14,7 +14,7 @@ def test_online_with_caller_flags_raises_poisoned_accuracy(backdoored):
     model = backdoored["model"]
     est = fr.Estimator(model, ["block2"])
     est.observe(backdoored["hold_clean"], poisoned=False)
-    online = fr.Online(model, est, mode="clamp", threshold=None)
+    online = fr.Online(est, mode="clamp", threshold=None)
     try:
         start = _pa(model, backdoored)  # nothing poisoned seen yet: no repair
         stream = backdoored["hold_pairs"][1][:64]
@@ -34,7 +34,7 @@ def test_online_detector_flags_without_labels(backdoored):
     est = fr.Estimator(model, ["block2"])
     est.observe(backdoored["hold_clean"], poisoned=False)
     est.observe(backdoored["hold_pairs"][1][:2], poisoned=True)  # two known poisoned samples to start
-    online = fr.Online(model, est, mode="clamp", threshold=3.0)
+    online = fr.Online(est, mode="clamp", threshold=3.0)
     try:
         mixed = torch.cat([backdoored["hold_pairs"][1][2:34], backdoored["hold_clean"][:32]])
         flagged = []
@@ -54,7 +54,7 @@ def test_selection_is_label_free_and_reports_evidence(backdoored):
     est.observe(backdoored["hold_clean"], poisoned=False)
     cx, px = backdoored["hold_pairs"]
     model.train()
-    sel = fr.select(model, est, cx[:16], px[:16], modes=["clamp", "project"], alphas=[0.5, 1.0],
+    sel = fr.select(est, cx[:16], px[:16], modes=["clamp", "project"], alphas=[0.5, 1.0],
                     x_clean_reference=backdoored["hold_clean"])
     assert model.training  # the caller's mode is restored
     model.eval()
@@ -81,7 +81,7 @@ def _pa_with(model, profile, b):
 def test_selection_scores_out_of_fold(backdoored, monkeypatch):
     """Each fold's directions come from the other folds' pairs only (12 of 16 here); the final
     profile from all 16."""
-    from fire_repair.select import _folds
+    from fire_repair.selection import _folds
 
     folds = _folds(16, 4, seed=0)
     assert sorted(torch.cat(folds).tolist()) == list(range(16)) and all(len(f) == 4 for f in folds)
@@ -94,12 +94,12 @@ def test_selection_scores_out_of_fold(backdoored, monkeypatch):
     est = fr.Estimator(model, ["block2"])
     est.observe(backdoored["hold_clean"][:64], poisoned=False)
     cx, px = backdoored["hold_pairs"]
-    fr.select(model, est, cx[:16], px[:16], alphas=[1.0], folds=4)
+    fr.select(est, cx[:16], px[:16], alphas=[1.0], folds=4)
     assert [c.stats["block2"].n_pairs for c in clones] == [12, 12, 12, 12, 16]
 
 
 def test_selection_ties_go_to_the_margin_not_the_order():
-    from fire_repair.select import _choose
+    from fire_repair.selection import _choose
 
     ev = [{"layers": ["a"], "mode": "clamp", "alpha": 1.0, "agreement": 1.0, "margin": 0.5, "clean_change": 0.0},
           {"layers": ["b"], "mode": "clamp", "alpha": 1.0, "agreement": 1.0, "margin": 3.0, "clean_change": 0.005},
@@ -116,7 +116,7 @@ def test_selection_with_pairs_already_observed_warns(backdoored):
     cx, px = backdoored["hold_pairs"]
     est.observe_pairs(cx[:8], px[:8])
     with pytest.warns(DeprecationWarning, match="already observed pairs"):
-        fr.select(model, est, cx[:8], px[:8], alphas=[1.0])
+        fr.select(est, cx[:8], px[:8], alphas=[1.0])
 
 
 def test_selection_refuses_empty_grids(backdoored):
@@ -126,7 +126,7 @@ def test_selection_refuses_empty_grids(backdoored):
     cx, px = backdoored["hold_pairs"]
     for bad in ({"layer_sets": []}, {"alphas": ()}, {"modes": []}):
         with pytest.raises(ValueError, match="at least one"):
-            fr.select(model, est, cx[:8], px[:8], **bad)
+            fr.select(est, cx[:8], px[:8], **bad)
 
 
 def test_unpaired_selection_needs_no_twins_and_no_labels(backdoored):
@@ -134,7 +134,7 @@ def test_unpaired_selection_needs_no_twins_and_no_labels(backdoored):
     est = fr.Estimator(model, ["block1", "block2", "block3"])
     est.observe(backdoored["hold_clean"], poisoned=False)
     flagged = backdoored["hold_pairs"][1][:32]
-    sel = fr.select_unpaired(model, est, flagged, backdoored["hold_clean"], alphas=[1.0])
+    sel = fr.select_unpaired(est, flagged, backdoored["hold_clean"], alphas=[1.0])
     assert sel.profile.info["selection"]["inferred_target"] == backdoored["attack"].target
     assert len(sel.evidence) == 3
     assert _pa_with(model, sel.profile, backdoored) > 0.85
@@ -149,7 +149,7 @@ def test_online_step_takes_flags_as_the_estimator_does(flags):
     model = identity_model()
     est = fr.Estimator(model, ["feat"])
     est.observe(clean, poisoned=False)
-    online = fr.Online(model, est, mode="clamp", threshold=None)
+    online = fr.Online(est, mode="clamp", threshold=None)
     try:
         if flags == "numpy":
             flags = np.array([True, False, True, False])
@@ -168,4 +168,4 @@ def test_select_refuses_pairs_of_different_sizes(backdoored):
     est = fr.Estimator(backdoored["model"], ["block2"])
     clean, poisoned = backdoored["hold_pairs"]
     with pytest.raises(ValueError, match="pairs must have equal shapes"):
-        fr.select(backdoored["model"], est, clean[:8], poisoned[:6])
+        fr.select(est, clean[:8], poisoned[:6])

@@ -1,7 +1,7 @@
 """The op inside models under torch.compile(fullgraph=True, dynamic=True) and torch.export."""
 import pytest
 import torch
-from helpers import make_params
+from helpers import check_compiled_matches_eager, check_compiled_scores_and_grads, make_params
 
 import fire_repair as fr
 
@@ -31,35 +31,11 @@ class Repaired(torch.nn.Module):
 @pytest.mark.parametrize("mode", fr.MODES)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_compile_fullgraph_dynamic_matches_eager(mode, memory_format):
-    torch._dynamo.reset()
-    model = Repaired(mode, memory_format=memory_format).eval()
-    compiled = torch.compile(model, fullgraph=True, dynamic=True)
-    with torch.no_grad():
-        # all >= 16: CPU conv fakes guard on batch < 16; 17 equals no static dim (duck sizing)
-        for i, n in enumerate([17, 33, 64]):
-            x = torch.randn(n, 3, 6, 6)
-            # after the first call, a new batch size must not recompile
-            with torch._dynamo.config.patch(error_on_recompile=i > 0):
-                got = compiled(x)
-            torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+    check_compiled_matches_eager(Repaired(mode, memory_format=memory_format).eval())
 
 
 def test_compile_with_scores_and_backward():
-    torch._dynamo.reset()
-    model = Repaired("clamp", with_scores=True)
-    compiled = torch.compile(model, fullgraph=True, dynamic=True)
-    x = torch.randn(5, 3, 6, 6, requires_grad=True)
-    y, s = compiled(x)
-    (y.sum() + s.sum()).backward()
-    g = x.grad.clone()
-    x.grad = None
-    y2, s2 = model(x)
-    (y2.sum() + s2.sum()).backward()
-    torch.testing.assert_close(y, y2, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(s, s2, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(g, x.grad, rtol=1e-4, atol=1e-4)
-    for p in model.parameters():
-        assert p.grad is not None
+    check_compiled_scores_and_grads(Repaired("clamp", with_scores=True))
 
 
 @pytest.mark.parametrize("op_name", ["repair", "repair_with_scores"])

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from helpers import OUT_TOL, SCORE_TOL
+from helpers import OUT_TOL, SCORE_TOL, check_compiled_matches_eager, check_compiled_scores_and_grads
 
 import fire_repair as fr
 
@@ -241,31 +241,12 @@ class PositionRepaired(torch.nn.Module):
 @pytest.mark.parametrize("mode", fr.MODES)
 @pytest.mark.parametrize("form", ["nchw", "nhwc", "tokens"])
 def test_compile_fullgraph_dynamic_matches_eager(mode, form):
-    torch._dynamo.reset()
     fmt = torch.channels_last if form == "nhwc" else torch.contiguous_format
-    model = PositionRepaired(mode, tokens=form == "tokens", memory_format=fmt).eval()
-    compiled = torch.compile(model, fullgraph=True, dynamic=True)
-    with torch.no_grad():
-        for i, n in enumerate([17, 33, 64]):
-            x = torch.randn(n, 3, 6, 6)
-            with torch._dynamo.config.patch(error_on_recompile=i > 0):
-                got = compiled(x)
-            torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+    check_compiled_matches_eager(PositionRepaired(mode, tokens=form == "tokens", memory_format=fmt).eval())
 
 
 def test_compile_with_scores_and_backward():
-    torch._dynamo.reset()
-    model = PositionRepaired("clamp", with_scores=True)
-    compiled = torch.compile(model, fullgraph=True, dynamic=True)
-    x = torch.randn(5, 3, 6, 6, requires_grad=True)
-    y, s = compiled(x)
-    (y.sum() + s.sum()).backward()
-    g = x.grad.clone()
-    x.grad = None
-    y2, s2 = model(x)
-    (y2.sum() + s2.sum()).backward()
-    torch.testing.assert_close(s, s2, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(g, x.grad, rtol=1e-4, atol=1e-4)
+    check_compiled_scores_and_grads(PositionRepaired("clamp", with_scores=True))
 
 
 @pytest.mark.parametrize("tokens", [False, True])

@@ -19,6 +19,14 @@ def model_and_profile():
     return model, est.profile(mode="clamp", alpha=[1.0, 0.5], tau_quantile=0.95)
 
 
+def _saved(tmp_path, profile):
+    """(path, file bytes, header length including its 8-byte size) of the saved profile."""
+    path = tmp_path / "p.safetensors"
+    profile.save(path)
+    data = path.read_bytes()
+    return path, data, 8 + struct.unpack("<Q", data[:8])[0]
+
+
 def test_round_trip(tmp_path, model_and_profile):
     model, profile = model_and_profile
     path = tmp_path / "p.fire.safetensors"
@@ -71,18 +79,15 @@ def test_tampered_tensor_bytes_are_refused(tmp_path, model_and_profile):
 
 def test_tampered_header_is_refused(tmp_path, model_and_profile):
     _, profile = model_and_profile
-    path = tmp_path / "p.safetensors"
-    profile.save(path)
-    data = path.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
+    path, data, end = _saved(tmp_path, profile)
+    header = json.loads(data[8:end])
     meta = header["__metadata__"]
     layers = json.loads(meta["layers"])
     layers[0]["mode"] = "project"  # a clamp profile relabelled: its tau no longer fits
     meta["layers"] = json.dumps(layers)
     new = json.dumps(header).encode()
     new += b" " * (-len(new) % 8)
-    path.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
+    path.write_bytes(struct.pack("<Q", len(new)) + new + data[end:])
     with pytest.raises(fr.ProfileError, match="checksum"):  # the digest covers the metadata
         fr.Profile.load(path)
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
@@ -117,7 +122,7 @@ def test_layer_validation(model_and_profile, change, text):
                   tau=layer.tau)
     kwargs.update(change)
     with pytest.raises(fr.ProfileError, match=text):
-        fr.LayerRepair(**kwargs)
+        fr.LayerProfile(**kwargs)
 
 
 # ----------------------------------------------------------------------------- tampering, as an attacker would
@@ -220,11 +225,8 @@ def test_non_regular_files_are_refused_without_blocking(tmp_path):
 def test_every_flipped_byte_is_refused_or_loads_identically(tmp_path, model_and_profile):
     """Each byte of the header, and every 64th byte of the data, flipped one at a time."""
     model, profile = model_and_profile
-    path = tmp_path / "p.safetensors"
-    profile.save(path)
+    path, data, n_header = _saved(tmp_path, profile)
     original = fr.Profile.load(path, model)
-    data = path.read_bytes()
-    n_header = 8 + struct.unpack("<Q", data[:8])[0]
     positions = list(range(n_header)) + list(range(n_header, len(data), 64))
     refused = identical = 0
     bad = tmp_path / "flip.safetensors"

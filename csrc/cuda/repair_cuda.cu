@@ -22,6 +22,18 @@ constexpr int kThreads = 256;
 constexpr int kTileP = 32;      // positions per tile: one per lane
 constexpr int kTileGroups = 8;  // warps splitting a tile's channels
 
+// Everything a kernel needs besides x, out and their layout (passed by value).
+struct Params {
+  const float* V;       // (K, D) directions
+  const float* alpha;   // (K,) or per row (rows, K)
+  int64_t stride_alpha; // 0 or K
+  const float* center;  // (D,) or null
+  const float* tau;     // (K,) or null
+  float* scores;        // (rows, K) or null
+  int K, mode;
+  bool need_c;          // the projections are needed (not shift without scores)
+};
+
 // Sum over the block; every thread gets the result. `red` holds one float per warp.
 __device__ __forceinline__ float block_sum(float v, float* red) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -37,38 +49,35 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 
 template <typename scalar_t>
 __global__ void repair_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, Rows L,
-                                   const float* __restrict__ V, const float* __restrict__ alpha,
-                                   int64_t stride_alpha, const float* __restrict__ center,
-                                   const float* __restrict__ tau, float* __restrict__ scores, int K,
-                                   int mode, bool need_c) {
+                                   Params args) {
   extern __shared__ float smem[];
   float* w = smem;        // K per-row weights
-  float* red = smem + K;  // one slot per warp
+  float* red = smem + args.K;  // one slot per warp
   const int64_t N = L.B * L.P, D = L.D;
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
     const scalar_t* xr = x + L.x_row(n);
-    for (int k = 0; k < K; ++k) {
+    for (int k = 0; k < args.K; ++k) {
       float ck = 0.f;
-      if (need_c) {
+      if (args.need_c) {
         float acc = 0.f;
-        const float* vk = V + k * D;
+        const float* vk = args.V + k * D;
         for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
           float xv = static_cast<float>(xr[d * L.sxd]);
-          if (center) xv -= center[d];
+          if (args.center) xv -= args.center[d];
           acc += xv * vk[d];
         }
         ck = block_sum(acc, red);
-        if (scores && threadIdx.x == 0) scores[n * K + k] = ck;
+        if (args.scores && threadIdx.x == 0) args.scores[n * args.K + k] = ck;
       }
       if (threadIdx.x == 0) {
-        w[k] = mode_weight(mode, alpha[n * stride_alpha + k], ck, tau ? tau[k] : 0.f);
+        w[k] = mode_weight(args.mode, args.alpha[n * args.stride_alpha + k], ck, args.tau ? args.tau[k] : 0.f);
       }
     }
     __syncthreads();
     scalar_t* orow = out + L.out_row(n);
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
       float y = static_cast<float>(xr[d * L.sxd]);
-      for (int k = 0; k < K; ++k) y -= w[k] * V[k * D + d];
+      for (int k = 0; k < args.K; ++k) y -= w[k] * args.V[k * D + d];
       orow[d * L.sod] = static_cast<scalar_t>(y);
     }
     __syncthreads();  // w is rewritten for the next row
@@ -77,28 +86,25 @@ __global__ void repair_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __r
 
 template <typename scalar_t>
 __global__ void repair_tiles_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, Rows L,
-                                    const float* __restrict__ V, const float* __restrict__ alpha,
-                                    int64_t stride_alpha, const float* __restrict__ center,
-                                    const float* __restrict__ tau, float* __restrict__ scores, int K,
-                                    int mode, bool need_c) {
+                                    Params args) {
   extern __shared__ float smem[];
   float* w = smem;                 // K x kTileP weights
-  float* red = smem + K * kTileP;  // kTileGroups x kTileP partial sums
+  float* red = smem + args.K * kTileP;  // kTileGroups x kTileP partial sums
   const int lane = threadIdx.x, group = threadIdx.y;
   const int64_t D = L.D, pblocks = (L.P + kTileP - 1) / kTileP;
   for (int64_t t = blockIdx.x; t < L.B * pblocks; t += gridDim.x) {
     const int64_t b = t / pblocks, p = (t % pblocks) * kTileP + lane, r = b * L.P + p;
     const bool live = p < L.P;
     const scalar_t* xp = x + b * L.sxb + p * L.sxp;
-    for (int k = 0; k < K; ++k) {
+    for (int k = 0; k < args.K; ++k) {
       float ck = 0.f;
-      if (need_c) {
+      if (args.need_c) {
         float acc = 0.f;
         if (live) {
           for (int64_t d = group; d < D; d += kTileGroups) {
             float xv = static_cast<float>(xp[d * L.sxd]);
-            if (center) xv -= center[d];
-            acc += xv * V[k * D + d];
+            if (args.center) xv -= args.center[d];
+            acc += xv * args.V[k * D + d];
           }
         }
         red[group * kTileP + lane] = acc;
@@ -108,8 +114,8 @@ __global__ void repair_tiles_kernel(const scalar_t* __restrict__ x, scalar_t* __
         __syncthreads();  // red is reused by the next direction
       }
       if (group == 0 && live) {
-        if (scores) scores[r * K + k] = ck;
-        w[k * kTileP + lane] = mode_weight(mode, alpha[r * stride_alpha + k], ck, tau ? tau[k] : 0.f);
+        if (args.scores) args.scores[r * args.K + k] = ck;
+        w[k * kTileP + lane] = mode_weight(args.mode, args.alpha[r * args.stride_alpha + k], ck, args.tau ? args.tau[k] : 0.f);
       }
     }
     __syncthreads();
@@ -117,7 +123,7 @@ __global__ void repair_tiles_kernel(const scalar_t* __restrict__ x, scalar_t* __
       scalar_t* op = out + b * L.sob + p * L.sop;
       for (int64_t d = group; d < D; d += kTileGroups) {
         float y = static_cast<float>(xp[d * L.sxd]);
-        for (int k = 0; k < K; ++k) y -= w[k * kTileP + lane] * V[k * D + d];
+        for (int k = 0; k < args.K; ++k) y -= w[k * kTileP + lane] * args.V[k * D + d];
         op[d * L.sod] = static_cast<scalar_t>(y);
       }
     }
@@ -151,22 +157,20 @@ std::tuple<at::Tensor, at::Tensor> repair_native_cuda(const at::Tensor& x, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fire_repair_cuda", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const float* mu = center.has_value() ? center->const_data_ptr<float>() : nullptr;
-    const float* tp = tau.has_value() ? tau->const_data_ptr<float>() : nullptr;
-    float* sp = want_scores ? scores.mutable_data_ptr<float>() : nullptr;
+    const Params params{directions.const_data_ptr<float>(), alpha.const_data_ptr<float>(), stride_alpha,
+                        center.has_value() ? center->const_data_ptr<float>() : nullptr,
+                        tau.has_value() ? tau->const_data_ptr<float>() : nullptr,
+                        want_scores ? scores.mutable_data_ptr<float>() : nullptr, static_cast<int>(K),
+                        static_cast<int>(mode), need_c};
     if (tiles) {
       const int64_t n_tiles = L.B * ((L.P + kTileP - 1) / kTileP);
       const int blocks = static_cast<int>(std::min<int64_t>(n_tiles, 65535));
       const size_t smem = (K + kTileGroups) * kTileP * sizeof(float);
-      repair_tiles_kernel<scalar_t><<<blocks, dim3(kTileP, kTileGroups), smem, stream>>>(
-          xp, op, L, directions.const_data_ptr<float>(), alpha.const_data_ptr<float>(), stride_alpha, mu, tp, sp,
-          static_cast<int>(K), static_cast<int>(mode), need_c);
+      repair_tiles_kernel<scalar_t><<<blocks, dim3(kTileP, kTileGroups), smem, stream>>>(xp, op, L, params);
     } else {
       const int blocks = static_cast<int>(std::min<int64_t>(n_rows, 65535));
       const size_t smem = (K + kThreads / 32) * sizeof(float);
-      repair_rows_kernel<scalar_t><<<blocks, kThreads, smem, stream>>>(
-          xp, op, L, directions.const_data_ptr<float>(), alpha.const_data_ptr<float>(), stride_alpha, mu, tp, sp,
-          static_cast<int>(K), static_cast<int>(mode), need_c);
+      repair_rows_kernel<scalar_t><<<blocks, kThreads, smem, stream>>>(xp, op, L, params);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -7,19 +7,26 @@ Importing registers `torch.ops.fire.repair` and `torch.ops.fire.repair_with_scor
     profile = est.profile(mode="clamp", alpha=1.0)
     fire_repair.attach(model, profile)
 """
+from fire_kernels.modes import MODES
+
 from . import _ext  # noqa: F401  (loads the extension, or warns how to build it)
-from .attach import Capture, RepairModule, attach, capture, check_repairs, detach, repair_modules
-from .detect import scores
+from ._deprecated import renamed_attributes
+from .attachment import Capture, RepairModule, attach, capture, check_repairs, detach, repair_modules
+from .detect import backdoor_scores, scores
 from .estimate import Estimator
 from .online import Online
 from .ops import backend_for, repair, repair_with_scores
-from .profile import LayerRepair, Profile, ProfileError, fingerprint
-from .reference import MODES, repair_reference
-from .select import Selection, select, select_unpaired
+from .profile import LayerProfile, Profile, ProfileError, fingerprint
+from .reference import repair_reference
+from .selection import Selection, select, select_unpaired
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
-    "Capture", "Estimator", "LayerRepair", "MODES", "Online", "Profile", "ProfileError", "RepairModule", "Selection",
-    "attach", "backend_for", "capture", "check_repairs", "detach", "fingerprint", "repair", "repair_modules",
-    "repair_reference", "repair_with_scores", "scores", "select", "select_unpaired",
+    "Capture", "Estimator", "LayerProfile", "MODES", "Online", "Profile", "ProfileError", "RepairModule", "Selection",
+    "attach", "backdoor_scores", "backend_for", "capture", "check_repairs", "detach", "fingerprint", "repair",
+    "repair_modules", "repair_reference", "repair_with_scores", "scores", "select", "select_unpaired",
 ]
+# Words: the op's `scores` output and `Capture.projections` are the raw projections
+# c = <v_k, x - center>; a "backdoor score" (`backdoor_scores`, `Capture.score`) is their
+# per-sample maximum in units of the clean projections' std.
+__getattr__ = renamed_attributes(globals(), {"LayerRepair": "LayerProfile"})

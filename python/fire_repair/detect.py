@@ -1,11 +1,12 @@
 """Detection for free: the fused op's projection scores as a per-sample backdoor score."""
 import torch
 
-from .attach import capture
+from ._deprecated import renamed_function
+from .attachment import capture
 
 
 @torch.no_grad()
-def scores(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> dict:
+def backdoor_scores(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> dict:
     """{layer: (N,) score} for a model with attached repairs: the largest projection onto the
     trigger directions, in units of the clean projections' std (higher: more likely poisoned).
     Computed in the same forward pass as the repair; the model's training flag is restored."""
@@ -24,3 +25,6 @@ def scores(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> dict:
     finally:
         model.train(was_training)
     return {name: torch.cat(v) if v else torch.zeros(0) for name, v in out.items()}
+
+
+scores = renamed_function(backdoor_scores, "fire_repair.scores")

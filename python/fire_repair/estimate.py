@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from fire_kernels import MAX_K
 from fire_kernels.modes import MODES
 
-from .profile import LayerRepair, Profile, fingerprint
+from .profile import LayerProfile, Profile, fingerprint
 from .sketch import FrequentDirections, Reservoir
 
 
@@ -156,6 +156,24 @@ class LayerStats:
         if source == "paired":
             return self.sum_diff / self.n_pairs
         return self.sum_poison / self.n_poison - self.clean_mean()
+
+    def calibrate(self, name: str, mode: str, alpha: torch.Tensor, k: int, source: str, tau_quantile: float,
+                  channel_dim: Optional[int] = None) -> LayerProfile:
+        """These statistics as the repair at one layer: k directions from `source`, centre =
+        the clean mean, tau = the `tau_quantile` of the clean projections (clamp), score scale =
+        their std; `alpha` (k,) as given. Shift subtracts beta's part along each direction (the
+        paper's rule)."""
+        V = self.directions(k, source)
+        center = self.clean_mean().float()
+        proj = self.clean_projections(V, center)
+        beta = self.beta(source).float()
+        directions = (V @ beta)[:, None] * V if mode == "shift" else V
+        fs = self.feature_shape
+        tau = torch.quantile(proj, tau_quantile, dim=0).float() if mode == "clamp" else None
+        return LayerProfile(name=name, mode=mode, directions=directions.reshape(k, *fs).contiguous(),
+                            alpha=alpha.clone(), center=center.reshape(fs), tau=tau,
+                            score_scale=proj.std(0).clamp_min(1e-12).float(), beta=beta.reshape(fs),
+                            channel_dim=channel_dim)
 
     def directions(self, k: int, source: str) -> torch.Tensor:
         """(k, D) orthonormal rows; the first is beta / |beta|."""
@@ -547,33 +565,24 @@ class Estimator:
             raise ValueError(f"tau_quantile must be in [0, 1], got {tau_quantile}")
         k = self.k if k is None else k
         _check_k(k, self.sketch_rows)
+        a = torch.as_tensor(alpha, dtype=torch.float32).flatten()
+        if a.numel() == 1:
+            a = a.expand(k).clone()
+        if a.shape != (k,):
+            raise ValueError(f"alpha must be a float or {k} values, got {a.numel()}")
         out, info = [], {"k": k, "tau_quantile": tau_quantile, "layers": {}}
         for name in layers or self.layers:
             if name not in self.stats:
                 raise ValueError(f"nothing was observed at layer {name!r}")
             st = self.stats[name]
             src = st.source(source)
-            V = st.directions(k, src)
-            center = st.clean_mean().float()
-            proj = st.clean_projections(V, center)
-            a = torch.as_tensor(alpha, dtype=torch.float32).flatten()
-            if a.numel() == 1:
-                a = a.expand(k).clone()
-            if a.shape != (k,):
-                raise ValueError(f"alpha must be a float or {k} values, got {a.numel()}")
-            beta = st.beta(src).float()
-            directions = V
-            if mode == "shift":  # the paper's rule: subtract beta itself (its part along each v_k)
-                directions = (V @ beta)[:, None] * V
-            fs = st.feature_shape
-            tau = torch.quantile(proj, tau_quantile, dim=0).float() if mode == "clamp" else None
-            out.append(LayerRepair(
-                name=name, mode=mode, directions=directions.reshape(k, *fs).contiguous(), alpha=a,
-                center=center.reshape(fs), tau=tau, score_scale=proj.std(0).clamp_min(1e-12).float(),
-                beta=beta.reshape(fs), channel_dim=self.channel_dim if self.per_position else None))
+            layer = st.calibrate(name, mode, a, k, src, tau_quantile,
+                                 channel_dim=self.channel_dim if self.per_position else None)
+            out.append(layer)
             # per position, the counts are of rows (positions), not of samples
             info["layers"][name] = {"source": src, "form": self.form, "n_clean": st.n_clean,
-                                    "n_poisoned": st.n_poison, "n_pairs": st.n_pairs, "beta_norm": float(beta.norm())}
+                                    "n_poisoned": st.n_poison, "n_pairs": st.n_pairs,
+                                    "beta_norm": float(layer.beta.norm())}
         return Profile(layers=out, fingerprint=fingerprint(self.model) if with_fingerprint else None, info=info)
 
 

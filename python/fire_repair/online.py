@@ -12,21 +12,21 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .attach import attach, capture, detach, repair_modules
+from ._deprecated import model_from_estimator
+from .attachment import attach, capture, detach, repair_modules
 from .estimate import Estimator, _poison_mask
 from .profile import Profile
 
 
 class Online:
-    def __init__(self, model: torch.nn.Module, estimator: Estimator, mode: str = "clamp",
+    @model_from_estimator(skip=1)
+    def __init__(self, estimator: Estimator, mode: str = "clamp",
                  alpha: Union[float, Sequence[float]] = 1.0, tau_quantile: float = 0.99,
                  threshold: Optional[float] = 3.0, min_poisoned: int = 1):
         """`estimator` holds what is known so far: at least clean statistics at its layers
         (and possibly some poisoned ones). `threshold`: detector cut-off in clean-std units
         (None: only caller flags update the directions)."""
-        if estimator.model is not model:
-            raise ValueError("the estimator must observe the same model object")
-        self.model, self.estimator = model, estimator
+        self.model, self.estimator = estimator.model, estimator
         self.mode, self.alpha, self.tau_quantile = mode, alpha, tau_quantile
         self.threshold, self.min_poisoned = threshold, min_poisoned
         self.seen_poisoned = 0

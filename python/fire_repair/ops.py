@@ -32,7 +32,7 @@ unrepaired). Finite inputs whose centred values x - mu or scores overflow fp32 (
 give inf like any fp32 computation; scores are computed centred (<v, x - mu>), so a large
 common offset in x and mu costs no precision. The tensors' owners validate values where they
 are set: `RepairModule` (at attach, `load_layer`, `load_state_dict`), `Profile.load`,
-`LayerRepair`; `fire_repair.check(model)` re-checks an attached model on demand.
+`LayerProfile`; `fire_repair.check(model)` re-checks an attached model on demand.
 """
 import math
 import os

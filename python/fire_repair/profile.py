@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 from fire_kernels import MAX_K
 from fire_kernels.modes import MODES
 
+from ._deprecated import renamed_attributes
+
 FORMAT = "fire-profile"
 VERSION = "2"  # 2 records each layer's form (channel_dim); version 1 files (all flattened) still load
 READABLE = ("1", "2")
@@ -30,7 +32,7 @@ class ProfileError(ValueError):
 
 
 @dataclass
-class LayerRepair:
+class LayerProfile:
     """The repair at one layer: the arguments of `torch.ops.fire.repair` plus what produced them.
 
     Flattened (channel_dim None): a direction spans the layer's whole output, feature_shape is
@@ -141,7 +143,7 @@ def _check_regular_file(path) -> None:
 
 @dataclass
 class Profile:
-    layers: list  # of LayerRepair, in the order they are applied
+    layers: list  # of LayerProfile, in the order they are applied
     fingerprint: Optional[str] = None
     info: dict = field(default_factory=dict)
 
@@ -152,7 +154,7 @@ class Profile:
         if not names:
             raise ProfileError("a profile needs at least one layer")
 
-    def layer(self, name: str) -> LayerRepair:
+    def layer(self, name: str) -> LayerProfile:
         for layer in self.layers:
             if layer.name == name:
                 return layer
@@ -260,8 +262,11 @@ def _parse(meta: dict, tensors: dict):
                 raise ProfileError(f"layer {spec['name']!r}: the file lacks {key}")
         if tuple(t["directions"].shape) != (spec["k"], *spec["feature_shape"]):
             raise ProfileError(f"layer {spec['name']!r}: directions do not match the recorded shape")
-        layers.append(LayerRepair(name=spec["name"], mode=spec["mode"], channel_dim=spec.get("channel_dim"), **t))
+        layers.append(LayerProfile(name=spec["name"], mode=spec["mode"], channel_dim=spec.get("channel_dim"), **t))
     extra = sorted(set(tensors) - used)
     if extra:
         raise ProfileError(f"tensors {extra} belong to no layer")
     return layers, info
+
+
+__getattr__ = renamed_attributes(globals(), {"LayerRepair": "LayerProfile"})

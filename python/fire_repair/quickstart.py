@@ -7,29 +7,22 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
-
 import fire_repair as fr
-from fire_repair.eval import attacks, data, models, train
 from fire_repair.eval.metrics import predict, rates
+from fire_repair.eval.scenario import backdoored_digits
 
 
 def run(out_dir, seed: int = 0, progress: bool = True) -> dict:
-    ds = data.digits(seed=seed)
-    attack = attacks.build("badnets", target=0, seed=seed)
-    x_train, y_train, _ = attacks.poison_training_set(ds.x_train, ds.y_train, attack, rate=0.1, seed=seed)
-    torch.manual_seed(seed)
-    model = train.train(models.build("cnn"), x_train, y_train, epochs=8, seed=seed, progress=progress)
-
-    # the defender's held-out half: clean samples and triggered twins; the other half is for scoring
-    px, cx, ty = attacks.poisoned_test_set(ds.x_test, ds.y_test, attack)
-    h, ph = len(ds.y_test) // 2, len(ty) // 2
-    score = lambda m: rates(predict(m, ds.x_test[h:]), ds.y_test[h:], predict(m, px[ph:]), ty[ph:], attack.target)  # noqa: E731
+    b = backdoored_digits("badnets", seed=seed, progress=progress)
+    model, attack = b["model"], b["attack"]
+    # the defender's held-out half (clean samples and triggered twins); the other half is for scoring
+    score = lambda m: rates(predict(m, b["eval_clean"]), b["eval_y"], predict(m, b["eval_poison"]),  # noqa: E731
+                            b["eval_poison_y"], attack.target)
     before = score(model)
 
     est = fr.Estimator(model, layers=["block2"], k=1)
-    est.observe(ds.x_test[:h], poisoned=False)
-    est.observe_pairs(cx[:ph], px[:ph])
+    est.observe(b["hold_clean"], poisoned=False)
+    est.observe_pairs(*b["hold_pairs"])
     profile = est.profile(mode="clamp", alpha=1.0, tau_quantile=0.99)
     path = Path(out_dir) / "digits-badnets.fire.safetensors"
     profile.save(path)

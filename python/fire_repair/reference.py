@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from fire_kernels.modes import MODES  # noqa: F401  (re-exported: fire_repair.MODES)
+from fire_kernels.modes import MODES
 
 
 def repair_reference(x, directions, alpha, center=None, tau=None, mode="project", channel_dim=None,

@@ -44,6 +44,11 @@ class Attack:
     def params(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
+    def rng(self, stream: int) -> torch.Generator:
+        """The attack's fixed random pattern: one generator per (stream, seed), so a trigger is
+        the same at train and test time and differs across seeds."""
+        return torch.Generator().manual_seed(1000 * stream + self.seed)
+
 
 @dataclass
 class BadNets(Attack):
@@ -62,8 +67,7 @@ class Blended(Attack):
     blend: float = 0.2
 
     def pattern(self, shape):
-        g = torch.Generator().manual_seed(1000 + self.seed)
-        return torch.rand(shape, generator=g)
+        return torch.rand(shape, generator=self.rng(1))
 
     def apply(self, x):
         return ((1 - self.blend) * x + self.blend * self.pattern(x.shape[1:]).to(x)).clamp(0, 1)
@@ -92,7 +96,7 @@ class WaNet(Attack):
     grid_rescale: float = 1.0
 
     def _grid(self, H, W, device):
-        g = torch.Generator().manual_seed(2000 + self.seed)
+        g = self.rng(2)
         ins = torch.rand(1, 2, self.k, self.k, generator=g) * 2 - 1
         ins = ins / ins.abs().mean()
         noise = F.interpolate(ins, size=(H, W), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
@@ -120,8 +124,7 @@ class Trojan(Attack):
     size: int = 5
 
     def apply(self, x):
-        g = torch.Generator().manual_seed(3000 + self.seed)
-        patch = torch.rand(x.shape[1], self.size, self.size, generator=g).round()
+        patch = torch.rand(x.shape[1], self.size, self.size, generator=self.rng(3)).round()
         x = x.clone()
         x[..., -self.size - 1:-1, -self.size - 1:-1] = patch.to(x)
         return x
@@ -180,7 +183,7 @@ class MovingPatch(Attack):
         return x
 
     def apply(self, x):
-        return self._stamp(x, torch.Generator().manual_seed(4000 + self.seed))
+        return self._stamp(x, self.rng(4))
 
     def apply_train(self, x, gen):
         return self._stamp(x, gen)

@@ -89,13 +89,13 @@ class FireDefense(Defense):
         if self.paired:
             for est in ests:
                 est.observe(held.clean, poisoned=False)
-            self.selection = fr.select(model, ests, *held.pairs, x_clean_reference=held.clean, **grid)
+            self.selection = fr.select(ests, *held.pairs, x_clean_reference=held.clean, **grid)
         else:
             clean, target = clean_reference(model, held.clean, held.flagged, cfg.match_clean)
             for est in ests:
                 est.observe(clean, poisoned=False)
             # estimated against the matched clean set, judged on all of it (target class included)
-            self.selection = fr.select_unpaired(model, ests, held.flagged, held.clean, **grid)
+            self.selection = fr.select_unpaired(ests, held.flagged, held.clean, **grid)
         self.profile = self.selection.profile
         return self
 
@@ -109,7 +109,7 @@ class FireDefense(Defense):
             if not self.gated:
                 return predict(self.model, x)
             # the paper's shift applied only where the projection score flags a trigger (> 3 clean stds)
-            flags = fr.scores(self.model, x)[self.profile.layer_names[0]] > 3.0
+            flags = fr.backdoor_scores(self.model, x)[self.profile.layer_names[0]] > 3.0
             pred = torch.empty(len(x), dtype=torch.int64)
             pred[flags] = predict(self.model, x[flags])
         finally:
@@ -264,7 +264,7 @@ def detection_auroc(model, profile, eval_clean, eval_poison) -> float:
     fr.attach(model, profile)
     try:
         layer = profile.layer_names[0]
-        return auroc(fr.scores(model, eval_poison)[layer], fr.scores(model, eval_clean)[layer])
+        return auroc(fr.backdoor_scores(model, eval_poison)[layer], fr.backdoor_scores(model, eval_clean)[layer])
     finally:
         fr.detach(model)
 
@@ -287,7 +287,7 @@ def online_curve(model, sel, cfg, hold_clean, stream, eval_poison, eval_poison_y
     clean, _ = clean_reference(model, hold_clean, stream[:batch], cfg.match_clean)
     est = estimator(model, sel.layers, cfg, sel.form)
     est.observe(clean, poisoned=False)
-    online = fr.Online(model, est, mode="clamp", alpha=sel.alpha, tau_quantile=cfg.tau_quantile, threshold=None)
+    online = fr.Online(est, mode="clamp", alpha=sel.alpha, tau_quantile=cfg.tau_quantile, threshold=None)
     curve = [[0, (predict(model, eval_poison) == eval_poison_y).float().mean().item()]]
     step_seconds = []
     try:

@@ -1,6 +1,6 @@
 """Insertion of the repair into a model: `attach` and `detach`.
 
-Each named layer is replaced, in its parent, by a `RepairedLayer` that runs the original layer
+Each named layer is replaced, in its parent, by a `RepairWrapper` that runs the original layer
 and then its `RepairModule` (a real module with buffers: `state_dict`, `.to()` / `.half()`,
 `torch.compile` and `torch.export` all see it). A forward hook with the repair module as a
 child of the layer would run the repair twice when the layer is an `nn.Sequential` (which calls
@@ -14,8 +14,9 @@ from typing import Optional
 
 import torch
 
+from ._deprecated import renamed_attributes
 from .ops import _physical_perm
-from .profile import LayerRepair, Profile
+from .profile import LayerProfile, Profile
 
 CHILD = "fire_repair"
 
@@ -32,7 +33,7 @@ class RepairModule(torch.nn.Module):
 
     BUFFERS = ("directions", "alpha", "center", "tau", "score_scale")
 
-    def __init__(self, layer: LayerRepair, record_scores: bool = False):
+    def __init__(self, layer: LayerProfile, record_scores: bool = False):
         super().__init__()
         layer.validate()
         self.layer_name, self.mode, self.channel_dim = layer.name, layer.mode, layer.channel_dim
@@ -99,14 +100,20 @@ class RepairModule(torch.nn.Module):
         clean std."""
         return (c / self.score_scale.float()).reshape(c.shape[0], -1).amax(dim=1)
 
-    def scores(self, h: torch.Tensor) -> torch.Tensor:
-        """The backdoor score of the layer outputs h."""
+    def backdoor_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """The per-sample backdoor score of the layer outputs h (from the op's projections)."""
         _, c = torch.ops.fire.repair_with_scores(h, self.directions, self.alpha, self.center, self.tau, self.mode,
                                                  self.channel_dim)
         return self.backdoor_score(c)
 
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Deprecated name of `backdoor_scores`."""
+        warnings.warn("RepairModule.scores was renamed backdoor_scores; the old name will be removed in the next "
+                      "release", DeprecationWarning, stacklevel=2)
+        return self.backdoor_scores(h)
+
     @torch.no_grad()
-    def load_layer(self, layer: LayerRepair) -> None:
+    def load_layer(self, layer: LayerProfile) -> None:
         """Updates the buffers in place (same tensors: compiled graphs and CUDA graphs stay valid)."""
         if layer.mode != self.mode or layer.directions.shape != self.directions.shape or \
                 layer.channel_dim != self.channel_dim:
@@ -150,7 +157,7 @@ def check_repairs(model: torch.nn.Module) -> None:
         module.check()
 
 
-class RepairedLayer(torch.nn.Module):
+class RepairWrapper(torch.nn.Module):
     """`fire_repair(layer(...))`, with the layer's state-dict keys unchanged."""
 
     def __init__(self, layer: torch.nn.Module, repair: RepairModule):
@@ -250,13 +257,13 @@ def attach(model: torch.nn.Module, profile: Profile, check_fingerprint: bool = T
         if ref is not None:
             repair.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else None)
         parent, child = _parent(model, layer.name)
-        setattr(parent, child, RepairedLayer(modules[layer.name], repair))
+        setattr(parent, child, RepairWrapper(modules[layer.name], repair))
     return model
 
 
 def detach(model: torch.nn.Module) -> torch.nn.Module:
     """Removes every repair attached to the model (a no-op on a model without one)."""
-    paths = [name for name, m in model.named_modules() if isinstance(m, RepairedLayer)]
+    paths = [name for name, m in model.named_modules() if isinstance(m, RepairWrapper)]
     for name in sorted(paths, key=lambda n: -n.count(".")):
         parent, child = _parent(model, name)
         setattr(parent, child, getattr(parent, child).layer)
@@ -265,4 +272,7 @@ def detach(model: torch.nn.Module) -> torch.nn.Module:
 
 def repair_modules(model: torch.nn.Module) -> dict:
     """{layer name (as the profile names it): RepairModule} of an attached model."""
-    return {m.fire_repair.layer_name: m.fire_repair for m in model.modules() if isinstance(m, RepairedLayer)}
+    return {m.fire_repair.layer_name: m.fire_repair for m in model.modules() if isinstance(m, RepairWrapper)}
+
+
+__getattr__ = renamed_attributes(globals(), {"RepairedLayer": "RepairWrapper"})

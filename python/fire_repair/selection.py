@@ -34,7 +34,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .attach import attach, detach
+from ._deprecated import model_from_estimator
+from .attachment import attach, detach
 from .estimate import Estimator
 
 
@@ -113,6 +114,16 @@ def _estimators(estimator) -> list:
     return [estimator] if isinstance(estimator, Estimator) else list(estimator)
 
 
+def _model_of(estimator) -> torch.nn.Module:
+    """The one model that the estimator(s) observe."""
+    estimators = _estimators(estimator)
+    if not estimators:
+        raise ValueError("pass at least one estimator")
+    if any(e.model is not estimators[0].model for e in estimators):
+        raise ValueError("the estimators must observe the same model object")
+    return estimators[0].model
+
+
 def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alphas, max_clean_change,
          tau_quantile, source, folds, seed, criterion, adjust=None, reference=None) -> Selection:
     """The shared loop: per estimator (form) and fold, a copy of the estimator observes the
@@ -183,16 +194,18 @@ def _scored(model, profile, x):
         detach(model)
 
 
+@model_from_estimator
 @torch.no_grad()
-def select(model: torch.nn.Module, estimator: Union[Estimator, Sequence[Estimator]], x_clean: torch.Tensor,
-           x_poisoned: torch.Tensor,
+def select(estimator: Union[Estimator, Sequence[Estimator]], x_clean: torch.Tensor, x_poisoned: torch.Tensor,
            layer_sets: Sequence[Sequence[str]] = None, modes: Sequence[str] = ("clamp",),
            alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 3.0), max_clean_change: float = 0.01,
            tau_quantile: float = 0.99, source: str = "auto", folds: int = 4,
            x_clean_reference: Optional[torch.Tensor] = None, seed: int = 0) -> Selection:
-    """Paired selection. `estimator` (or several, one per form) holds what was observed besides
+    """Paired selection on the estimator's model. `estimator` (or several, one per form, on one
+    model) holds what was observed besides
     these pairs (typically a clean held-out set); the pairs (x_clean[i], x_poisoned[i]) are observed here, fold by fold.
     `x_clean_reference` (default: x_clean) is where clean_change is measured."""
+    model = _model_of(estimator)
     if x_clean.shape != x_poisoned.shape:
         raise ValueError(f"pairs must have equal shapes, got {tuple(x_clean.shape)} and {tuple(x_poisoned.shape)}")
     if any(st.n_pairs for est in _estimators(estimator) for st in est.stats.values()):
@@ -214,8 +227,9 @@ def select(model: torch.nn.Module, estimator: Union[Estimator, Sequence[Estimato
                 max_clean_change, tau_quantile, source, folds, seed, "max agreement with the clean twins")
 
 
+@model_from_estimator
 @torch.no_grad()
-def select_unpaired(model: torch.nn.Module, estimator: Union[Estimator, Sequence[Estimator]], x_flagged: torch.Tensor,
+def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged: torch.Tensor,
                     x_clean_reference: torch.Tensor, layer_sets: Sequence[Sequence[str]] = None,
                     modes: Sequence[str] = ("clamp",), alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 3.0),
                     max_clean_change: float = 0.01, tau_quantile: float = 0.99, folds: int = 4,
@@ -225,6 +239,7 @@ def select_unpaired(model: torch.nn.Module, estimator: Union[Estimator, Sequence
     on them; a repair is scored by how often it moves held-out flagged samples off that target
     and how confidently, while keeping predictions on `x_clean_reference` (use the whole clean
     set here, the target class included: a repair must not move those images either)."""
+    model = _model_of(estimator)
     target = int(predict(model, x_flagged).mode().values) if len(x_flagged) else 0
     clean_pred = predict(model, x_clean_reference)
     n_classes = int(max(clean_pred.max().item() if len(clean_pred) else 0, target)) + 1
