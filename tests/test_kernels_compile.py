@@ -1,0 +1,53 @@
+"""The Triton kernels compile for real GPU targets (sm_80, sm_90) on this CPU-only machine, at
+every block configuration blocks.py can choose, and ptxas reports no register spills.
+
+Measured with Triton 3.9 (the CI install): the fused kernel spills on sm_90 at BLOCK_D = 16384
+(16 warps, 128-register cap: 84-108 bytes) and at BLOCK_N = 32 x BLOCK_D = 128 with BLOCK_K = 16
+(12 bytes). Those configurations are expected failures until the long-row kernel is
+restructured (the row-block x D-chunk kernel); every other one must stay spill-free."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+from fire_kernels.offline import configurations  # noqa: E402
+
+ARCHS = (80, 90)
+KNOWN_SPILLS = {("_repair_fused_kernel", 90, 1, 16384, None), ("_repair_fused_kernel", 90, 32, 128, 16)}
+CASES = [(name, c, w, arch) for name, c, w in configurations() for arch in ARCHS]
+
+
+def _known(name, c, arch):
+    return (name, arch, c.get("BLOCK_N"), c["BLOCK_D"], None) in KNOWN_SPILLS or \
+        (name, arch, c.get("BLOCK_N"), c["BLOCK_D"], c["BLOCK_K"]) in KNOWN_SPILLS
+
+
+def _id(case):
+    name, c, w, arch = case
+    return f"{name.strip('_')}-sm{arch}-N{c.get('BLOCK_N', '-')}-D{c['BLOCK_D']}-K{c['BLOCK_K']}-w{w}"
+
+
+@pytest.fixture(scope="module")
+def resources():
+    """One compile of everything, in a process where the kernels are not interpreted (the test
+    session runs them under TRITON_INTERPRET=1)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "fire_kernels.offline"], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return {(r["kernel"], r["arch"], json.dumps({k: v for k, v in r["config"].items() if k != "num_warps"},
+                                                sort_keys=True)): r for r in json.loads(res.stdout)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [
+    pytest.param(case, marks=pytest.mark.xfail(reason="spills under Triton 3.9 (see module docstring)", strict=False))
+    if _known(case[0], case[1], case[3]) else case for case in CASES], ids=_id)
+def test_compiles_without_spills(resources, case):
+    name, constexprs, warps, arch = case
+    r = resources[(name, arch, json.dumps(constexprs, sort_keys=True))]
+    assert r["registers"] > 0, "ptxas reported no register count"
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
