@@ -31,7 +31,7 @@ def _want_cuda():
 
 
 def _extension():
-    sources = ["csrc/repair_cpu.cpp"]
+    sources = ["csrc/repair_cpu.cpp", "csrc/repair_op.cpp"]
     extra = {"cxx": _cpu_flags()}
     if _want_cuda():
         sources.append("csrc/cuda/repair_cuda.cu")

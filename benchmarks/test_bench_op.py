@@ -37,11 +37,14 @@ def _inputs(shape, n, k, dtype, mode):
     for s in shape:
         D *= s
     x = torch.randn((n, *shape), generator=g).to(DEVICE, dtype)
-    if len(shape) == 3:
-        x = x.contiguous(memory_format=torch.channels_last)  # what conv nets produce on GPU
     V = torch.linalg.qr(torch.randn(D, k, generator=g))[0].T.contiguous().to(DEVICE)
     a = torch.rand(k, generator=g).to(DEVICE)
     mu = (0.1 * torch.randn(D, generator=g)).to(DEVICE)
+    if len(shape) == 3:  # what conv nets produce on GPU; directions and centre in the same order,
+        # as RepairModule keeps them (every implementation gets the same tensors)
+        x = x.contiguous(memory_format=torch.channels_last)
+        V = V.reshape(k, *shape).contiguous(memory_format=torch.channels_last)
+        mu = mu.reshape(shape).permute(1, 2, 0).contiguous().permute(2, 0, 1)
     tau = torch.rand(k, generator=g).to(DEVICE) if mode == "clamp" else None
     return x, V, a, mu, tau
 

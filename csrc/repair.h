@@ -81,4 +81,11 @@ inline void check_native_args(const at::Tensor& x, const at::Tensor& directions,
   if (tau.has_value()) TORCH_CHECK(tau->device() == x.device(), "fire::_repair_native: tau on wrong device");
 }
 
+// The CPU kernel on prepared rows (the body of fire::_repair_native on CPU tensors).
+std::tuple<at::Tensor, at::Tensor> repair_native_cpu(const at::Tensor& x, const at::Tensor& directions,
+                                                     const at::Tensor& alpha,
+                                                     const c10::optional<at::Tensor>& center,
+                                                     const c10::optional<at::Tensor>& tau, int64_t mode,
+                                                     bool want_scores);
+
 }  // namespace fire

@@ -265,6 +265,8 @@ void repair_tiles(const scalar_t* x, scalar_t* out, const Rows& L, const float* 
   });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> repair_native_cpu(const at::Tensor& x, const at::Tensor& directions,
                                                      const at::Tensor& alpha,
                                                      const c10::optional<at::Tensor>& center,
@@ -293,8 +295,6 @@ std::tuple<at::Tensor, at::Tensor> repair_native_cpu(const at::Tensor& x, const 
   });
   return {out, scores};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fire, m) {
   m.def(

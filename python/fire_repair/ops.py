@@ -257,8 +257,7 @@ def _define(name: str):
     return deco
 
 
-@_define("fire::repair")
-def repair(
+def _repair(
     x: Tensor,
     directions: Tensor,
     alpha: Tensor,
@@ -271,8 +270,7 @@ def repair(
     return _run(x, directions, a, center, t, mode_id, False, cd)[0]
 
 
-@_define("fire::repair_with_scores")
-def repair_with_scores(
+def _repair_with_scores(
     x: Tensor,
     directions: Tensor,
     alpha: Tensor,
@@ -284,6 +282,15 @@ def repair_with_scores(
     mode_id, a, t, cd = _validate(x, directions, alpha, center, tau, mode, channel_dim)
     out, scores = _run(x, directions, a, center, t, mode_id, True, cd)
     return out, scores
+
+
+repair = _define("fire::repair")(_repair)
+repair_with_scores = _define("fire::repair_with_scores")(_repair_with_scores)
+# Twins under private names: where the C++ extension is loaded, eager CPU calls of the two ops
+# run in C++ (csrc/repair_op.cpp) and defer to these for what the C++ path does not take
+# (gradients, FIRE_BACKEND=triton, inputs to copy or to refuse with a named error).
+_repair_py = _define("fire::_repair_py")(_repair)
+_repair_with_scores_py = _define("fire::_repair_with_scores_py")(_repair_with_scores)
 
 
 @_define("fire::_repair_grad")
@@ -429,6 +436,6 @@ def _grad_backward(ctx, g_out, g_p):
     return (dgrad, None, None, None)[:n_inputs]
 
 
-repair.register_autograd(_backward, setup_context=_setup)
-repair_with_scores.register_autograd(_backward, setup_context=_setup)
+for _op in (repair, repair_with_scores, _repair_py, _repair_with_scores_py):
+    _op.register_autograd(_backward, setup_context=_setup)
 _repair_grad.register_autograd(_grad_backward, setup_context=_grad_setup)
