@@ -1,5 +1,6 @@
 """The C++ path of eager CPU calls (csrc/repair_op.cpp): which calls it takes, which it hands
 to the Python implementation, and that both give the same answer bit for bit."""
+import os
 import re
 
 import pytest
@@ -85,6 +86,10 @@ def test_other_calls_go_to_the_python_implementation(monkeypatch, case):
     else:
         a = torch.ones(3)
     call = lambda: torch.ops.fire.repair(x, V, a, mu, None, mode, cd)  # noqa: E731
+    if case == "FIRE_BACKEND=triton" and os.environ.get("TRITON_INTERPRET") != "1":  # e.g. on a GPU machine
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):  # the Python path says what it needs
+            call()
+        return
     if case in ("bad mode", "alpha of the wrong K"):  # the Python checks name the argument
         expected = {"bad mode": "mode must be one of", "alpha of the wrong K": "alpha must be (K,) = (2,)"}[case]
         with pytest.raises(ValueError, match=re.escape(expected)):
