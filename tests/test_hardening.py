@@ -196,6 +196,21 @@ def test_flattened_directions_follow_the_input_layout_once():
     assert module.directions.is_contiguous()
 
 
+def test_state_dict_is_contiguous_after_following_channels_last(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    layer = LayerProfile("l", "shift", torch.randn(2, 3, 5, 7, generator=g), torch.ones(2),
+                         torch.randn(3, 5, 7, generator=g))
+    module = fr.RepairModule(layer)
+    module(torch.randn(2, 3, 5, 7, generator=g).contiguous(memory_format=torch.channels_last))
+    assert not module.directions.is_contiguous()  # follows the input
+    save_file(module.state_dict(), str(tmp_path / "m.safetensors"))  # refuses non-contiguous tensors
+    other = fr.RepairModule(layer)
+    other.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
+    assert torch.equal(other.directions, layer.directions) and torch.equal(other.center, layer.center)
+
+
 # ----------------------------------------------------------------------------- the same answer everywhere
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the Triton interpreter

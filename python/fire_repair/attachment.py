@@ -49,6 +49,7 @@ class RepairModule(torch.nn.Module):
         self.last_input: Optional[torch.Tensor] = None
         self._capture: Optional["Capture"] = None  # set only inside `capture(model)`
         self.register_load_state_dict_pre_hook(_check_incoming)
+        self._register_state_dict_hook(_contiguous_state)
 
     def check(self) -> None:
         """Raises ValueError if a buffer holds a value the repair cannot use (NaN or inf; NaN
@@ -141,6 +142,15 @@ def _check_values(layer_name: str, tensors: dict) -> None:
         if bool(bad):
             what = "NaN" if name == "tau" else "NaN or inf"
             raise ValueError(f"the repair at {layer_name!r}: {name} contains {what}")
+
+
+def _contiguous_state(module, state_dict, prefix, local_metadata):
+    """Saved tensors are contiguous whatever layout the buffers follow (safetensors requires it)."""
+    for name in ("directions", "center"):
+        key = prefix + name
+        if key in state_dict and not state_dict[key].is_contiguous():
+            state_dict[key] = state_dict[key].contiguous()
+    return state_dict
 
 
 def _check_incoming(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
