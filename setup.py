@@ -14,7 +14,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 def _cpu_flags():
     # -fopenmp: at::parallel_for is OpenMP in torch's CPU builds, and is serial without it. The
     # runtime (libgomp.so.1) resolves to the one torch has already loaded.
-    flags = ["-O3", "-fopenmp", "-std=c++20"]
+    flags = ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=fast"]
     # The extension is built on the machine that runs it; FIRE_PORTABLE=1 gives a generic build.
     if os.environ.get("FIRE_PORTABLE", "0") != "1" and platform.machine() in ("x86_64", "AMD64"):
         with open("/proc/cpuinfo") as f:

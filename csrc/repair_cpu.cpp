@@ -66,6 +66,29 @@ inline void dot4(const float* a0, const float* a1, const float* a2, const float*
   out[3] += r3;
 }
 
+// RB rows x KB directions of dot products at once: each 8-float load of a row or a direction
+// feeds KB or RB multiply-adds, so many directions run at the FMA units' pace rather than the
+// loads' (out[r * KB + k] += <a[r], b[k]>).
+template <int RB, int KB>
+inline void dot_block(const float* const* a, const float* const* b, int64_t n, float* out) {
+  vec8 acc[RB][KB] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    vec8 xa[RB];
+    for (int r = 0; r < RB; ++r) xa[r] = load8(a[r] + i);
+    for (int k = 0; k < KB; ++k) {
+      const vec8 vb = load8(b[k] + i);
+      for (int r = 0; r < RB; ++r) acc[r][k] += xa[r] * vb;
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int k = 0; k < KB; ++k) {
+      float s = hsum(acc[r][k]);
+      for (int64_t j = i; j < n; ++j) s += a[r][j] * b[k][j];
+      out[r * KB + k] += s;
+    }
+}
+
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   vec8 s0 = {}, s1 = {};
   int64_t i = 0;
@@ -135,7 +158,8 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
   const int64_t blocks = (N + R - 1) / R;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, R * D));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> buf(kMaxRowBlock * kChunk);
+    std::vector<float> buf(kMaxRowBlock * kChunk), vpack(K * kChunk), wa(K);
+    std::vector<int64_t> slot(K), used(K);
     std::vector<float> c(kMaxRowBlock * K), w(kMaxRowBlock * K), part(4);
     std::vector<int64_t> active(K);
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -150,7 +174,26 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
             load_fp32(x + L.x_row(n0 + r) + d0, buf.data() + r * kChunk, len);
             if (mu) subtract(buf.data() + r * kChunk, mu + d0, len);
           }
-          for (int64_t k = 0; k < K; ++k) {
+          int64_t k0 = 0;
+          for (; k0 + 4 <= K; k0 += 4) {  // four directions at a time, two rows at a time
+            const float* vs[4] = {V + k0 * D + d0, V + (k0 + 1) * D + d0, V + (k0 + 2) * D + d0,
+                                  V + (k0 + 3) * D + d0};
+            int64_t r = 0;
+            for (; r + 2 <= rows; r += 2) {
+              const float* xs[2] = {buf.data() + r * kChunk, buf.data() + (r + 1) * kChunk};
+              float p[8] = {};
+              dot_block<2, 4>(xs, vs, len, p);
+              for (int i = 0; i < 2; ++i)
+                for (int j = 0; j < 4; ++j) c[(r + i) * K + k0 + j] += p[i * 4 + j];
+            }
+            for (; r < rows; ++r) {
+              const float* xs[1] = {buf.data() + r * kChunk};
+              float p[4] = {};
+              dot_block<1, 4>(xs, vs, len, p);
+              for (int j = 0; j < 4; ++j) c[r * K + k0 + j] += p[j];
+            }
+          }
+          for (int64_t k = k0; k < K; ++k) {
             const float* vk = V + k * D + d0;
             int64_t r = 0;
             for (; r + 4 <= rows; r += 4) {
@@ -173,26 +216,51 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
         }
       // Pass 2: out = x - sum_k w_k v_k (the block is still in L2 from pass 1). Only the
       // directions with a non-zero weight are applied (clamp leaves most at zero), and all of
-      // them are summed in registers, one load and one store of y per 8 elements.
-      for (int64_t r = 0; r < rows; ++r) {
-        int64_t n_active = 0;
-        for (int64_t k = 0; k < K; ++k)
-          if (w[r * K + k] != 0.f) active[n_active++] = k;
-        for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
-          const int64_t len = std::min(kChunk, D - d0);
+      // them are summed in registers, one load and one store of y per 8 elements. The chunks
+      // of the block's active directions are first packed side by side: rows of V lie D floats
+      // apart, a multiple of 4 KiB for most feature maps, so reading many of them in step
+      // evicts each other from L1 (at K = 16 unpacked reads made this pass 3x slower).
+      int64_t n_union = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        bool any = false;
+        for (int64_t r = 0; r < rows && !any; ++r) any = w[r * K + k] != 0.f;
+        if (any) slot[k] = n_union++, used[slot[k]] = k;
+        else slot[k] = -1;
+      }
+      for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
+        const int64_t len = std::min(kChunk, D - d0);
+        for (int64_t j = 0; j < n_union; ++j) std::memcpy(vpack.data() + j * kChunk, V + used[j] * D + d0, len * 4);
+        for (int64_t r = 0; r < rows; ++r) {
+          int64_t n_active = 0;
+          for (int64_t j = 0; j < n_union; ++j)
+            if (w[r * K + used[j]] != 0.f) active[n_active] = j, wa[n_active++] = w[r * K + used[j]];
           float* y = buf.data();
           load_fp32(x + L.x_row(n0 + r) + d0, y, len);
           int64_t i = 0;
+          // four independent accumulators: one chain of K dependent multiply-adds per 8
+          // elements would run at the FMA latency, not its throughput
+          for (; i + 32 <= len; i += 32) {
+            vec8 a0 = load8(y + i), a1 = load8(y + i + 8), a2 = load8(y + i + 16), a3 = load8(y + i + 24);
+            for (int64_t j = 0; j < n_active; ++j) {
+              const float* vj = vpack.data() + active[j] * kChunk + i;
+              const float wj = wa[j];
+              a0 -= wj * load8(vj);
+              a1 -= wj * load8(vj + 8);
+              a2 -= wj * load8(vj + 16);
+              a3 -= wj * load8(vj + 24);
+            }
+            std::memcpy(y + i, &a0, sizeof(a0));
+            std::memcpy(y + i + 8, &a1, sizeof(a1));
+            std::memcpy(y + i + 16, &a2, sizeof(a2));
+            std::memcpy(y + i + 24, &a3, sizeof(a3));
+          }
           for (; i + 8 <= len; i += 8) {
             vec8 acc = load8(y + i);
-            for (int64_t j = 0; j < n_active; ++j) {
-              const int64_t k = active[j];
-              acc -= w[r * K + k] * load8(V + k * D + d0 + i);
-            }
+            for (int64_t j = 0; j < n_active; ++j) acc -= wa[j] * load8(vpack.data() + active[j] * kChunk + i);
             std::memcpy(y + i, &acc, sizeof(acc));
           }
           for (; i < len; ++i)
-            for (int64_t j = 0; j < n_active; ++j) y[i] -= w[r * K + active[j]] * V[active[j] * D + d0 + i];
+            for (int64_t j = 0; j < n_active; ++j) y[i] -= wa[j] * vpack[active[j] * kChunk + i];
           store_cast(y, out + L.out_row(n0 + r) + d0, len);
         }
       }
