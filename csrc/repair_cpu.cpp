@@ -158,10 +158,9 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
   const int64_t blocks = (N + R - 1) / R;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, R * D));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> buf(kMaxRowBlock * kChunk), vpack(K * kChunk), wa(K);
-    std::vector<int64_t> slot(K), used(K);
+    std::vector<float> buf(kMaxRowBlock * kChunk), vpack(K * kChunk), wa(kMaxRowBlock * K);
     std::vector<float> c(kMaxRowBlock * K), w(kMaxRowBlock * K), part(4);
-    std::vector<int64_t> active(K);
+    std::vector<int64_t> used(K), active(kMaxRowBlock * K), n_active(kMaxRowBlock);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * R;
       const int64_t rows = std::min(R, N - n0);
@@ -217,23 +216,29 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
       // Pass 2: out = x - sum_k w_k v_k (the block is still in L2 from pass 1). Only the
       // directions with a non-zero weight are applied (clamp leaves most at zero), and all of
       // them are summed in registers, one load and one store of y per 8 elements. The chunks
-      // of the block's active directions are first packed side by side: rows of V lie D floats
-      // apart, a multiple of 4 KiB for most feature maps, so reading many of them in step
-      // evicts each other from L1 (at K = 16 unpacked reads made this pass 3x slower).
-      int64_t n_union = 0;
+      // of the directions some row of the block applies are packed side by side (rows of V
+      // lie D floats apart, often a multiple of 4 KiB, where many streams read in step share
+      // L1 sets); each row lists its own (slot in the pack, weight) pairs once per block.
+      int64_t n_used = 0;
       for (int64_t k = 0; k < K; ++k) {
         bool any = false;
         for (int64_t r = 0; r < rows && !any; ++r) any = w[r * K + k] != 0.f;
-        if (any) slot[k] = n_union++, used[slot[k]] = k;
-        else slot[k] = -1;
+        if (any) used[n_used++] = k;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        n_active[r] = 0;
+        for (int64_t j = 0; j < n_used; ++j) {
+          const float wj = w[r * K + used[j]];
+          if (wj != 0.f) active[r * K + n_active[r]] = j, wa[r * K + n_active[r]++] = wj;
+        }
       }
       for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
         const int64_t len = std::min(kChunk, D - d0);
-        for (int64_t j = 0; j < n_union; ++j) std::memcpy(vpack.data() + j * kChunk, V + used[j] * D + d0, len * 4);
+        for (int64_t j = 0; j < n_used; ++j) std::memcpy(vpack.data() + j * kChunk, V + used[j] * D + d0, len * 4);
         for (int64_t r = 0; r < rows; ++r) {
-          int64_t n_active = 0;
-          for (int64_t j = 0; j < n_union; ++j)
-            if (w[r * K + used[j]] != 0.f) active[n_active] = j, wa[n_active++] = w[r * K + used[j]];
+          const int64_t na = n_active[r];
+          const int64_t* act = active.data() + r * K;
+          const float* wr = wa.data() + r * K;
           float* y = buf.data();
           load_fp32(x + L.x_row(n0 + r) + d0, y, len);
           int64_t i = 0;
@@ -241,9 +246,9 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
           // elements would run at the FMA latency, not its throughput
           for (; i + 32 <= len; i += 32) {
             vec8 a0 = load8(y + i), a1 = load8(y + i + 8), a2 = load8(y + i + 16), a3 = load8(y + i + 24);
-            for (int64_t j = 0; j < n_active; ++j) {
-              const float* vj = vpack.data() + active[j] * kChunk + i;
-              const float wj = wa[j];
+            for (int64_t j = 0; j < na; ++j) {
+              const float* vj = vpack.data() + act[j] * kChunk + i;
+              const float wj = wr[j];
               a0 -= wj * load8(vj);
               a1 -= wj * load8(vj + 8);
               a2 -= wj * load8(vj + 16);
@@ -256,11 +261,11 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
           }
           for (; i + 8 <= len; i += 8) {
             vec8 acc = load8(y + i);
-            for (int64_t j = 0; j < n_active; ++j) acc -= wa[j] * load8(vpack.data() + active[j] * kChunk + i);
+            for (int64_t j = 0; j < na; ++j) acc -= wr[j] * load8(vpack.data() + act[j] * kChunk + i);
             std::memcpy(y + i, &acc, sizeof(acc));
           }
           for (; i < len; ++i)
-            for (int64_t j = 0; j < n_active; ++j) y[i] -= wa[j] * vpack[active[j] * kChunk + i];
+            for (int64_t j = 0; j < na; ++j) y[i] -= wr[j] * vpack[act[j] * kChunk + i];
           store_cast(y, out + L.out_row(n0 + r) + d0, len);
         }
       }

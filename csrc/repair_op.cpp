@@ -44,7 +44,7 @@ constexpr int64_t kMaxK = 64;  // fire_kernels.MAX_K
 struct Rows3 {
   at::Tensor x3, V, center;
   std::vector<int64_t> lead;            // the scores' leading shape
-  std::vector<int64_t> perm;            // flattened: x's feature dims in memory order (empty: identity)
+  std::vector<int64_t> order;           // flattened: the permutation of x into memory order (empty: none)
   std::vector<int64_t> moved_shape;     // per position: x with the channel dim moved last
   int64_t cd = -1;                      // per position: the channel dim
 };
@@ -95,13 +95,13 @@ std::optional<at::Tensor> rows_in_order(const at::Tensor& t, int64_t lead, at::I
                                         const std::vector<int64_t>& perm, int64_t D) {
   if (!t.device().is_cpu() || t.scalar_type() != at::kFloat) return std::nullopt;
   const bool identity = std::is_sorted(perm.begin(), perm.end());
-  std::vector<int64_t> flat_shape;
-  if (lead) flat_shape.push_back(t.size(0));
-  flat_shape.push_back(D);
   if (t.dim() == lead + 1 && t.size(lead) == D) {  // already flat: only in logical order
     if (!identity || !t.is_contiguous()) return std::nullopt;
     return t;
   }
+  std::vector<int64_t> flat_shape;
+  if (lead) flat_shape.push_back(t.size(0));
+  flat_shape.push_back(D);
   if (t.dim() != lead + static_cast<int64_t>(feat.size()) || !t.sizes().slice(lead).equals(feat)) return std::nullopt;
   std::vector<int64_t> order;
   for (int64_t i = 0; i < lead; ++i) order.push_back(i);
@@ -134,16 +134,16 @@ std::optional<Rows3> prepare(const at::Tensor& x, const at::Tensor& directions, 
     order.insert(order.end(), perm->begin(), perm->end());
     const at::Tensor xp = identity ? x : x.permute(order);
     auto V = rows_in_order(directions, 1, feat, *perm, D);
-    if (!V || !V->is_contiguous()) return std::nullopt;
+    if (!V) return std::nullopt;
     if (center.has_value()) {
       auto mu = rows_in_order(*center, 0, feat, *perm, D);
-      if (!mu || !mu->is_contiguous()) return std::nullopt;
+      if (!mu) return std::nullopt;
       r.center = *mu;
     }
     r.x3 = xp.reshape({1, N, D});
     r.V = *V;
     r.lead = {N};
-    if (!identity) r.perm = *perm;
+    if (!identity) r.order = order;
     r.moved_shape = xp.sizes().vec();
     return r;
   }
@@ -178,11 +178,9 @@ std::optional<Rows3> prepare(const at::Tensor& x, const at::Tensor& directions, 
 at::Tensor restore(const Rows3& r, const at::Tensor& out3) {
   at::Tensor out = out3.reshape(r.moved_shape);
   if (r.cd >= 0) return out.movedim(-1, r.cd);
-  if (r.perm.empty()) return out;
-  std::vector<int64_t> order{0};
-  order.insert(order.end(), r.perm.begin(), r.perm.end());
-  std::vector<int64_t> inverse(order.size());
-  for (size_t i = 0; i < order.size(); ++i) inverse[order[i]] = static_cast<int64_t>(i);
+  if (r.order.empty()) return out;
+  std::vector<int64_t> inverse(r.order.size());
+  for (size_t i = 0; i < r.order.size(); ++i) inverse[r.order[i]] = static_cast<int64_t>(i);
   return out.permute(inverse);
 }
 
@@ -192,7 +190,6 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> try_native(const at::Tensor& x
                                                              OptInt channel_dim, bool want_scores) {
   const auto mode = mode_of(mode_name);
   if (!mode || !native_backend_selected()) return std::nullopt;
-  if (center.has_value() && !center->device().is_cpu()) return std::nullopt;
   auto r = prepare(x, directions, alpha, center, tau, *mode, channel_dim);
   if (!r) return std::nullopt;
   auto [out3, scores] = repair_native_cpu(r->x3, r->V, alpha, r->center.defined() ? OptTensor(r->center) : OptTensor(),

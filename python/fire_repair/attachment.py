@@ -16,7 +16,7 @@ import torch
 
 from ._deprecated import renamed_attributes
 from .ops import _physical_perm
-from .profile import LayerProfile, Profile
+from .profile import LayerProfile, Profile, unusable_value
 
 CHILD = "fire_repair"
 
@@ -70,6 +70,12 @@ class RepairModule(torch.nn.Module):
         (e.g. channels_last), once, in eager mode: the op then reads them without a copy."""
         if self.channel_dim is not None or self.directions.dim() != h.dim() or torch.compiler.is_compiling() or \
                 (h.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        # the common layouts, already followed, cost a couple of C++ checks per call
+        if h.is_contiguous() and self.directions.is_contiguous():
+            return
+        cl = torch.channels_last
+        if h.dim() == 4 and h.is_contiguous(memory_format=cl) and self.directions.is_contiguous(memory_format=cl):
             return
         perm = _physical_perm(h)
         if perm is None:
@@ -135,13 +141,9 @@ class RepairModule(torch.nn.Module):
 
 
 def _check_values(layer_name: str, tensors: dict) -> None:
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        bad = torch.isnan(t).any() if name == "tau" else ~torch.isfinite(t).all()
-        if bool(bad):
-            what = "NaN" if name == "tau" else "NaN or inf"
-            raise ValueError(f"the repair at {layer_name!r}: {name} contains {what}")
+    bad = unusable_value(tensors)
+    if bad is not None:
+        raise ValueError(f"the repair at {layer_name!r}: {bad} contains {'NaN' if bad == 'tau' else 'NaN or inf'}")
 
 
 def _contiguous_state(module, state_dict, prefix, local_metadata):

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from fire_kernels import MAX_K
 from fire_kernels.modes import MODES
 
+from .ops import _channel_dim
 from .profile import LayerProfile, Profile, fingerprint
 from .sketch import FrequentDirections, Reservoir
 
@@ -129,10 +130,6 @@ class LayerStats:
 
     def copy(self) -> "LayerStats":
         return LayerStats.from_state_dict(self.state_dict())
-
-    def rows(self, h: torch.Tensor) -> torch.Tensor:
-        """A layer output (N, ...) as these statistics' rows: (N, D) fp32."""
-        return h.detach().reshape(h.shape[0], -1).float()
 
     # -- results
     def source(self, requested: str = "auto") -> str:
@@ -273,10 +270,6 @@ class PositionStats(LayerStats):
     def _form_state(self) -> dict:
         return {"touched": torch.tensor(self.touched, dtype=torch.float64)}
 
-    def rows(self, h: torch.Tensor) -> torch.Tensor:
-        """Rows are per position; the channel dim was moved last by the estimator: (N, P, C)."""
-        return h.detach().float()
-
     @staticmethod
     def _flat(h: torch.Tensor) -> torch.Tensor:
         return h.reshape(-1, h.shape[-1])
@@ -320,6 +313,11 @@ class PositionStats(LayerStats):
         out.clean_sketch, out.clean_sample = self.clean_sketch, self.clean_sample  # read only
         out.add_poisoned(picked.float())
         return out
+
+    def calibrate(self, name, mode, alpha, k, source, tau_quantile, channel_dim=None) -> LayerProfile:
+        # unpaired: select the triggered positions once for both the directions and beta
+        stats = self._triggered() if source == "unpaired" else super()
+        return stats.calibrate(name, mode, alpha, k, source, tau_quantile, channel_dim)
 
     def beta(self, source: str) -> torch.Tensor:
         return self._triggered().beta(source) if source == "unpaired" else super().beta(source)
@@ -413,10 +411,7 @@ class Estimator:
         per position (the channel dim moved last, every other feature dim a position)."""
         if not self.per_position:
             return h.detach().reshape(h.shape[0], -1).float()
-        if h.dim() < 2 or not -h.dim() <= self.channel_dim < h.dim() or self.channel_dim % h.dim() == 0:
-            raise ValueError(f"channel_dim={self.channel_dim} is not a feature dim of a layer output of shape "
-                             f"{tuple(h.shape)}")
-        hm = h.detach().movedim(self.channel_dim, -1)
+        hm = h.detach().movedim(_channel_dim(h, self.channel_dim), -1)  # the op's own check of channel_dim
         return hm.reshape(h.shape[0], -1, hm.shape[-1]).float()
 
     @torch.no_grad()

@@ -32,7 +32,7 @@ unrepaired). Finite inputs whose centred values x - mu or scores overflow fp32 (
 give inf like any fp32 computation; scores are computed centred (<v, x - mu>), so a large
 common offset in x and mu costs no precision. The tensors' owners validate values where they
 are set: `RepairModule` (at attach, `load_layer`, `load_state_dict`), `Profile.load`,
-`LayerProfile`; `fire_repair.check(model)` re-checks an attached model on demand.
+`LayerProfile`; `fire_repair.check_repairs(model)` re-checks an attached model on demand.
 """
 import math
 import os
@@ -332,6 +332,23 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, directions, alpha, center, tau, scores)
 
 
+def _rows(t: Tensor, cd) -> Tensor:
+    """t as the op's rows: (N, D) flattened (cd None), (N * positions, C) per position."""
+    if cd is None:
+        return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+    m = t.movedim(cd, -1)
+    return m.reshape(math.prod(m.shape[:-1]), m.shape[-1])
+
+
+def _unrows(r: Tensor, shape, cd) -> Tensor:
+    """Rows back to a tensor of `shape` (the inverse of `_rows`)."""
+    if cd is None:
+        return r.reshape(shape)
+    moved = list(shape)
+    moved.append(moved.pop(cd))
+    return r.reshape(moved).movedim(-1, cd)
+
+
 def _backward(ctx, grad_out, grad_scores=None):
     x, directions, alpha, center, tau, c = ctx.saved_tensors
     n_inputs = len(ctx.needs_input_grad)  # trailing defaulted arguments may be absent
@@ -340,18 +357,7 @@ def _backward(ctx, grad_out, grad_scores=None):
     K = directions.shape[0]
 
     # Everything below works on rows: (N, D) flattened, or (N * positions, C) per position.
-    def rows(t):
-        if cd is None:
-            return t.reshape(t.shape[0], math.prod(t.shape[1:]))
-        m = t.movedim(cd, -1)
-        return m.reshape(math.prod(m.shape[:-1]), m.shape[-1])
-
-    def unrows(r):
-        if cd is None:
-            return r.reshape(x.shape)
-        return r.reshape(x.movedim(cd, -1).shape).movedim(-1, cd)
-
-    xc = rows(x).float()
+    xc = _rows(x, cd).float()
     R, D = xc.shape
     V = directions.reshape(K, D).float()
     a = alpha.float()
@@ -369,7 +375,7 @@ def _backward(ctx, grad_out, grad_scores=None):
         active = (c > t).float()
         G, w = torch.clamp(c - t, min=0), a * active
 
-    g2 = rows(grad_out).float()
+    g2 = _rows(grad_out, cd).float()
     if w is None:  # shift: out = x - const
         dx = grad_out
         P = g2 @ V.T if need_a else None
@@ -379,7 +385,7 @@ def _backward(ctx, grad_out, grad_scores=None):
     gs = None
     if grad_scores is not None:
         gs = grad_scores.float().reshape(R, K)
-        dx = dx + unrows(gs @ V).to(dx.dtype)
+        dx = dx + _unrows(gs @ V, x.shape, cd).to(dx.dtype)
 
     dV = da = dmu = dtau = None
     if need_v:
@@ -427,12 +433,7 @@ def _grad_backward(ctx, g_out, g_p):
         if g_p is not None:
             K = directions.shape[0]
             back = g_p.reshape(-1, K).float() @ directions.reshape(K, -1).float()
-            if cd is None:
-                back = back.reshape(ctx.grad_shape)
-            else:
-                moved = torch.empty(ctx.grad_shape, device="meta").movedim(cd, -1).shape
-                back = back.reshape(moved).movedim(-1, cd)
-            dgrad = dgrad + back.to(dgrad.dtype)
+            dgrad = dgrad + _unrows(back, ctx.grad_shape, cd).to(dgrad.dtype)
     return (dgrad, None, None, None)[:n_inputs]
 
 

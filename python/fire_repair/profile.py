@@ -31,6 +31,17 @@ class ProfileError(ValueError):
     """A profile file that is unreadable, tampered with, or does not fit the model."""
 
 
+def unusable_value(tensors: dict) -> Optional[str]:
+    """The name of the first tensor the repair cannot use: NaN or inf anywhere, except `tau`,
+    where inf is allowed (a direction that never clamps in) and only NaN is refused."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if bool(torch.isnan(t).any()) if name == "tau" else not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 @dataclass
 class LayerProfile:
     """The repair at one layer: the arguments of `torch.ops.fire.repair` plus what produced them.
@@ -84,12 +95,12 @@ class LayerProfile:
             raise ProfileError(f"{where}: mode 'clamp' needs tau")
         if self.mode != "clamp" and self.tau is not None:
             raise ProfileError(f"{where}: tau is only used by mode 'clamp'")
-        for attr in ("directions", "alpha", "center", "score_scale", "beta"):
-            t = getattr(self, attr)
-            if t is not None and not torch.isfinite(t).all():
-                raise ProfileError(f"{where}: {attr} has non-finite values")
-        if self.tau is not None and torch.isnan(self.tau).any():
+        bad = unusable_value({attr: getattr(self, attr) for attr in
+                              ("directions", "alpha", "center", "score_scale", "beta", "tau")})
+        if bad == "tau":
             raise ProfileError(f"{where}: tau has NaN")
+        if bad is not None:
+            raise ProfileError(f"{where}: {bad} has non-finite values")
 
     @property
     def form(self) -> str:

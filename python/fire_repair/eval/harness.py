@@ -152,9 +152,11 @@ def positional_layers(model, layers, x) -> list:
     shapes = {}
     modules = dict(model.named_modules())
     hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, o.shape)) for n in layers]
+    was_training = model.training
     try:
         model.eval()(x)
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     return [n for n in layers if len(shapes[n]) >= 3]
@@ -307,7 +309,8 @@ def ablations(model, sel, cfg, held: Held, layers, score) -> list:
     set: every single layer (the best layer in hindsight against the chosen one, in the chosen
     form), the other form at the chosen layers, k, the unpaired variants and tau."""
     rows = []
-    watch = positional_layers(model, layers, held.clean[:2]) if sel.form == "per_position" else list(layers)
+    positional = positional_layers(model, layers, held.clean[:2])
+    watch = positional if sel.form == "per_position" else list(layers)
     est = estimator(model, watch, cfg, sel.form)
     est.observe(held.clean, poisoned=False)
     est.observe_pairs(*held.pairs)
@@ -319,7 +322,7 @@ def ablations(model, sel, cfg, held: Held, layers, score) -> list:
     for name in watch:
         add(f"layer={name}", est.profile(mode=mode, alpha=alpha, tau_quantile=cfg.tau_quantile, layers=[name]))
     other = "flattened" if sel.form == "per_position" else "per_position"
-    if other == "flattened" or set(sel.layers) <= set(positional_layers(model, sel.layers, held.clean[:2])):
+    if other == "flattened" or set(sel.layers) <= set(positional):
         o = estimator(model, sel.layers, cfg, other)
         o.observe(held.clean, poisoned=False)
         o.observe_pairs(*held.pairs)
