@@ -37,14 +37,17 @@ for step in $steps; do
     bench) FIRE_BENCH_BATCHES=${FIRE_BENCH_BATCHES:-1,256,1024} timeout 420 python3 -m pytest benchmarks/test_bench_op.py -q -p no:randomly \
                --benchmark-min-rounds=5 --benchmark-max-time=0.5 --benchmark-json="$OUT/$name-op.json" \
                > "$OUT/bench.log" 2>&1
-           echo "bench rc=$?"; tail -5 "$OUT/bench.log" ;;
+           echo "bench rc=$?"; tail -5 "$OUT/bench.log"
+           python3 benchmarks/summarize.py "$OUT/$name-op.json" > "$OUT/$name-op.md" ;;  # strips raw timings
     positions) FIRE_BENCH_BATCHES=${FIRE_BENCH_BATCHES:-1,256} timeout 420 python3 -m pytest benchmarks/test_bench_positions.py -q -p no:randomly \
                --benchmark-min-rounds=5 --benchmark-max-time=0.5 --benchmark-json="$OUT/$name-positions.json" \
                > "$OUT/positions.log" 2>&1
-           echo "positions rc=$?"; tail -5 "$OUT/positions.log" ;;
+           echo "positions rc=$?"; tail -5 "$OUT/positions.log"
+           python3 benchmarks/summarize.py "$OUT/$name-positions.json" > "$OUT/$name-positions.md" ;;
     e2e)   timeout 200 python3 -m pytest benchmarks/test_bench_e2e.py -q -p no:randomly \
                --benchmark-min-rounds=5 --benchmark-max-time=0.5 --benchmark-json="$OUT/$name-e2e.json" \
                > "$OUT/e2e.log" 2>&1
-           echo "e2e rc=$?"; tail -5 "$OUT/e2e.log" ;;
+           echo "e2e rc=$?"; tail -5 "$OUT/e2e.log"
+           python3 benchmarks/summarize.py "$OUT/$name-e2e.json" > "$OUT/$name-e2e.md" ;;
   esac
 done
