@@ -79,6 +79,24 @@ def test_gtsrb_official_layout(tmp_path):
     assert ds.x_train[1, 0].mean() > 0.99 and ds.x_test[0, 1].mean() > 0.99
 
 
+def test_split_is_random_and_disjoint_on_a_class_ordered_test_set():
+    """Image folders list the test set class by class: the defender's half and the evaluation half
+    must each hold every class, and share no image."""
+    n, classes = 400, 10
+    y = torch.arange(classes).repeat_interleave(n // classes)  # class-ordered, as folders load
+    x = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, 8, 8).contiguous() / n
+    ds = data.Dataset("ordered", x[:0], y[:0], x, y, classes)
+    cfg = harness.RunConfig(n_pairs=16, n_poison_seen=64)
+    held, (ec, ey), (ep, epy), stream = harness.split(cfg, ds, attacks.build("blended"))
+    ids = lambda t: set((t[:, 0, 0, 0] * n).round().long().tolist())  # noqa: E731
+    assert set(ey.tolist()) == set(range(classes)) and set(epy.tolist()) == set(range(1, classes))
+    assert len(ids(held.clean)) == len(held.clean) == n // 2 and len(ids(ec)) == n // 2
+    assert ids(held.clean).isdisjoint(ids(ec)) and ids(held.pairs[0]) <= ids(held.clean)
+    assert len(set(y[sorted(ids(held.pairs[0]))].tolist())) > 3  # pairs from many classes, not the first
+    assert len(held.pairs[0]) == 16 and len(held.flagged) == 64 and torch.equal(stream[:64], held.flagged)
+    assert len(ep) == len(epy) == int((ey != 0).sum())
+
+
 @pytest.mark.slow
 def test_harness_small_run(tmp_path):
     cfg = harness.RunConfig(attack="badnets", epochs=6, cache_dir=str(tmp_path / "cache"),
@@ -143,8 +161,31 @@ def test_vit_tokens_and_positional_layers():
     assert model(x).shape == (3, 10) and models.channel_dim(model) == -1
     assert harness.positional_layers(model, model.REPAIRABLE, x) == model.REPAIRABLE
     cnn = models.build("cnn").eval()
-    assert harness.positional_layers(cnn, cnn.REPAIRABLE, x) == ["block1", "block2", "block3"]
+    assert harness.positional_layers(cnn, cnn.REPAIRABLE, x) == ["input", "block1", "block2", "block3"]
     assert models.channel_dim(cnn) == 1
+
+
+@pytest.mark.parametrize("arch", ["cnn", "preact18", "vgg"])
+def test_input_layer_repairs_an_additive_trigger_at_the_pixels(arch):
+    """`input` is an identity before the first layer: FIRE estimated there sees the pixels, and a
+    shift by the paired mean difference undoes an additive trigger (SIG, away from clipping)."""
+    import fire_repair as fr
+    torch.manual_seed(0)
+    model = models.build(arch, width=8).eval()
+    assert model.REPAIRABLE[0] == "input" and isinstance(model.input, torch.nn.Identity)
+    sig = attacks.build("sig")
+    x = 0.2 + 0.6 * torch.rand(40, 3, 32, 32)  # no pixel clips under the +-40/255 sinusoid
+    est = fr.Estimator(model, ["input"], k=1)
+    est.observe(x[:24], poisoned=False)
+    est.observe_pairs(x[:24], sig.apply(x[:24]))
+    with torch.no_grad():
+        out, triggered = model(x[24:]), model(sig.apply(x[24:]))
+        fr.attach(model, est.profile(mode="shift", alpha=1.0))
+        try:
+            repaired = model(sig.apply(x[24:]))
+        finally:
+            fr.detach(model)
+    assert (repaired - out).abs().max() < 1e-3 * (triggered - out).abs().max()
 
 
 def test_vit_repaired_per_position_compiles_and_exports():

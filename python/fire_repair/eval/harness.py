@@ -198,17 +198,23 @@ def backdoored_model(cfg: RunConfig, ds, attack, progress: bool):
 
 
 def split(cfg: RunConfig, ds, attack):
-    """(Held, (eval_clean, eval_y), (eval_poison, eval_poison_y)): the defender's half and the
-    evaluation half of the test set (triggered images exclude the target class)."""
-    px, cx, ty = attacks_mod.poisoned_test_set(ds.x_test, ds.y_test, attack)
-    h, ph = len(ds.y_test) // 2, len(ty) // 2
+    """(Held, (eval_clean, eval_y), (eval_poison, eval_poison_y), stream): the defender's half and
+    the evaluation half of the test set, disjoint (triggered images are made from each half's own
+    non-target images). The halves come from a seeded permutation: image folders list the test
+    set class by class, and halves of a class-ordered set would give the defender some classes
+    and the evaluation the others."""
+    perm = torch.randperm(len(ds.y_test), generator=torch.Generator().manual_seed(cfg.seed))
+    h = len(perm) // 2
+    mine, theirs = perm[:h], perm[h:]
+    px, cx, _ = attacks_mod.poisoned_test_set(ds.x_test[mine], ds.y_test[mine], attack)
+    eval_px, _, eval_ty = attacks_mod.poisoned_test_set(ds.x_test[theirs], ds.y_test[theirs], attack)
     n_hold = h if cfg.n_clean_holdout is None else min(h, cfg.n_clean_holdout)
-    n_eval = None if cfg.n_eval is None else cfg.n_eval
-    n_pairs = min(cfg.n_pairs, ph // 2)
-    held = Held(clean=ds.x_test[:n_hold], pairs=(cx[:n_pairs], px[:n_pairs]),
-                flagged=px[n_pairs:n_pairs + min(cfg.n_poison_seen, ph - n_pairs)])
-    return (held, (ds.x_test[h:][:n_eval], ds.y_test[h:][:n_eval]), (px[ph:][:n_eval], ty[ph:][:n_eval]),
-            px[n_pairs:ph])
+    n_eval = cfg.n_eval
+    n_pairs = min(cfg.n_pairs, len(px) // 2)
+    held = Held(clean=ds.x_test[mine[:n_hold]], pairs=(cx[:n_pairs], px[:n_pairs]),
+                flagged=px[n_pairs:n_pairs + min(cfg.n_poison_seen, len(px) - n_pairs)])
+    return (held, (ds.x_test[theirs[:n_eval]], ds.y_test[theirs[:n_eval]]), (eval_px[:n_eval], eval_ty[:n_eval]),
+            px[n_pairs:])
 
 
 def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bool = True, log=print) -> dict:

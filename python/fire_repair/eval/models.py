@@ -1,4 +1,9 @@
-"""Models sized for 3x32x32 inputs. Each names the layers FIRE can repair (`REPAIRABLE`)."""
+"""Models sized for 3x32x32 inputs. Each names the layers FIRE can repair (`REPAIRABLE`).
+
+The convolutional models start with `input`, an identity: the pixels are FIRE's earliest
+feature space. A global trigger that adds or blends a fixed pattern (SIG, Blended) is a shift
+along one direction there, before the first nonlinearity mixes it with the image; on CIFAR-10
+it is where FIRE repairs them best (README, real-data table)."""
 import torch
 from torch import nn
 
@@ -8,11 +13,12 @@ def _conv_bn(cin, cout):
 
 
 class SmallCNN(nn.Module):
-    REPAIRABLE = ["block1", "block2", "block3", "fc"]
+    REPAIRABLE = ["input", "block1", "block2", "block3", "fc"]
 
     def __init__(self, num_classes: int = 10, width: int = 16):
         super().__init__()
         w = width
+        self.input = nn.Identity()
         self.block1 = nn.Sequential(_conv_bn(3, w), nn.MaxPool2d(2))  # 16x16
         self.block2 = nn.Sequential(_conv_bn(w, 2 * w), nn.MaxPool2d(2))  # 8x8
         self.block3 = nn.Sequential(_conv_bn(2 * w, 4 * w), nn.MaxPool2d(2))  # 4x4
@@ -20,7 +26,7 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(128, num_classes)
 
     def forward(self, x):
-        return self.head(self.fc(self.block3(self.block2(self.block1(x)))))
+        return self.head(self.fc(self.block3(self.block2(self.block1(self.input(x))))))
 
 
 class PreActBlock(nn.Module):
@@ -43,11 +49,12 @@ class PreActBlock(nn.Module):
 class PreActResNet18(nn.Module):
     """PreAct-ResNet-18 (He et al., 2016) for 32x32 inputs; `width=64` is the standard size."""
 
-    REPAIRABLE = ["layer1", "layer2", "layer3", "layer4", "pool"]
+    REPAIRABLE = ["input", "layer1", "layer2", "layer3", "layer4", "pool"]
 
     def __init__(self, num_classes: int = 10, width: int = 64):
         super().__init__()
         w = width
+        self.input = nn.Identity()
         self.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=False)
         cfg = [(w, 1), (2 * w, 2), (4 * w, 2), (8 * w, 2)]
         cin, layers = w, []
@@ -60,18 +67,19 @@ class PreActResNet18(nn.Module):
         self.linear = nn.Linear(cin, num_classes)
 
     def forward(self, x):
-        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(self.input(x))))))
         return self.linear(self.pool(self.bn(out)))
 
 
 class VGG(nn.Module):
     """VGG-11 with batch norm for 32x32 inputs; `width=64` is the standard size."""
 
-    REPAIRABLE = ["stage1", "stage2", "stage3", "stage4", "stage5", "fc"]
+    REPAIRABLE = ["input", "stage1", "stage2", "stage3", "stage4", "stage5", "fc"]
 
     def __init__(self, num_classes: int = 10, width: int = 64):
         super().__init__()
         w = width
+        self.input = nn.Identity()
         cfg = [[w], [2 * w], [4 * w, 4 * w], [8 * w, 8 * w], [8 * w, 8 * w]]
         cin = 3
         for i, stage in enumerate(cfg, 1):
@@ -85,6 +93,7 @@ class VGG(nn.Module):
         self.head = nn.Linear(4 * w, num_classes)
 
     def forward(self, x):
+        x = self.input(x)
         for i in range(1, 6):
             x = getattr(self, f"stage{i}")(x)
         return self.head(self.fc(x))
