@@ -138,3 +138,13 @@ def test_moving_patch_is_a_checkerboard_at_a_random_seeded_position():
     assert len(corners) > 10  # it moves
     gen = torch.Generator().manual_seed(1)
     assert not torch.equal(a.apply_train(x, gen), out)  # training draws its own positions
+
+
+def test_attack_parameters_can_be_overridden_by_name():
+    a = attacks.build("wanet", target=3, seed=1, s=1.0, k=8)
+    assert (a.s, a.k, a.target, a.seed) == (1.0, 8, 3, 1) and a.params()["s"] == 1.0
+    assert attacks.build("blended", blend=0.1).blend == 0.1
+    with pytest.raises(ValueError, match="no parameter 'strength'.*'s'"):
+        attacks.build("wanet", strength=1.0)
+    with pytest.raises(ValueError, match="wanet.k must be a int"):
+        attacks.build("wanet", k="four")

@@ -18,6 +18,8 @@ def _common(p):
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 8; 30 for vit)")
     p.add_argument("--rate", type=float, default=0.1, help="poison rate")
     p.add_argument("--target", type=int, default=0, help="target class")
+    p.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an attack parameter, e.g. s=1.0 (WaNet's warp strength); repeatable")
     p.add_argument("--cache", default=".fire-cache", help="trained-model cache folder ('' to disable)")
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--no-online", action="store_true")
@@ -48,7 +50,8 @@ def _run_all(args, jobs, data, data_path=None, defenses=None, width=None, overri
         cfg = harness.RunConfig(attack=attack, model=model, data=data, data_path=data_path, rate=args.rate,
                                 target=args.target, seed=args.seed, epochs=args.epochs, width=width,
                                 cache_dir=args.cache or None, ablations=not args.no_ablations,
-                                online=not args.no_online, **(overrides or {}))
+                                online=not args.no_online, attack_params=_attack_params(args.attack_param),
+                                **(overrides or {}))
         if defenses:
             cfg.defenses = defenses
         log(f"{attack}: {model} on {ds.name}")
@@ -58,6 +61,22 @@ def _run_all(args, jobs, data, data_path=None, defenses=None, width=None, overri
         f"{time.perf_counter() - t0:.0f} s")
     log_file.close()
     return results
+
+
+def _attack_params(items) -> dict:
+    """KEY=VALUE strings as a dict of numbers (or strings where a value is not a number)."""
+    import json
+
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--attack-param expects KEY=VALUE, got {item!r}")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
 
 
 def _write_outputs(results, out: Path, json_path=None, log=print) -> Path:

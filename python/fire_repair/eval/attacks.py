@@ -20,6 +20,7 @@ patches is its own trigger during training), which a single mean direction does 
 it is where K > 1 directions earn their keep. The moving patch lands somewhere else on every
 image: a flattened direction cannot describe it, a per-position one can.
 """
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -194,10 +195,21 @@ ATTACKS = {"badnets": BadNets, "blended": Blended, "sig": SIG, "wanet": WaNet, "
            "moving": MovingPatch}
 
 
-def build(name: str, target: int = 0, seed: int = 0) -> Attack:
+def build(name: str, target: int = 0, seed: int = 0, **params) -> Attack:
+    """The attack `name` with the literature's parameters, any of them overridden by `params`
+    (e.g. `s=1.0` for a stronger WaNet warp); an unknown parameter is an error naming the known ones."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
-    return ATTACKS[name](target=target, seed=seed)
+    cls = ATTACKS[name]
+    known = {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+    for key, value in params.items():
+        if key not in known or key in ("name", "target", "seed"):
+            raise ValueError(f"{name} has no parameter {key!r}; its parameters are "
+                             f"{sorted(set(known) - {'name', 'target', 'seed'})}")
+        if not isinstance(value, type(known[key].default)) and not (
+                isinstance(value, int) and isinstance(known[key].default, float)):
+            raise ValueError(f"{name}.{key} must be a {type(known[key].default).__name__}, got {value!r}")
+    return cls(target=target, seed=seed, **params)
 
 
 def poison_training_set(x, y, attack: Attack, rate: float = 0.1, seed: int = 0):

@@ -32,6 +32,7 @@ class RunConfig:
     data: str = "digits"
     data_path: Optional[str] = None
     rate: float = 0.1
+    attack_params: dict = field(default_factory=dict)  # overrides of the attack's parameters (attacks.build)
     target: int = 0
     seed: int = 0
     epochs: Optional[int] = None  # None: the model's default (models.EPOCHS)
@@ -223,7 +224,7 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
     if unknown:
         raise ValueError(f"unknown defence(s) {unknown}; choose from {sorted(DEFENSES)}")
     ds = dataset or data_mod.load(cfg.data, cfg.data_path, seed=cfg.seed)
-    attack = attacks_mod.build(cfg.attack, target=cfg.target, seed=cfg.seed)
+    attack = attacks_mod.build(cfg.attack, target=cfg.target, seed=cfg.seed, **cfg.attack_params)
     model, cached, n_poisoned = backdoored_model(cfg, ds, attack, progress)
     held, (eval_clean, eval_y), (eval_poison, eval_poison_y), stream = split(cfg, ds, attack)
     layers = cfg.layers or models_mod.MODELS[cfg.model].REPAIRABLE
