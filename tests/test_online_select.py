@@ -61,7 +61,14 @@ def test_selection_is_label_free_and_reports_evidence(backdoored):
     assert len(sel.evidence) == 4 * 2 * 2
     chosen = [e for e in sel.evidence if (e["layers"], e["mode"], e["alpha"]) == (sel.layers, sel.mode, sel.alpha)]
     assert chosen and chosen[0]["clean_change"] <= 0.01
-    assert chosen[0]["agreement"] == max(e["agreement"] for e in sel.evidence if e["clean_change"] <= 0.01)
+    # clean_change is measured in rank order: every candidate ranked above the chosen one was measured and
+    # refused; candidates never measured ranked below it
+    rank = (chosen[0]["agreement"], chosen[0]["margin"])
+    above = [e for e in sel.evidence if (e["agreement"], e["margin"]) > rank]
+    assert all(e["clean_change"] is not None and e["clean_change"] > 0.01 for e in above)
+    assert all((e["agreement"], e["margin"]) <= rank for e in sel.evidence if e["clean_change"] is None)
+    measured = [e for e in sel.evidence if e["clean_change"] is not None]
+    assert chosen[0]["agreement"] == max(e["agreement"] for e in measured if e["clean_change"] <= 0.01)
     assert "*" in sel.table() and sel.profile.info["selection"]["chosen"] == chosen[0]
     assert "folds" in sel.profile.info["selection"]["criterion"]
     assert sel.profile.layer(sel.layers[0]).directions.shape[0] == 1
@@ -107,6 +114,34 @@ def test_selection_ties_go_to_the_margin_not_the_order():
     assert _choose(ev, 0.01)["layers"] == ["b"]
     assert _choose(ev, 0.0)["layers"] == ["a"]
     assert _choose(ev, -1.0)["layers"] == ["a"]  # none allowed: the least disruptive
+
+
+def test_selection_measures_clean_change_lazily_with_the_same_choice():
+    """Measuring clean_change only down the ranking until a candidate qualifies picks what
+    measuring every candidate picks, for random evidence with ties."""
+    from fire_repair.selection import _choose
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 12, (1,), generator=gen))
+        ag = torch.randint(0, 3, (n,), generator=gen).float() / 2
+        mg = torch.randint(0, 3, (n,), generator=gen).float()
+        cc = torch.randint(0, 4, (n,), generator=gen).float() / 100
+        full = [{"layers": [str(i)], "agreement": float(ag[i]), "margin": float(mg[i]), "clean_change": float(cc[i])}
+                for i in range(n)]
+        lazy = [dict(e, clean_change=None) for e in full]
+        calls = []
+
+        def measure(e, calls=calls, full=full):
+            calls.append(e["layers"][0])
+            return full[int(e["layers"][0])]["clean_change"]
+
+        for limit in (0.0, 0.015, 0.03, -1.0):
+            for e in lazy:
+                e["clean_change"] = None
+            calls.clear()
+            assert _choose(lazy, limit, measure)["layers"] == _choose(full, limit)["layers"], (trial, limit)
+            assert len(calls) == len(set(calls))  # each candidate measured at most once
 
 
 def test_selection_with_pairs_already_observed_warns(backdoored):

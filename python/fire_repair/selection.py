@@ -18,7 +18,9 @@ estimator observes the other folds, and the candidate's repair is scored on this
   into one or two wrong classes, which "off the target" alone would reward; `margin` = the mean
   top-1 logit margin of the repaired prediction.
 - Both: `clean_change` = how often the repair (estimated from all the triggered samples)
-  changes the model's prediction on the clean reference set.
+  changes the model's prediction on the clean reference set. It costs a pass over that set, so
+  it is measured in order of (agreement, margin) until a candidate qualifies: candidates that
+  could not have won keep `clean_change` None ("-" in the table).
 
 Candidates may come from several estimators (`estimator` a sequence): typically one flattened
 and one per-position estimator on the same layers, so that the form is chosen by the same
@@ -53,8 +55,9 @@ class Selection:
         chosen = (self.layers, self.form, self.mode, self.alpha)
         for e in self.evidence:
             mark = " *" if (e["layers"], e["form"], e["mode"], e["alpha"]) == chosen else ""
+            change = "-" if e["clean_change"] is None else f"{e['clean_change']:.3f}"
             lines.append(f"{'+'.join(e['layers'])} | {e['form']} | {e['mode']} | {e['alpha']:g} | "
-                         f"{e['agreement']:.3f} | {e['margin']:.3f} | {e['clean_change']:.3f}{mark}")
+                         f"{e['agreement']:.3f} | {e['margin']:.3f} | {change}{mark}")
         return "\n".join(lines)
 
 
@@ -102,11 +105,29 @@ def _check_grid(layer_sets, modes, alphas):
         raise ValueError("alphas must hold at least one value")
 
 
-def _choose(evidence: list, max_clean_change: float) -> dict:
-    ok = [e for e in evidence if e["clean_change"] <= max_clean_change]
-    if ok:
-        return max(ok, key=lambda e: (e["agreement"], e["margin"], -e["clean_change"]))
-    # nothing keeps clean predictions: the least disruptive candidate
+def _choose(evidence: list, max_clean_change: float, measure=None) -> dict:
+    """The candidate with the highest (agreement, margin) among those whose clean_change is at most
+    `max_clean_change`, ties to the smaller clean change; if none qualifies, the least disruptive.
+    `measure(e)` fills in a candidate's clean_change where it is None: candidates are measured
+    in order of (agreement, margin), so only those that could win pay for a pass over the clean
+    reference set (the same choice as measuring all of them)."""
+    def clean_change(e):
+        if e["clean_change"] is None:
+            e["clean_change"] = measure(e)
+        return e["clean_change"]
+
+    ranked = sorted(evidence, key=lambda e: (-e["agreement"], -e["margin"]))
+    i = 0
+    while i < len(ranked):  # one group of equal (agreement, margin) at a time
+        j = i
+        while j < len(ranked) and (ranked[j]["agreement"], ranked[j]["margin"]) == \
+                (ranked[i]["agreement"], ranked[i]["margin"]):
+            j += 1
+        ok = [e for e in ranked[i:j] if clean_change(e) <= max_clean_change]
+        if ok:
+            return min(ok, key=lambda e: e["clean_change"])
+        i = j
+    # nothing keeps clean predictions (every candidate measured by now): the least disruptive
     return min(evidence, key=lambda e: (e["clean_change"], -e["agreement"], -e["margin"]))
 
 
@@ -167,16 +188,19 @@ def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alph
                         agree, margin = agree + a, margin + m
                         preds.append(p)
                     agree = agree / n if adjust is None else adjust(agree / n, torch.cat(preds))
-                    profile = full.profile(mode=mode, alpha=alpha, tau_quantile=tau_quantile, source=source,
-                                           layers=list(layers), with_fingerprint=False)
-                    attach(model, profile)
-                    try:
-                        clean_change = (predict(model, clean_ref) != reference).float().mean().item()
-                    finally:
-                        detach(model)
                     evidence.append({"layers": list(layers), "form": base.form, "mode": mode, "alpha": float(alpha),
-                                     "agreement": agree, "margin": margin / n, "clean_change": clean_change})
-    e = _choose(evidence, max_clean_change)
+                                     "agreement": agree, "margin": margin / n, "clean_change": None})
+
+    def measure(e):  # how often the repair from all triggered samples changes clean predictions
+        profile = full_by_form[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], tau_quantile=tau_quantile,
+                                                  source=source, layers=e["layers"], with_fingerprint=False)
+        attach(model, profile)
+        try:
+            return (predict(model, clean_ref) != reference).float().mean().item()
+        finally:
+            detach(model)
+
+    e = _choose(evidence, max_clean_change, measure)
     profile = full_by_form[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], tau_quantile=tau_quantile,
                                               source=source, layers=e["layers"])  # with the model's fingerprint
     profile.info["selection"] = {"criterion": f"{criterion}, out of {len(splits)} folds, s.t. clean_change <= "
