@@ -204,3 +204,28 @@ def test_select_refuses_pairs_of_different_sizes(backdoored):
     clean, poisoned = backdoored["hold_pairs"]
     with pytest.raises(ValueError, match="pairs must have equal shapes"):
         fr.select(est, clean[:8], poisoned[:6])
+
+
+def test_a_candidate_that_cannot_be_estimated_is_reported_not_fatal(backdoored, monkeypatch):
+    """Per position at a layer where no flagged position stands out, unpaired estimation raises;
+    selection keeps that candidate's error in the evidence and chooses among the others, and
+    raises only when no candidate can be estimated."""
+    from fire_repair.estimate import PositionStats
+
+    def none_stands_out(self):
+        raise ValueError("no poisoned position stands out from the clean positions: no direction to estimate")
+
+    monkeypatch.setattr(PositionStats, "_triggered", none_stands_out)
+    model = backdoored["model"]
+    flat = fr.Estimator(model, ["block2"])
+    pos = fr.Estimator(model, ["block2"], per_position=True, channel_dim=1)
+    for est in (flat, pos):
+        est.observe(backdoored["hold_clean"], poisoned=False)
+    flagged = backdoored["hold_pairs"][1][:32]
+    sel = fr.select_unpaired([flat, pos], flagged, backdoored["hold_clean"], alphas=[1.0, 2.0])
+    assert sel.form == "flattened"
+    failed = [e for e in sel.evidence if "error" in e]
+    assert [e["form"] for e in failed] == ["per_position"] * 2 and "stands out" in failed[0]["error"]
+    assert "not estimable: no poisoned position" in sel.table()
+    with pytest.raises(ValueError, match="no candidate could be estimated"):
+        fr.select_unpaired(pos, flagged, backdoored["hold_clean"], alphas=[1.0])

@@ -21,6 +21,9 @@ estimator observes the other folds, and the candidate's repair is scored on this
   changes the model's prediction on the clean reference set. It costs a pass over that set, so
   it is measured in order of (agreement, margin) until a candidate qualifies: candidates that
   could not have won keep `clean_change` None ("-" in the table).
+- A candidate that cannot be estimated from the samples (e.g. per position at the pixels, where
+  no position of an unpaired flagged image stands out) is kept in the evidence with its
+  `error` and never chosen; only if none can be estimated does selection raise.
 
 Candidates may come from several estimators (`estimator` a sequence): typically one flattened
 and one per-position estimator on the same layers, so that the form is chosen by the same
@@ -30,6 +33,7 @@ The chosen candidate has the highest agreement among those with clean_change <=
 max_clean_change; ties go to the larger margin, then to the smaller clean change (never to the
 order tried). Every candidate's evidence is returned.
 """
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -55,9 +59,12 @@ class Selection:
         chosen = (self.layers, self.form, self.mode, self.alpha)
         for e in self.evidence:
             mark = " *" if (e["layers"], e["form"], e["mode"], e["alpha"]) == chosen else ""
+            head = f"{'+'.join(e['layers'])} | {e['form']} | {e['mode']} | {e['alpha']:g} | "
+            if "error" in e:
+                lines.append(head + f"not estimable: {e['error']}")
+                continue
             change = "-" if e["clean_change"] is None else f"{e['clean_change']:.3f}"
-            lines.append(f"{'+'.join(e['layers'])} | {e['form']} | {e['mode']} | {e['alpha']:g} | "
-                         f"{e['agreement']:.3f} | {e['margin']:.3f} | {change}{mark}")
+            lines.append(head + f"{e['agreement']:.3f} | {e['margin']:.3f} | {change}{mark}")
         return "\n".join(lines)
 
 
@@ -116,6 +123,7 @@ def _choose(evidence: list, max_clean_change: float, measure=None) -> dict:
             e["clean_change"] = measure(e)
         return e["clean_change"]
 
+    evidence = [e for e in evidence if "error" not in e]  # candidates that could not be estimated
     ranked = sorted(evidence, key=lambda e: (-e["agreement"], -e["margin"]))
     i = 0
     while i < len(ranked):  # one group of equal (agreement, margin) at a time
@@ -180,27 +188,41 @@ def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alph
         for layers in sets:
             for mode in modes:
                 for alpha in alphas:
+                    entry = {"layers": list(layers), "form": base.form, "mode": mode, "alpha": float(alpha),
+                             "agreement": None, "margin": None, "clean_change": None}
+                    evidence.append(entry)
                     agree, margin, preds = 0.0, 0.0, []
-                    for est, held in zip(fold_estimators, splits, strict=True):
-                        profile = est.profile(mode=mode, alpha=alpha, tau_quantile=tau_quantile, source=source,
-                                              layers=list(layers), with_fingerprint=False)
-                        a, m, p = score(profile, held)
-                        agree, margin = agree + a, margin + m
-                        preds.append(p)
-                    agree = agree / n if adjust is None else adjust(agree / n, torch.cat(preds))
-                    evidence.append({"layers": list(layers), "form": base.form, "mode": mode, "alpha": float(alpha),
-                                     "agreement": agree, "margin": margin / n, "clean_change": None})
+                    try:
+                        for est, held in zip(fold_estimators, splits, strict=True):
+                            profile = est.profile(mode=mode, alpha=alpha, tau_quantile=tau_quantile, source=source,
+                                                  layers=list(layers), with_fingerprint=False)
+                            a, m, p = score(profile, held)
+                            agree, margin = agree + a, margin + m
+                            preds.append(p)
+                    except ValueError as err:  # this candidate cannot be estimated from these samples
+                        entry["error"] = str(err)
+                        continue
+                    entry["agreement"] = agree / n if adjust is None else adjust(agree / n, torch.cat(preds))
+                    entry["margin"] = margin / n
 
     def measure(e):  # how often the repair from all triggered samples changes clean predictions
-        profile = full_by_form[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], tau_quantile=tau_quantile,
-                                                  source=source, layers=e["layers"], with_fingerprint=False)
+        try:
+            profile = full_by_form[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], tau_quantile=tau_quantile,
+                                                      source=source, layers=e["layers"], with_fingerprint=False)
+        except ValueError as err:
+            e["error"] = str(err)
+            return math.inf
         attach(model, profile)
         try:
             return (predict(model, clean_ref) != reference).float().mean().item()
         finally:
             detach(model)
 
+    if all("error" in e for e in evidence):
+        raise ValueError(f"no candidate could be estimated from these samples: {evidence[0]['error']}")
     e = _choose(evidence, max_clean_change, measure)
+    if "error" in e:
+        raise ValueError(f"no candidate could be estimated from all the samples: {e['error']}")
     profile = full_by_form[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], tau_quantile=tau_quantile,
                                               source=source, layers=e["layers"])  # with the model's fingerprint
     profile.info["selection"] = {"criterion": f"{criterion}, out of {len(splits)} folds, s.t. clean_change <= "

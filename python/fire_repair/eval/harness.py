@@ -322,23 +322,28 @@ def ablations(model, sel, cfg, held: Held, layers, score) -> list:
     est.observe(held.clean, poisoned=False)
     est.observe_pairs(*held.pairs)
 
-    def add(what, profile):
+    def add(what, make_profile):
+        try:
+            profile = make_profile()
+        except ValueError as e:  # not estimable from these samples (e.g. fewer supported directions than k)
+            rows.append({"ablation": what, "error": str(e)})
+            return
         rows.append({"ablation": what, **score(ProfileDefense(model, profile))})
 
     mode, alpha = sel.mode, sel.alpha
     for name in watch:
-        add(f"layer={name}", est.profile(mode=mode, alpha=alpha, tau_quantile=cfg.tau_quantile, layers=[name]))
+        add(f"layer={name}", lambda name=name: est.profile(mode=mode, alpha=alpha, tau_quantile=cfg.tau_quantile,
+                                                           layers=[name]))
     other = "flattened" if sel.form == "per_position" else "per_position"
     if other == "flattened" or set(sel.layers) <= set(positional):
         o = estimator(model, sel.layers, cfg, other)
         o.observe(held.clean, poisoned=False)
         o.observe_pairs(*held.pairs)
-        add(f"form={other} (selected layers)", o.profile(mode=mode, alpha=alpha, tau_quantile=cfg.tau_quantile))
+        add(f"form={other} (selected layers)", lambda: o.profile(mode=mode, alpha=alpha,
+                                                                 tau_quantile=cfg.tau_quantile))
     for k in (1, 2, 4):
-        try:
-            add(f"k={k}", est.profile(mode=mode, alpha=alpha, tau_quantile=cfg.tau_quantile, k=k, layers=sel.layers))
-        except ValueError as e:  # fewer supported directions than asked
-            rows.append({"ablation": f"k={k}", "error": str(e)})
+        add(f"k={k}", lambda k=k: est.profile(mode=mode, alpha=alpha, tau_quantile=cfg.tau_quantile, k=k,
+                                              layers=sel.layers))
     variants = (("unpaired", None, cfg.match_clean), ("unpaired, clean set not matched", None, False),
                 ("unpaired+photometric", Photometric(seed=cfg.seed), cfg.match_clean),
                 ("unpaired+shift", RandomShift(seed=cfg.seed), cfg.match_clean))
@@ -347,7 +352,8 @@ def ablations(model, sel, cfg, held: Held, layers, score) -> list:
         u = estimator(model, sel.layers, cfg, sel.form, augment=augment, n_augment=4 if augment else 1)
         u.observe(clean, poisoned=False)
         u.observe(held.flagged, poisoned=True)
-        add(f"{what} (selected layers)", u.profile(mode="clamp", alpha=alpha, tau_quantile=cfg.tau_quantile))
+        add(f"{what} (selected layers)", lambda u=u: u.profile(mode="clamp", alpha=alpha,
+                                                               tau_quantile=cfg.tau_quantile))
     for q in (0.9, 0.999):
-        add(f"tau_quantile={q}", est.profile(mode=mode, alpha=alpha, tau_quantile=q, layers=sel.layers))
+        add(f"tau_quantile={q}", lambda q=q: est.profile(mode=mode, alpha=alpha, tau_quantile=q, layers=sel.layers))
     return rows
