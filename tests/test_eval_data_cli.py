@@ -159,7 +159,8 @@ def test_vit_tokens_and_positional_layers():
     model = models.build("vit").eval()
     x = torch.rand(3, 3, 32, 32)
     assert model(x).shape == (3, 10) and models.channel_dim(model) == -1
-    assert harness.positional_layers(model, model.REPAIRABLE, x) == model.REPAIRABLE
+    assert harness.positional_layers(model, model.REPAIRABLE, x) == model.BLOCKS  # input: pixels, flattened only
+    assert isinstance(model.input, torch.nn.Identity)
     cnn = models.build("cnn").eval()
     assert harness.positional_layers(cnn, cnn.REPAIRABLE, x) == ["input", "block1", "block2", "block3"]
     assert models.channel_dim(cnn) == 1

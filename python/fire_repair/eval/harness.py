@@ -148,8 +148,9 @@ DEFAULT_DEFENSES = ["none", *FIRE_DEFENSES, "shrinkpad", "jpeg", "blur", "strip"
 
 @torch.no_grad()
 def positional_layers(model, layers, x) -> list:
-    """The layers among `layers` whose outputs have positions (conv maps, tokens): where a
-    per-position repair differs from a flattened one."""
+    """The layers among `layers` whose outputs have positions (conv maps, tokens) laid out as the
+    model's channel_dim says: where a per-position repair differs from a flattened one. (The
+    ViT's `input` holds pixels, (N, C, H, W), not tokens: flattened only.)"""
     shapes = {}
     modules = dict(model.named_modules())
     hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, o.shape)) for n in layers]
@@ -160,7 +161,8 @@ def positional_layers(model, layers, x) -> list:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return [n for n in layers if len(shapes[n]) >= 3]
+    other_layout = set(getattr(model, "NOT_POSITIONAL", ()))
+    return [n for n in layers if len(shapes[n]) >= 3 and n not in other_layout]
 
 
 def estimator(model, layers, cfg: RunConfig, form: str, **kwargs) -> "fr.Estimator":

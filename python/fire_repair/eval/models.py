@@ -117,26 +117,30 @@ class EncoderBlock(nn.Module):
 class ViT(nn.Module):
     """A small vision transformer for 32x32 inputs: 4x4 patches (64 tokens) and a class token,
     four encoder blocks, classification from the class token. Block outputs are (N, 65, C)
-    tokens: FIRE repairs them per position (`CHANNEL_DIM = -1`), wherever a trigger token lands."""
+    tokens: FIRE repairs them per position (`CHANNEL_DIM = -1`), wherever a trigger token lands;
+    `input` (the pixels) flattened."""
 
-    REPAIRABLE = ["block1", "block2", "block3", "block4"]
+    BLOCKS = ["block1", "block2", "block3", "block4"]
+    REPAIRABLE = ["input", *BLOCKS]
     CHANNEL_DIM = -1
+    NOT_POSITIONAL = ["input"]  # pixels (N, 3, H, W), not tokens: repaired flattened only
 
     def __init__(self, num_classes: int = 10, width: int = 64, heads: int = 4, patch: int = 4):
         super().__init__()
         tokens = (32 // patch) ** 2 + 1
+        self.input = nn.Identity()
         self.embed = nn.Conv2d(3, width, patch, patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, width))
         self.pos = nn.Parameter(0.02 * torch.randn(1, tokens, width))
-        for name in self.REPAIRABLE:
+        for name in self.BLOCKS:
             self.add_module(name, EncoderBlock(width, heads))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x):
-        t = self.embed(x).flatten(2).transpose(1, 2)  # (N, 64, C)
+        t = self.embed(self.input(x)).flatten(2).transpose(1, 2)  # (N, 64, C)
         t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
-        for name in self.REPAIRABLE:
+        for name in self.BLOCKS:
             t = getattr(self, name)(t)
         return self.head(self.norm(t[:, 0]))
 
