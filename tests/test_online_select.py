@@ -116,6 +116,17 @@ def test_selection_ties_go_to_the_margin_not_the_order():
     assert _choose(ev, -1.0)["layers"] == ["a"]  # none allowed: the least disruptive
 
 
+def test_agreements_closer_than_one_sample_are_ties_for_the_margin():
+    from fire_repair.selection import _choose
+
+    ev = [{"layers": ["a"], "agreement": 0.8571, "margin": 1.7, "clean_change": 0.0},
+          {"layers": ["b"], "agreement": 0.8567, "margin": 2.8, "clean_change": 0.0},
+          {"layers": ["c"], "agreement": 0.8567 - 1 / 64, "margin": 9.0, "clean_change": 0.0}]
+    assert _choose(ev, 0.01)["layers"] == ["a"]  # exact comparison: the 0.0004 decides
+    assert _choose(ev, 0.01, n=64)["layers"] == ["b"]  # one sample's resolution: the margin decides
+    assert _choose(ev[::-1], 0.01, n=64)["layers"] == ["b"]
+
+
 def test_selection_measures_clean_change_lazily_with_the_same_choice():
     """Measuring clean_change only down the ranking until a candidate qualifies picks what
     measuring every candidate picks, for random evidence with ties."""

@@ -30,8 +30,10 @@ and one per-position estimator on the same layers, so that the form is chosen by
 criterion as the layer, mode and alpha.
 
 The chosen candidate has the highest agreement among those with clean_change <=
-max_clean_change; ties go to the larger margin, then to the smaller clean change (never to the
-order tried). Every candidate's evidence is returned.
+max_clean_change; agreements are compared at the resolution of one triggered sample (1/n:
+smaller differences are no evidence; measured on CIFAR-10 SIG, unpaired: `block2` won over
+`input` by 0.0004, PA 66.9% against 76.9%), and ties go to the larger margin, then to the
+smaller clean change (never to the order tried). Every candidate's evidence is returned.
 """
 import math
 import warnings
@@ -112,9 +114,12 @@ def _check_grid(layer_sets, modes, alphas):
         raise ValueError("alphas must hold at least one value")
 
 
-def _choose(evidence: list, max_clean_change: float, measure=None) -> dict:
+def _choose(evidence: list, max_clean_change: float, measure=None, n: int = None) -> dict:
     """The candidate with the highest (agreement, margin) among those whose clean_change is at most
     `max_clean_change`, ties to the smaller clean change; if none qualifies, the least disruptive.
+    With `n` (the number of triggered samples scored), agreements are compared at the resolution
+    of one sample: a smaller difference (the unpaired criterion's histogram term moves it by
+    fractions of a sample) is no evidence, and the margin decides.
     `measure(e)` fills in a candidate's clean_change where it is None: candidates are measured
     in order of (agreement, margin), so only those that could win pay for a pass over the clean
     reference set (the same choice as measuring all of them)."""
@@ -124,12 +129,14 @@ def _choose(evidence: list, max_clean_change: float, measure=None) -> dict:
         return e["clean_change"]
 
     evidence = [e for e in evidence if "error" not in e]  # candidates that could not be estimated
-    ranked = sorted(evidence, key=lambda e: (-e["agreement"], -e["margin"]))
+    def rank(e):
+        return (round(e["agreement"] * n) if n else e["agreement"]), e["margin"]
+
+    ranked = sorted(evidence, key=lambda e: tuple(-v for v in rank(e)))
     i = 0
     while i < len(ranked):  # one group of equal (agreement, margin) at a time
         j = i
-        while j < len(ranked) and (ranked[j]["agreement"], ranked[j]["margin"]) == \
-                (ranked[i]["agreement"], ranked[i]["margin"]):
+        while j < len(ranked) and rank(ranked[j]) == rank(ranked[i]):
             j += 1
         ok = [e for e in ranked[i:j] if clean_change(e) <= max_clean_change]
         if ok:
@@ -220,7 +227,7 @@ def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alph
 
     if all("error" in e for e in evidence):
         raise ValueError(f"no candidate could be estimated from these samples: {evidence[0]['error']}")
-    e = _choose(evidence, max_clean_change, measure)
+    e = _choose(evidence, max_clean_change, measure, n)
     if "error" in e:
         raise ValueError(f"no candidate could be estimated from all the samples: {e['error']}")
     profile = full_by_form[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], tau_quantile=tau_quantile,
