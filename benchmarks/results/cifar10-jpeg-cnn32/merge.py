@@ -27,7 +27,10 @@ def main(argv):
         row = next(r for r in new["rows"] if r["defense"] == "fire-clamp-unpaired")
         run["rows"] = [row if r["defense"] == "fire-clamp-unpaired" else r for r in run["rows"]]
         run["fire"]["fire-clamp-unpaired"] = new["fire"]["fire-clamp-unpaired"]
-        run["note"] = "fire-clamp-unpaired re-run after the selection change of this session (same model, split, seed)"
+        run["note"] = ("fire-clamp-unpaired re-run after the selection change of this session (same model, split, "
+                       "seed)")
+    order = ["badnets", "blended", "sig", "wanet", "trojan", "adaptive", "moving"]  # the README's order
+    runs.sort(key=lambda r: order.index(r["config"]["attack"]) if r["config"]["attack"] in order else len(order))
     json.dump({"runs": runs}, open(out, "w"), indent=1, default=float)
     print(f"{len(runs)} runs, {sum('note' in r for r in runs)} with the unpaired row replaced -> {out}")
 
