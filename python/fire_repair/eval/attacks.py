@@ -201,14 +201,14 @@ def build(name: str, target: int = 0, seed: int = 0, **params) -> Attack:
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
     cls = ATTACKS[name]
-    known = {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)
+                if not f.name.startswith("_") and f.name not in ("name", "target", "seed")}
     for key, value in params.items():
-        if key not in known or key in ("name", "target", "seed"):
-            raise ValueError(f"{name} has no parameter {key!r}; its parameters are "
-                             f"{sorted(set(known) - {'name', 'target', 'seed'})}")
-        if not isinstance(value, type(known[key].default)) and not (
-                isinstance(value, int) and isinstance(known[key].default, float)):
-            raise ValueError(f"{name}.{key} must be a {type(known[key].default).__name__}, got {value!r}")
+        if key not in defaults:
+            raise ValueError(f"{name} has no parameter {key!r}; its parameters are {sorted(defaults)}")
+        kind = type(defaults[key])
+        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+            raise ValueError(f"{name}.{key} must be a {kind.__name__}, got {value!r}")
     return cls(target=target, seed=seed, **params)
 
 

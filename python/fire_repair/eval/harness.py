@@ -212,8 +212,7 @@ def split(cfg: RunConfig, ds, attack):
     px, cx, _ = attacks_mod.poisoned_test_set(ds.x_test[mine], ds.y_test[mine], attack)
     eval_px, _, eval_ty = attacks_mod.poisoned_test_set(ds.x_test[theirs], ds.y_test[theirs], attack)
     n_hold = h if cfg.n_clean_holdout is None else min(h, cfg.n_clean_holdout)
-    n_eval = cfg.n_eval
-    n_pairs = min(cfg.n_pairs, len(px) // 2)
+    n_eval, n_pairs = cfg.n_eval, min(cfg.n_pairs, len(px) // 2)
     held = Held(clean=ds.x_test[mine[:n_hold]], pairs=(cx[:n_pairs], px[:n_pairs]),
                 flagged=px[n_pairs:n_pairs + min(cfg.n_poison_seen, len(px) - n_pairs)])
     return (held, (ds.x_test[theirs[:n_eval]], ds.y_test[theirs[:n_eval]]), (eval_px[:n_eval], eval_ty[:n_eval]),
