@@ -14,17 +14,21 @@
 namespace fire {
 
 // The values of fire_kernels.modes.Mode (tests/test_modes.py checks they agree).
-enum Mode : int64_t { kShift = 0, kProject = 1, kClamp = 2 };
+enum Mode : int64_t { kShift = 0, kProject = 1, kClamp = 2, kGated = 3 };
 
 // The weight of direction k for one row, the only place the C++ kernels state the mode maths:
-// shift alpha_k; project alpha_k c_k; clamp alpha_k max(c_k - tau_k, 0). A NaN score stays NaN
-// (so does the row it repairs), as in the reference: written so that a comparison with NaN
-// (always false) keeps c_k - tau_k rather than 0 (fmaxf would drop the NaN).
+// shift alpha_k; project alpha_k c_k; clamp alpha_k max(c_k - tau_k, 0); gated alpha_k [c_k > tau_k].
+// A NaN score stays NaN (so does the row it repairs), as in the reference: written so that a
+// comparison with NaN (always false) keeps c_k - tau_k rather than 0 (fmaxf would drop the NaN).
 C10_HOST_DEVICE inline float mode_weight(int64_t mode, float alpha, float c, float tau) {
   if (mode == kProject) return alpha * c;
   if (mode == kClamp) {
     const float excess = c - tau;
     return alpha * (excess < 0.f ? 0.f : excess);
+  }
+  if (mode == kGated) {
+    const float excess = c - tau;
+    return alpha * (excess > 0.f ? 1.f : (excess <= 0.f ? 0.f : excess));
   }
   return alpha;
 }
@@ -48,7 +52,7 @@ inline void check_native_args(const at::Tensor& x, const at::Tensor& directions,
                               const at::Tensor& alpha,
                               const c10::optional<at::Tensor>& center,
                               const c10::optional<at::Tensor>& tau, int64_t mode) {
-  TORCH_CHECK(mode >= kShift && mode <= kClamp, "fire::_repair_native: mode must be 0, 1 or 2, got ", mode);
+  TORCH_CHECK(mode >= kShift && mode <= kGated, "fire::_repair_native: mode must be 0, 1, 2 or 3, got ", mode);
   TORCH_CHECK(x.dim() == 3, "fire::_repair_native: x must be (B, P, D), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
                   x.scalar_type() == at::kBFloat16,

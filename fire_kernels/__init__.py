@@ -4,7 +4,7 @@ Importable without Triton or a GPU: `HAVE_TRITON` says whether the kernels can r
 launchers raise a clear error when they cannot.
 """
 from .blocks import MAX_K
-from .modes import MODES, Mode
-from .repair import CLAMP, HAVE_TRITON, PROJECT, SHIFT, repair_rows
+from .modes import MODES, TAU_MODES, Mode
+from .repair import CLAMP, GATED, HAVE_TRITON, PROJECT, SHIFT, repair_rows
 
-__all__ = ["HAVE_TRITON", "MAX_K", "MODES", "Mode", "SHIFT", "PROJECT", "CLAMP", "repair_rows"]
+__all__ = ["HAVE_TRITON", "MAX_K", "MODES", "TAU_MODES", "Mode", "SHIFT", "PROJECT", "CLAMP", "GATED", "repair_rows"]

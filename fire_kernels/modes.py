@@ -9,6 +9,7 @@ class Mode(IntEnum):
     SHIFT = 0  # y = x - sum_k alpha_k b_k
     PROJECT = 1  # y = x - sum_k alpha_k c_k v_k
     CLAMP = 2  # y = x - sum_k alpha_k max(c_k - tau_k, 0) v_k
+    GATED = 3  # y = x - sum_k alpha_k [c_k > tau_k] v_k: the shift, where the score flags a trigger
 
     @classmethod
     def parse(cls, name: str) -> "Mode":
@@ -17,4 +18,5 @@ class Mode(IntEnum):
         return cls[name.upper()]
 
 
-MODES = tuple(m.name.lower() for m in Mode)  # ("shift", "project", "clamp")
+MODES = tuple(m.name.lower() for m in Mode)  # ("shift", "project", "clamp", "gated")
+TAU_MODES = ("clamp", "gated")  # the modes that compare scores with tau

@@ -7,6 +7,7 @@ or token tensor), with V (K x D), per-row weights alpha, centre mu and threshold
     w_k   = alpha_k            (shift)
           = alpha_k * c_k      (project)
           = alpha_k * max(c_k - tau_k, 0)  (clamp)
+          = alpha_k * [c_k > tau_k]         (gated)
     out   = x - sum_k w_k v_k
 
 Two kernels cover all row lengths:
@@ -40,7 +41,7 @@ except ImportError:  # the CPU and CUDA C++ kernels still work
 
 from .modes import Mode  # noqa: E402
 
-SHIFT, PROJECT, CLAMP = int(Mode.SHIFT), int(Mode.PROJECT), int(Mode.CLAMP)
+SHIFT, PROJECT, CLAMP, GATED = int(Mode.SHIFT), int(Mode.PROJECT), int(Mode.CLAMP), int(Mode.GATED)
 
 if HAVE_TRITON:
 
@@ -53,9 +54,12 @@ if HAVE_TRITON:
             w = tl.where(c_k == c_k, alpha_k, alpha_k)
         elif MODE == 1:  # Mode.PROJECT
             w = alpha_k * c_k
-        else:
+        elif MODE == 2:  # Mode.CLAMP
             excess = c_k - tau_k
             w = alpha_k * tl.where(excess < 0.0, 0.0, excess)
+        else:  # Mode.GATED: a step, NaN where the score is NaN
+            excess = c_k - tau_k
+            w = alpha_k * tl.where(excess > 0.0, 1.0, tl.where(excess <= 0.0, 0.0, excess))
         return w
 
     @triton.jit

@@ -40,7 +40,7 @@ def make_params(x, k: int, mode: str, device, seed: int = 2, directions_shape: s
     V = torch.randn(k, D, generator=g) / max(D, 1) ** 0.5
     alpha = 0.5 + torch.rand(k, generator=g)
     center = 0.1 * torch.randn(D, generator=g)
-    tau = 0.2 * torch.rand(k, generator=g) if mode == "clamp" else None
+    tau = 0.2 * torch.rand(k, generator=g) if mode in ("clamp", "gated") else None
     if directions_shape == "full":
         V = V.reshape(k, *feat)
         center = center.reshape(feat)

@@ -185,6 +185,27 @@ def test_tau_is_the_requested_clean_quantile():
         assert abs((proj <= layer.tau[0]).float().mean().item() - q) < 0.01
 
 
+def test_gated_profile_shifts_the_flagged_samples_by_beta_and_leaves_the_rest():
+    model = identity_model()
+    clean, poisoned, u = planted(n=400)
+    poisoned = clean + 2 * (poisoned - clean)  # 6 clean stds along u[0]: nearly all above the 0.99 quantile
+    est = fr.Estimator(model, ["feat"], reservoir=1000)
+    est.observe_pairs(clean, poisoned)
+    layer = est.profile(mode="gated", alpha=1.0, tau_quantile=0.99).layer("feat")
+    torch.testing.assert_close(layer.directions[0], layer.beta, rtol=1e-4, atol=1e-5)  # b = beta along v
+    scores = (clean - layer.center) @ layer.directions[0]
+    assert abs((scores <= layer.tau[0]).float().mean().item() - 0.99) < 0.01  # tau in the rows' own units
+    torch.testing.assert_close(layer.score_scale[0], scores.std(), rtol=1e-3, atol=1e-6)
+    fr.attach(model, fr.Profile(layers=[layer]))
+    with torch.no_grad():
+        out_p, out_c = model.feat(poisoned), model.feat(clean)
+    fr.detach(model)
+    flagged = ((poisoned - layer.center) @ layer.directions[0]) > layer.tau[0]
+    assert flagged.float().mean() > 0.99
+    torch.testing.assert_close(out_p[flagged], poisoned[flagged] - layer.beta, rtol=1e-5, atol=1e-5)
+    assert (out_c != clean).any(1).float().mean() <= 0.02  # only the clean samples above the 0.99 quantile move
+
+
 def test_augmentations_are_averaged_in():
     model = identity_model()
     calls = []

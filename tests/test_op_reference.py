@@ -101,6 +101,21 @@ def test_clamp_leaves_samples_below_tau_untouched(backend):
     assert torch.equal(torch.ops.fire.repair(x, V, a, mu, tau, "clamp"), x)
 
 
+def test_gated_shifts_exactly_the_rows_above_tau(backend):
+    x = make_x("2d", torch.float32, backend, n=16)
+    V, a, mu, _ = make_params(x, 2, "gated", backend)
+    c = (x - mu) @ V.T
+    s = c.sort(0).values
+    tau = (s[7] + s[8]) / 2  # half the rows above each threshold, none near it
+    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, "gated")
+    gate = (c > tau).float()
+    torch.testing.assert_close(out, x - (gate * a) @ V, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(scores, c, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[gate.sum(1) == 0], x[gate.sum(1) == 0])  # below every tau: untouched
+    inf = torch.full((2,), float("inf"), device=backend)
+    assert torch.equal(torch.ops.fire.repair(x, V, a, mu, inf, "gated"), x)
+
+
 def test_parameter_dtypes_are_accepted(backend):
     x = make_x("2d", torch.bfloat16, backend)
     V, a, mu, tau = make_params(x, 3, "clamp", backend)

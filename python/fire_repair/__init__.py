@@ -7,7 +7,7 @@ Importing registers `torch.ops.fire.repair` and `torch.ops.fire.repair_with_scor
     profile = est.profile(mode="clamp", alpha=1.0)
     fire_repair.attach(model, profile)
 """
-from fire_kernels.modes import MODES
+from fire_kernels.modes import MODES, TAU_MODES
 
 from . import _ext  # noqa: F401  (loads the extension, or warns how to build it)
 from ._deprecated import renamed_attributes
@@ -22,7 +22,8 @@ from .selection import Selection, select, select_unpaired
 
 __version__ = "0.2.0"
 __all__ = [
-    "Capture", "Estimator", "LayerProfile", "MODES", "Online", "Profile", "ProfileError", "RepairModule", "Selection",
+    "Capture", "Estimator", "LayerProfile", "MODES", "TAU_MODES", "Online", "Profile", "ProfileError", "RepairModule",
+    "Selection",
     "attach", "backdoor_scores", "backend_for", "capture", "check_repairs", "detach", "fingerprint", "repair",
     "repair_modules", "repair_reference", "repair_with_scores", "scores", "select", "select_unpaired",
 ]

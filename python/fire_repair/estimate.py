@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fire_kernels import MAX_K
-from fire_kernels.modes import MODES
+from fire_kernels.modes import MODES, TAU_MODES
 
 from .ops import _channel_dim
 from .profile import LayerProfile, Profile, fingerprint
@@ -193,16 +193,22 @@ class LayerStats:
     def calibrate(self, name: str, mode: str, alpha: torch.Tensor, k: int, source: str, tau_quantile: float,
                   channel_dim: Optional[int] = None) -> LayerProfile:
         """These statistics as the repair at one layer: k directions from `source`, centre =
-        the clean mean, tau = the `tau_quantile` of the clean projections (clamp), score scale =
-        their std; `alpha` (k,) as given. Shift subtracts beta's part along each direction (the
-        paper's rule)."""
+        the clean mean, tau = the `tau_quantile` of the clean projections (clamp, gated), score
+        scale = their std; `alpha` (k,) as given. Shift subtracts beta's part along each direction
+        (the paper's rule); gated subtracts it where the sample's score exceeds tau (the shift
+        applied to what the clean data's quantile flags), nothing elsewhere."""
         V = self.directions(k, source)
         center = self.clean_mean().float()
         proj = self.clean_projections(V, center)
         beta = self.beta(source).float()
-        directions = (V @ beta)[:, None] * V if mode == "shift" else V
+        directions = V
+        if mode in ("shift", "gated"):  # rows b_k = <beta, v_k> v_k; gated shifts the poisoned side only
+            m = V @ beta
+            m = m.clamp_min(0) if mode == "gated" else m
+            directions = m[:, None] * V
+            proj = proj * m.to(proj.dtype)  # the scores of these rows (tau and the score scale in their units)
         fs = self.feature_shape
-        tau = torch.quantile(proj, tau_quantile, dim=0).float() if mode == "clamp" else None
+        tau = torch.quantile(proj, tau_quantile, dim=0).float() if mode in TAU_MODES else None
         return LayerProfile(name=name, mode=mode, directions=directions.reshape(k, *fs).contiguous(),
                             alpha=alpha.clone(), center=center.reshape(fs), tau=tau,
                             score_scale=proj.std(0).clamp_min(1e-12).float(), beta=beta.reshape(fs),

@@ -43,7 +43,7 @@ from torch import Tensor
 
 import fire_kernels
 from fire_kernels import HAVE_TRITON, MAX_K
-from fire_kernels.modes import MODES
+from fire_kernels.modes import MODES, TAU_MODES
 from fire_kernels.repair import repair_rows
 
 from . import _ext
@@ -110,8 +110,8 @@ def _validate(x, directions, alpha, center, tau, mode, channel_dim):
         allowed = " or ".join(map(str, center_shapes))
         raise ValueError(f"fire.repair: center must be {allowed}, got {tuple(center.shape)}")
     if tau is not None:
-        if mode != "clamp":
-            raise ValueError(f"fire.repair: tau is only used by mode='clamp', got mode={mode!r}")
+        if mode not in TAU_MODES:
+            raise ValueError(f"fire.repair: tau is only used by the modes {TAU_MODES}, got mode={mode!r}")
         if tuple(tau.shape) != (K,):
             raise ValueError(f"fire.repair: tau must be (K,) = ({K},), got {tuple(tau.shape)}")
     f32 = torch.float32
@@ -316,8 +316,8 @@ if _ext.AVAILABLE:
 
 # ----------------------------------------------------------------------------- autograd
 #
-# With w_nk = alpha_k g'(c_nk), G_nk = g(c_nk) (g = 1, c or relu(c - tau) by mode) and
-# P = grad_out V^T:
+# With w_nk = alpha_k g'(c_nk), G_nk = g(c_nk) (g = 1, c, relu(c - tau) or [c > tau] by mode) and
+# P = grad_out V^T (gated: g' = 0 almost everywhere, so x, mu and tau get no gradient through it):
 #   dx     = grad_out - sum_k w_nk P_nk v_k            (fused: fire::_repair_grad)
 #   dV     = -(alpha * G)^T grad_out - (w * P)^T (x - mu)
 #   dalpha = -sum_n G * P,   dmu = sum_n (w * P) V,   dtau = sum_n (w * P)   (clamp)
@@ -370,13 +370,16 @@ def _backward(ctx, grad_out, grad_scores=None):
         G, w = torch.ones(R, K, dtype=torch.float32, device=x.device), None
     elif mode == "project":
         G, w = c, a.expand(R, K)
-    else:
+    elif mode == "clamp":
         t = tau.float() if tau is not None else torch.zeros_like(a)
         active = (c > t).float()
         G, w = torch.clamp(c - t, min=0), a * active
+    else:  # gated: a piecewise-constant weight, out = x - const where it does not switch
+        t = tau.float() if tau is not None else torch.zeros_like(a)
+        G, w = (c > t).float(), None
 
     g2 = _rows(grad_out, cd).float()
-    if w is None:  # shift: out = x - const
+    if w is None:  # shift, gated: out = x - const (per row)
         dx = grad_out
         P = g2 @ V.T if need_a else None
     else:
@@ -389,7 +392,12 @@ def _backward(ctx, grad_out, grad_scores=None):
 
     dV = da = dmu = dtau = None
     if need_v:
-        dV = -(a[:, None] * g2.sum(0)[None, :]) if w is None else -(a * G).T @ g2 - (w * P).T @ xc
+        if mode == "shift":
+            dV = -(a[:, None] * g2.sum(0)[None, :])
+        elif w is None:  # gated
+            dV = -(a * G).T @ g2
+        else:
+            dV = -(a * G).T @ g2 - (w * P).T @ xc
         if gs is not None:
             dV = dV + gs.T @ xc
         dV = dV.reshape(directions.shape).to(directions.dtype)
@@ -401,7 +409,7 @@ def _backward(ctx, grad_out, grad_scores=None):
             dmu = dmu - gs.sum(0) @ V
         dmu = dmu.reshape(center.shape).to(center.dtype)
     if need_tau:
-        dtau = (w * P).sum(0).to(tau.dtype)
+        dtau = (torch.zeros(K, device=x.device) if w is None else (w * P).sum(0)).to(tau.dtype)
     return (dx, dV, da, dmu, dtau, None, None)[:n_inputs]
 
 

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fire_kernels import MAX_K
-from fire_kernels.modes import MODES
+from fire_kernels.modes import MODES, TAU_MODES
 
 from ._deprecated import renamed_attributes
 
@@ -53,10 +53,10 @@ class LayerProfile:
 
     name: str
     mode: str
-    directions: torch.Tensor  # (K, *feature_shape): unit rows (project/clamp) or b_k (shift)
+    directions: torch.Tensor  # (K, *feature_shape): unit rows (project/clamp) or b_k (shift/gated)
     alpha: torch.Tensor  # (K,)
     center: torch.Tensor  # feature_shape: the clean mean
-    tau: Optional[torch.Tensor] = None  # (K,), clamp only
+    tau: Optional[torch.Tensor] = None  # (K,), clamp and gated only
     score_scale: Optional[torch.Tensor] = None  # (K,): clean std of the projections
     beta: Optional[torch.Tensor] = None  # feature_shape: the raw trigger direction estimate
     channel_dim: Optional[int] = None  # None: flattened; an int: per position
@@ -91,10 +91,10 @@ class LayerProfile:
                 continue
             if tuple(t.shape) != shape:
                 raise ProfileError(f"{where}: {attr} must have shape {shape}, got {tuple(t.shape)}")
-        if self.mode == "clamp" and self.tau is None:
-            raise ProfileError(f"{where}: mode 'clamp' needs tau")
-        if self.mode != "clamp" and self.tau is not None:
-            raise ProfileError(f"{where}: tau is only used by mode 'clamp'")
+        if self.mode in TAU_MODES and self.tau is None:
+            raise ProfileError(f"{where}: mode {self.mode!r} needs tau")
+        if self.mode not in TAU_MODES and self.tau is not None:
+            raise ProfileError(f"{where}: tau is only used by the modes {TAU_MODES}")
         bad = unusable_value({attr: getattr(self, attr) for attr in
                               ("directions", "alpha", "center", "score_scale", "beta", "tau")})
         if bad == "tau":

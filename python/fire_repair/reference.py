@@ -33,7 +33,11 @@ def repair_reference(x, directions, alpha, center=None, tau=None, mode="project"
         w = a * c
     else:
         t = torch.zeros_like(a) if tau is None else tau.to(compute_dtype)
-        w = a * torch.clamp(c - t, min=0)
+        excess = c - t
+        if mode == "clamp":
+            w = a * torch.clamp(excess, min=0)
+        else:  # gated: a step (NaN where the score is NaN)
+            w = a * torch.where(excess.isnan(), excess, (excess > 0).to(compute_dtype))
     out = (xr - w @ V).to(x.dtype).reshape(xm.shape)
     out = out.reshape(x.shape) if channel_dim is None else out.movedim(-1, channel_dim)
     return out, c.float().reshape(*lead, K)
