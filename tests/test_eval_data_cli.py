@@ -100,12 +100,16 @@ def test_split_is_random_and_disjoint_on_a_class_ordered_test_set():
 @pytest.mark.slow
 def test_harness_small_run(tmp_path):
     cfg = harness.RunConfig(attack="badnets", epochs=6, cache_dir=str(tmp_path / "cache"),
-                            defenses=["none", "fire-clamp", "fire-shift-gated", "shrinkpad", "strip"],
+                            defenses=["none", "fire-clamp", "fire", "fire-gated", "shrinkpad", "strip"],
                             alphas=[1.0], ablations=False)
     res = harness.run(cfg, progress=False, log=lambda *a: None)
     rows = {r["defense"]: r for r in res["rows"]}
     assert rows["none"]["ASR"] > 0.9
     assert rows["fire-clamp"]["PA"] > 0.9 and rows["fire-clamp"]["CA"] >= rows["none"]["CA"] - 0.01
+    assert rows["fire-gated"]["mode"] == "gated" and rows["fire-gated"]["PA"] > 0.9
+    assert rows["fire"]["mode"] in ("clamp", "gated") and rows["fire"]["PA"] > 0.9
+    chosen = res["fire"]["fire"]
+    assert {e["mode"] for e in chosen["evidence"]} == {"clamp", "gated"}  # the mode chosen by the same criterion
     assert rows["strip"]["reject_poison"] > 0.5
     assert res["auroc"] > 0.95
     curve = res["online"]["curve"]
@@ -380,3 +384,41 @@ def test_report_merges_runs_into_one_table_json_and_plot(tmp_path, capsys):
     merged = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert [r["config"]["attack"] for r in merged] == ["badnets", "sig"]
     assert (tmp_path / "out" / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_update_lays_a_rerun_over_the_same_experiment(tmp_path, capsys):
+    def run(rows, **extra):
+        full = [{"defense": d, "CA": 0.8, "ASR": 1 - p, "PA": p, "reject_clean": 0.0, "reject_poison": 0.0}
+                for d, p in rows]
+        fire = [r for r in full if r["defense"].startswith("fire")]
+        for r in fire:
+            r.update(layers=["block2"], alpha=1.0)
+        return {"config": {"attack": "badnets", "rate": 0.1, "seed": 0}, "attack_params": {}, "rows": full,
+                "fire": {r["defense"]: {"evidence": []} for r in fire}, **extra}
+
+    base = run([("none", 0.02), ("fire-clamp", 0.7), ("jpeg", 0.1)], auroc=0.9)
+    update = run([("none", 0.02), ("fire", 0.75), ("fire-clamp", 0.72)], auroc=0.95)
+    (tmp_path / "base.json").write_text(json.dumps({"runs": [base]}))
+    (tmp_path / "new.json").write_text(json.dumps({"runs": [update]}))
+    cli.main(["report", str(tmp_path / "base.json"), "--update", str(tmp_path / "new.json"), "--out",
+              str(tmp_path / "out")])
+    merged = json.loads((tmp_path / "out" / "results.json").read_text())["runs"][0]
+    assert [(r["defense"], r["PA"]) for r in merged["rows"]] == [("none", 0.02), ("fire-clamp", 0.72),
+                                                                  ("jpeg", 0.1), ("fire", 0.75)]
+    assert merged["auroc"] == 0.95 and set(merged["fire"]) == {"fire-clamp", "fire"}
+    assert merged["updates"] == [["fire", "fire-clamp", "none"]]
+    cli.main(["report", str(tmp_path / "base.json"), "--update", str(tmp_path / "new.json"), "--drop", "jpeg",
+              "fire-clamp", "--out", str(tmp_path / "dropped")])
+    dropped = json.loads((tmp_path / "dropped" / "results.json").read_text())["runs"][0]
+    assert [r["defense"] for r in dropped["rows"]] == ["none", "fire"] and set(dropped["fire"]) == {"fire"}
+    other_model = run([("none", 0.5), ("fire", 0.75)])  # another undefended model: never mixed
+    (tmp_path / "bad.json").write_text(json.dumps({"runs": [other_model]}))
+    with pytest.raises(ValueError, match="not the same experiment"):
+        cli.main(["report", str(tmp_path / "base.json"), "--update", str(tmp_path / "bad.json"), "--out",
+                  str(tmp_path / "out2")])
+    unmatched = run([("none", 0.02)])
+    unmatched["config"]["attack"] = "sig"
+    (tmp_path / "none.json").write_text(json.dumps({"runs": [unmatched]}))
+    with pytest.raises(ValueError, match="no base run matches"):
+        cli.main(["report", str(tmp_path / "base.json"), "--update", str(tmp_path / "none.json"), "--out",
+                  str(tmp_path / "out3")])

@@ -48,6 +48,23 @@ def test_online_detector_flags_without_labels(backdoored):
         online.close()
 
 
+def test_selection_takes_a_tau_quantile_per_mode(backdoored):
+    model = backdoored["model"]
+    est = fr.Estimator(model, ["block2"])
+    est.observe(backdoored["hold_clean"], poisoned=False)
+    cx, px = backdoored["hold_pairs"]
+    quantiles = {"clamp": 0.99, "gated": 0.999}
+    for mode in quantiles:
+        sel = fr.select(est, cx[:16], px[:16], modes=[mode], alphas=[1.0], tau_quantile=quantiles,
+                        x_clean_reference=backdoored["hold_clean"])
+        full = est.clone()
+        full.observe_pairs(cx[:16], px[:16])
+        expect = full.profile(mode=mode, alpha=1.0, tau_quantile=quantiles[mode]).layer("block2").tau
+        torch.testing.assert_close(sel.profile.layer("block2").tau, expect)
+    with pytest.raises(ValueError, match=r"no quantile for the mode\(s\) \['gated'\]"):
+        fr.select(est, cx[:16], px[:16], modes=["clamp", "gated"], alphas=[1.0], tau_quantile={"clamp": 0.99})
+
+
 def test_selection_is_label_free_and_reports_evidence(backdoored):
     model = backdoored["model"]
     est = fr.Estimator(model, ["block1", "block2", "block3", "fc"])
@@ -71,6 +88,12 @@ def test_selection_is_label_free_and_reports_evidence(backdoored):
     assert chosen[0]["agreement"] == max(e["agreement"] for e in measured if e["clean_change"] <= 0.01)
     assert "*" in sel.table() and sel.profile.info["selection"]["chosen"] == chosen[0]
     assert "folds" in sel.profile.info["selection"]["criterion"]
+    assert all(e["twin_kl"] >= 0 for e in sel.evidence)  # both tie-breaks are in the evidence
+    kl = fr.select(est, cx[:16], px[:16], modes=["clamp"], alphas=[0.5, 1.0], tie_break="twin_kl",
+                   x_clean_reference=backdoored["hold_clean"])
+    assert "ties: twin_kl" in kl.profile.info["selection"]["criterion"]
+    with pytest.raises(ValueError, match="tie_break"):
+        fr.select(est, cx[:16], px[:16], tie_break="order")
     assert sel.profile.layer(sel.layers[0]).directions.shape[0] == 1
     assert not fr.repair_modules(model)  # selection leaves the model as it was
     assert all(st.n_pairs == 0 for st in est.stats.values())  # the caller's estimator is not changed
@@ -114,6 +137,21 @@ def test_selection_ties_go_to_the_margin_not_the_order():
     assert _choose(ev, 0.01)["layers"] == ["b"]
     assert _choose(ev, 0.0)["layers"] == ["a"]
     assert _choose(ev, -1.0)["layers"] == ["a"]  # none allowed: the least disruptive
+
+
+def test_twin_kl_tie_break_prefers_the_closest_restoration():
+    from fire_repair.selection import _choose, _kl
+
+    ev = [{"layers": ["a"], "agreement": 1.0, "margin": 9.0, "twin_kl": 0.8, "clean_change": 0.0},
+          {"layers": ["b"], "agreement": 1.0, "margin": 3.0, "twin_kl": 0.1, "clean_change": 0.0},
+          {"layers": ["c"], "agreement": 0.5, "margin": 1.0, "twin_kl": 0.0, "clean_change": 0.0}]
+    assert _choose(ev, 0.01)["layers"] == ["a"]
+    assert _choose(ev, 0.01, tie="twin_kl")["layers"] == ["b"]  # smaller wins; agreement still first
+    p = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(_kl(p, p), torch.zeros(2), atol=1e-7)
+    q = torch.tensor([[0.0, 2.0, -1.0], [1.0, 0.0, 0.0]])
+    ref = (p.softmax(1) * (p.log_softmax(1) - q.log_softmax(1))).sum(1)
+    torch.testing.assert_close(_kl(p, q), ref)
 
 
 def test_agreements_closer_than_one_sample_are_ties_for_the_margin():

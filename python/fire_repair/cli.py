@@ -121,12 +121,20 @@ def main(argv=None):
     ev.add_argument("--n-eval", type=int, default=None, help="evaluation images (default: the other half)")
     rp = sub.add_parser("report", help="one table, JSON and plot from the results.json of several runs")
     rp.add_argument("inputs", nargs="+", help="results.json files written by demo or eval")
+    rp.add_argument("--update", nargs="+", default=[],
+                    help="results.json files whose rows replace (or add to) the same experiment's rows in INPUTS")
+    rp.add_argument("--drop", nargs="+", default=[], help="defences to leave out of the merged runs")
     rp.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.command == "report":
         import json
 
-        runs = [run for path in args.inputs for run in json.loads(Path(path).read_text())["runs"]]
+        from fire_repair.eval import report
+
+        def load(paths):
+            return [run for path in paths for run in json.loads(Path(path).read_text())["runs"]]
+
+        runs = report.update_runs(load(args.inputs), load(args.update), drop=args.drop)
         _write_outputs(runs, Path(args.out))
         return 0
     if args.command == "demo":

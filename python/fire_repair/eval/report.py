@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+from .harness import headline
+
 
 def label(res: dict, results: list) -> str:
     """The attack, and the model where the runs cover more than one."""
@@ -20,7 +22,8 @@ def table(results: list) -> str:
             chosen = ""
             if "layers" in row:
                 form = ", per position" if row.get("form") == "per_position" else ""
-                chosen = f"{'+'.join(row['layers'])}{form}, alpha {row['alpha']:g}"
+                mode = f", {row['mode']}" if "mode" in row else ""
+                chosen = f"{'+'.join(row['layers'])}{form}{mode}, alpha {row['alpha']:g}"
             rej = ""
             if row["defense"] == "strip":
                 rej = f"{100 * row['reject_clean']:.1f} / {100 * row['reject_poison']:.1f}"
@@ -61,7 +64,7 @@ def layer_table(results: list) -> str:
              "|---|---|---:|---|---:|"]
     for res in results:
         per_layer = [r for r in res.get("ablations", []) if r["ablation"].startswith("layer=") and "PA" in r]
-        chosen = next((r for r in res["rows"] if r["defense"] == "fire-clamp"), None)
+        chosen = headline(res["rows"])
         if not per_layer or chosen is None:
             continue
         best = max(per_layer, key=lambda r: r["PA"])
@@ -69,6 +72,49 @@ def layer_table(results: list) -> str:
         lines.append(f"| {label(res, results)} | {'+'.join(chosen['layers'])}{form} | {100 * chosen['PA']:.1f} | "
                      f"{best['ablation'][6:]} | {100 * best['PA']:.1f} |")
     return "\n".join(lines)
+
+
+def run_key(run: dict) -> tuple:
+    """What makes two runs the same experiment: data, model, attack and its parameters, rate, seed."""
+    c = run["config"]
+    return (c.get("data"), c.get("model"), c.get("width"), c.get("epochs"), c["attack"],
+            json.dumps(run.get("attack_params", {}), sort_keys=True), c.get("rate"), c.get("seed"))
+
+
+def update_runs(base: list, updates: list, drop=()) -> list:
+    """`base` runs with the rows of same-experiment `updates` laid over them: a defence in both
+    takes the update's row (and evidence), a new defence is added; the update's detection AUROC,
+    online curve and ablations (which follow its headline FIRE defence) replace the base's. An
+    update must find its experiment in `base` with the same undefended row (the same cached
+    model, split and seed), else it is an error: rows of different models are never mixed.
+    Defences named in `drop` leave the merged runs (e.g. a defence the code no longer has)."""
+    index = {run_key(r): r for r in base}
+    out = [dict(r) for r in base]
+    by_key = {run_key(r): r for r in out}
+    for new in updates:
+        old = index.get(run_key(new))
+        if old is None:
+            raise ValueError(f"no base run matches the update {run_key(new)}")
+        none_old = next((r for r in old["rows"] if r["defense"] == "none"), None)
+        none_new = next((r for r in new["rows"] if r["defense"] == "none"), None)
+        if none_old is not None and none_new is not None and \
+                any(none_old[m] != none_new[m] for m in ("CA", "ASR", "PA")):
+            raise ValueError(f"the update of {run_key(new)} has another undefended model ({none_new} against "
+                             f"{none_old}): not the same experiment")
+        run = by_key[run_key(new)]
+        rows = {r["defense"]: r for r in new["rows"]}
+        run["rows"] = [rows.pop(r["defense"], r) for r in old["rows"]] + list(rows.values())
+        run["fire"] = {**old.get("fire", {}), **new.get("fire", {})}
+        for key in ("auroc", "online", "ablations"):
+            if key in new:
+                run[key] = new[key]
+        run["updates"] = old.get("updates", []) + [sorted(r["defense"] for r in new["rows"])]
+    for run in out:
+        if any(r["defense"] in drop for r in run["rows"]):
+            run["rows"] = [r for r in run["rows"] if r["defense"] not in drop]
+            run["fire"] = {k: v for k, v in run.get("fire", {}).items() if k not in drop}
+            run["dropped"] = sorted(set(run.get("dropped", [])) | set(drop))
+    return out
 
 
 def write_json(results: list, path) -> None:
@@ -106,7 +152,7 @@ def plot(results: list, path) -> None:
     axes[2].set_xlabel("poisoned samples seen (online)")
     axes[2].set_ylabel("PA %")
     axes[2].set_ylim(0, 100)
-    axes[2].set_title("Online FIRE (clamp)")
+    axes[2].set_title("Online FIRE (the headline defence's mode)")
     if any(r.get("online") for r in results):
         axes[2].legend(fontsize=7)
     fig.tight_layout(rect=(0, 0.1 if len(defences) > 6 else 0.06, 1, 1))
