@@ -411,6 +411,15 @@ def test_report_update_lays_a_rerun_over_the_same_experiment(tmp_path, capsys):
               "fire-clamp", "--out", str(tmp_path / "dropped")])
     dropped = json.loads((tmp_path / "dropped" / "results.json").read_text())["runs"][0]
     assert [r["defense"] for r in dropped["rows"]] == ["none", "fire"] and set(dropped["fire"]) == {"fire"}
+    later = run([("none", 0.02), ("fire", 0.8), ("fire-gated", 0.77)], auroc=0.97)  # laid over the first update
+    (tmp_path / "later.json").write_text(json.dumps({"runs": [later]}))
+    cli.main(["report", str(tmp_path / "base.json"), "--update", str(tmp_path / "new.json"),
+              str(tmp_path / "later.json"), "--out", str(tmp_path / "twice")])
+    twice = json.loads((tmp_path / "twice" / "results.json").read_text())["runs"][0]
+    assert [(r["defense"], r["PA"]) for r in twice["rows"]] == [
+        ("none", 0.02), ("fire-clamp", 0.72), ("jpeg", 0.1), ("fire", 0.8), ("fire-gated", 0.77)]
+    assert twice["auroc"] == 0.97 and len(twice["updates"]) == 2
+    assert set(twice["fire"]) == {"fire-clamp", "fire", "fire-gated"}
     other_model = run([("none", 0.5), ("fire", 0.75)])  # another undefended model: never mixed
     (tmp_path / "bad.json").write_text(json.dumps({"runs": [other_model]}))
     with pytest.raises(ValueError, match="not the same experiment"):

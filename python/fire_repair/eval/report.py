@@ -101,14 +101,14 @@ def update_runs(base: list, updates: list, drop=()) -> list:
                 any(none_old[m] != none_new[m] for m in ("CA", "ASR", "PA")):
             raise ValueError(f"the update of {run_key(new)} has another undefended model ({none_new} against "
                              f"{none_old}): not the same experiment")
-        run = by_key[run_key(new)]
+        run = by_key[run_key(new)]  # the merged state so far: later updates lay over earlier ones
         rows = {r["defense"]: r for r in new["rows"]}
-        run["rows"] = [rows.pop(r["defense"], r) for r in old["rows"]] + list(rows.values())
-        run["fire"] = {**old.get("fire", {}), **new.get("fire", {})}
+        run["rows"] = [rows.pop(r["defense"], r) for r in run["rows"]] + list(rows.values())
+        run["fire"] = {**run.get("fire", {}), **new.get("fire", {})}
         for key in ("auroc", "online", "ablations"):
             if key in new:
                 run[key] = new[key]
-        run["updates"] = old.get("updates", []) + [sorted(r["defense"] for r in new["rows"])]
+        run["updates"] = run.get("updates", []) + [sorted(r["defense"] for r in new["rows"])]
     for run in out:
         if any(r["defense"] in drop for r in run["rows"]):
             run["rows"] = [r for r in run["rows"] if r["defense"] not in drop]
