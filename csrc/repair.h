@@ -33,6 +33,9 @@ C10_HOST_DEVICE inline float mode_weight(int64_t mode, float alpha, float c, flo
   return alpha;
 }
 
+// The modes that compare scores with tau (fire_kernels.modes.TAU_MODES).
+C10_HOST_DEVICE inline bool uses_tau(int64_t mode) { return mode == kClamp || mode == kGated; }
+
 // Where row r = (b, p) of x and out starts, and the stride between a row's D elements: one
 // row per sample (flattened), or per sample and position (channels at stride 1 in channels-last
 // maps and (N, T, C) tokens, at stride H*W in contiguous NCHW maps).

@@ -122,7 +122,7 @@ std::optional<Rows3> prepare(const at::Tensor& x, const at::Tensor& directions, 
   if (directions.dim() < 2 || !directions.device().is_cpu()) return std::nullopt;
   const int64_t K = directions.size(0);
   if (K < 1 || K > kMaxK || !f32_contiguous_cpu(alpha) || alpha.dim() != 1 || alpha.size(0) != K) return std::nullopt;
-  if (tau.has_value() && ((mode != kClamp && mode != kGated) || !f32_contiguous_cpu(*tau) || tau->dim() != 1 || tau->size(0) != K))
+  if (tau.has_value() && (!uses_tau(mode) || !f32_contiguous_cpu(*tau) || tau->dim() != 1 || tau->size(0) != K))
     return std::nullopt;
   Rows3 r;
   if (!channel_dim.has_value()) {  // flattened: one row per sample

@@ -20,3 +20,4 @@ class Mode(IntEnum):
 
 MODES = tuple(m.name.lower() for m in Mode)  # ("shift", "project", "clamp", "gated")
 TAU_MODES = ("clamp", "gated")  # the modes that compare scores with tau
+SHIFT_MODES = ("shift", "gated")  # the modes whose rows are b_k = <beta, v_k> v_k (unnormalised)

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fire_kernels import MAX_K
-from fire_kernels.modes import MODES, TAU_MODES
+from fire_kernels.modes import MODES, SHIFT_MODES, TAU_MODES
 
 from .ops import _channel_dim
 from .profile import LayerProfile, Profile, fingerprint
@@ -202,7 +202,7 @@ class LayerStats:
         proj = self.clean_projections(V, center)
         beta = self.beta(source).float()
         directions = V
-        if mode in ("shift", "gated"):  # rows b_k = <beta, v_k> v_k; gated shifts the poisoned side only
+        if mode in SHIFT_MODES:  # rows b_k = <beta, v_k> v_k; gated shifts the poisoned side only
             m = V @ beta
             m = m.clamp_min(0) if mode == "gated" else m
             directions = m[:, None] * V

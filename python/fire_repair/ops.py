@@ -370,13 +370,13 @@ def _backward(ctx, grad_out, grad_scores=None):
         G, w = torch.ones(R, K, dtype=torch.float32, device=x.device), None
     elif mode == "project":
         G, w = c, a.expand(R, K)
-    elif mode == "clamp":
+    else:
         t = tau.float() if tau is not None else torch.zeros_like(a)
         active = (c > t).float()
-        G, w = torch.clamp(c - t, min=0), a * active
-    else:  # gated: a piecewise-constant weight, out = x - const where it does not switch
-        t = tau.float() if tau is not None else torch.zeros_like(a)
-        G, w = (c > t).float(), None
+        if mode == "clamp":
+            G, w = torch.clamp(c - t, min=0), a * active
+        else:  # gated: a piecewise-constant weight, out = x - const where it does not switch
+            G, w = active, None
 
     g2 = _rows(grad_out, cd).float()
     if w is None:  # shift, gated: out = x - const (per row)

@@ -22,6 +22,7 @@ from . import data as data_mod
 from . import models as models_mod
 from .baselines import BASELINES, Defense
 from .metrics import auroc, predict, rates
+from .report import headline_name
 from .train import load_or_train
 
 
@@ -268,7 +269,8 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
         log(f"  {cfg.attack:>9} {name:<20} CA {100 * row['CA']:5.1f}  ASR {100 * row['ASR']:5.1f}  "
             f"PA {100 * row['PA']:5.1f}  ({row['seconds']:.0f} s)")
 
-    chosen = headline(fitted)
+    fire = {n: d for n, d in fitted.items() if isinstance(d, FireDefense)}
+    chosen = fire.get(headline_name(fire))
     if chosen is not None:
         result["auroc"] = detection_auroc(model, chosen.profile, eval_clean, eval_poison)
         if cfg.online:
@@ -285,16 +287,6 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
 def tau_quantiles(cfg: RunConfig) -> dict:
     """The clean quantile of each mode's threshold (only clamp and gated read it)."""
     return {mode: cfg.gate_quantile if mode == "gated" else cfg.tau_quantile for mode in fr.MODES}
-
-
-def headline(rows_or_fitted):
-    """The FIRE defence the AUROC, online curve and ablations follow: `fire` (mode chosen), else
-    `fire-clamp`, else the first FIRE defence run. Takes fitted defences by name, or result rows."""
-    if isinstance(rows_or_fitted, dict):
-        fire = {n: d for n, d in rows_or_fitted.items() if isinstance(d, FireDefense)}
-    else:
-        fire = {r["defense"]: r for r in rows_or_fitted if "layers" in r}
-    return next((fire[n] for n in ("fire", "fire-clamp") if n in fire), next(iter(fire.values()), None))
 
 
 def detection_auroc(model, profile, eval_clean, eval_poison) -> float:

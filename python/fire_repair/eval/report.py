@@ -1,8 +1,14 @@
 """Results as a table (markdown), a JSON file and a PNG plot."""
 import json
 from pathlib import Path
+from typing import Optional
 
-from .harness import headline
+
+def headline_name(fire_defences) -> Optional[str]:
+    """The FIRE defence (among the names given, in run order) that the AUROC, online curve,
+    ablations and layer table follow: `fire` (mode chosen), else `fire-clamp`, else the first."""
+    names = list(fire_defences)
+    return next((n for n in ("fire", "fire-clamp") if n in names), names[0] if names else None)
 
 
 def label(res: dict, results: list) -> str:
@@ -64,7 +70,8 @@ def layer_table(results: list) -> str:
              "|---|---|---:|---|---:|"]
     for res in results:
         per_layer = [r for r in res.get("ablations", []) if r["ablation"].startswith("layer=") and "PA" in r]
-        chosen = headline(res["rows"])
+        fire = {r["defense"]: r for r in res["rows"] if "layers" in r}
+        chosen = fire.get(headline_name(fire))
         if not per_layer or chosen is None:
             continue
         best = max(per_layer, key=lambda r: r["PA"])
