@@ -65,6 +65,35 @@ def test_selection_takes_a_tau_quantile_per_mode(backdoored):
         fr.select(est, cx[:16], px[:16], modes=["clamp", "gated"], alphas=[1.0], tau_quantile={"clamp": 0.99})
 
 
+def test_selection_chooses_tau_among_candidate_quantiles(backdoored):
+    model = backdoored["model"]
+    est = fr.Estimator(model, ["block2"])
+    est.observe(backdoored["hold_clean"], poisoned=False)
+    cx, px = backdoored["hold_pairs"]
+    sel = fr.select(est, cx[:16], px[:16], modes=["clamp", "project"], alphas=[1.0, 2.0],
+                    tau_quantile={"clamp": [0.9, 0.99, 0.99]}, x_clean_reference=backdoored["hold_clean"])
+    grid = sorted((e["mode"], e["tau_quantile"] or 0.0, e["alpha"]) for e in sel.evidence)
+    # duplicates dropped; project reads no tau and is tried once per alpha
+    assert grid == [("clamp", 0.9, 1.0), ("clamp", 0.9, 2.0), ("clamp", 0.99, 1.0), ("clamp", 0.99, 2.0),
+                    ("project", 0.0, 1.0), ("project", 0.0, 2.0)]
+    # the two quantiles give different repairs, told apart in the evidence
+    by_q = {e["tau_quantile"]: e["twin_kl"] for e in sel.evidence if e["mode"] == "clamp" and e["alpha"] == 1.0}
+    assert by_q[0.9] != by_q[0.99]
+    chosen = sel.profile.info["selection"]["chosen"]
+    assert chosen["tau_quantile"] == sel.tau_quantile
+    assert (sel.tau_quantile is None) == (sel.mode not in fr.TAU_MODES)
+    full = est.clone()
+    full.observe_pairs(cx[:16], px[:16])
+    kwargs = {} if sel.tau_quantile is None else {"tau_quantile": sel.tau_quantile}
+    expect = full.profile(mode=sel.mode, alpha=sel.alpha, **kwargs).layer("block2")
+    torch.testing.assert_close(sel.profile.layer("block2").tau, expect.tau)
+    torch.testing.assert_close(sel.profile.layer("block2").directions, expect.directions)
+    assert "tau_q" in sel.table().splitlines()[0]
+    for bad in ([], [1.5], {"clamp": "high"}):
+        with pytest.raises(ValueError, match="tau_quantile"):
+            fr.select(est, cx[:16], px[:16], modes=["clamp"], alphas=[1.0], tau_quantile=bad)
+
+
 def test_selection_is_label_free_and_reports_evidence(backdoored):
     model = backdoored["model"]
     est = fr.Estimator(model, ["block1", "block2", "block3", "fc"])
@@ -183,7 +212,7 @@ def test_selection_measures_clean_change_lazily_with_the_same_choice():
 
         def measure(e, calls=calls, full=full):
             calls.append(e["layers"][0])
-            return full[int(e["layers"][0])]["clean_change"]
+            e["clean_change"] = full[int(e["layers"][0])]["clean_change"]
 
         for limit in (0.0, 0.015, 0.03, -1.0):
             for e in lazy:
@@ -278,3 +307,45 @@ def test_a_candidate_that_cannot_be_estimated_is_reported_not_fatal(backdoored, 
     assert "not estimable: no poisoned position" in sel.table()
     with pytest.raises(ValueError, match="no candidate could be estimated"):
         fr.select_unpaired(pos, flagged, backdoored["hold_clean"], alphas=[1.0])
+
+
+def test_selection_limits_the_expected_accuracy_drop_on_clean_inputs(backdoored):
+    """clean_cost="expected_drop": the limit applies to the accuracy the repair would cost if the
+    unrepaired model's probabilities were calibrated, measured without labels."""
+    model = backdoored["model"]
+    est = fr.Estimator(model, ["block2", "block3"])
+    clean = backdoored["hold_clean"]
+    est.observe(clean, poisoned=False)
+    cx, px = backdoored["hold_pairs"]
+    sel = fr.select(est, cx[:16], px[:16], modes=["clamp", "project"], alphas=[1.0, 3.0], tau_quantile=[0.5, 0.99],
+                    x_clean_reference=clean, clean_cost="expected_drop", max_clean_change=0.002)
+    chosen = sel.profile.info["selection"]["chosen"]
+    assert "expected_drop <= 0.002" in sel.profile.info["selection"]["criterion"]
+    measured = [e for e in sel.evidence if e["expected_drop"] is not None]
+    assert chosen in measured
+    for e in measured:  # each flip costs at most 1, so the expected drop never exceeds the share flipped
+        assert 0.0 <= e["expected_drop"] <= e["clean_change"] + 1e-9
+    # recomputed by hand for the chosen repair
+    from fire_repair.selection import logits
+    p0 = torch.softmax(logits(model, clean), 1)
+    y0 = p0.argmax(1)
+    fr.attach(model, sel.profile)
+    try:
+        y1 = logits(model, clean).argmax(1)
+    finally:
+        fr.detach(model)
+    expect = (p0.gather(1, y0[:, None]) - p0.gather(1, y1[:, None])).mean().item()
+    assert chosen["expected_drop"] == pytest.approx(expect, abs=1e-6)
+    assert chosen["clean_change"] == pytest.approx((y1 != y0).float().mean().item())
+    if chosen["expected_drop"] > 0.002:  # only when nothing qualifies: then every candidate costs more
+        assert all(e["expected_drop"] > 0.002 for e in measured)
+    with pytest.raises(ValueError, match="clean_cost"):
+        fr.select(est, cx[:16], px[:16], alphas=[1.0], clean_cost="accuracy")
+
+
+def test_choose_limits_the_named_clean_cost():
+    from fire_repair.selection import _choose
+    ev = [{"layers": ["a"], "agreement": 1.0, "margin": 1.0, "clean_change": 0.05, "expected_drop": 0.001},
+          {"layers": ["b"], "agreement": 0.5, "margin": 1.0, "clean_change": 0.0, "expected_drop": 0.0}]
+    assert _choose(ev, 0.01)["layers"] == ["b"]
+    assert _choose(ev, 0.01, cost="expected_drop")["layers"] == ["a"]

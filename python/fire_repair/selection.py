@@ -1,6 +1,6 @@
 """Label-free choice of the layer(s), mode and alpha, scored out of fold.
 
-A candidate (layer set, mode, alpha) is never scored on the samples its directions were
+A candidate (layer set, form, mode, tau quantile, alpha) is never scored on the samples its directions were
 estimated from: the triggered samples are split into `folds`; for each fold a copy of the
 estimator observes the other folds, and the candidate's repair is scored on this fold.
 
@@ -18,10 +18,16 @@ estimator observes the other folds, and the candidate's repair is scored on this
   overshoots (a large alpha at a late layer, measured on CIFAR-10) sends them all off the target
   into one or two wrong classes, which "off the target" alone would reward; `margin` = the mean
   top-1 logit margin of the repaired prediction.
-- Both: `clean_change` = how often the repair (estimated from all the triggered samples)
-  changes the model's prediction on the clean reference set. It costs a pass over that set, so
-  it is measured in order of (agreement, margin) until a candidate qualifies: candidates that
-  could not have won keep `clean_change` None ("-" in the table).
+- Both: the clean cost of the repair (estimated from all the triggered samples) on the clean
+  reference set, without labels: `clean_change` = how often it changes the model's prediction;
+  `expected_drop` = the accuracy it would cost if the unrepaired model's probabilities were
+  calibrated (mean of p(original prediction) - p(new prediction) under the unrepaired model: a
+  flip between two classes the model found about equally likely costs little, a flip of a
+  confident prediction costs its whole probability). `clean_cost` names the one that
+  `max_clean_change` limits. Measured on CIFAR-10 WaNet: clamp with tau at the clean 0.9
+  quantile changed 2.3 % of clean predictions, CA 0.15 points lower. A pass over the reference set
+  costs time, so candidates are measured in order of (agreement, tie-break) until one
+  qualifies: those that could not have won keep both costs None ("-" in the table).
 - A candidate that cannot be estimated from the samples (e.g. per position at the pixels, where
   no position of an unpaired flagged image stands out) is kept in the evidence with its
   `error` and never chosen; only if none can be estimated does selection raise.
@@ -30,7 +36,7 @@ Candidates may come from several estimators (`estimator` a sequence): typically 
 and one per-position estimator on the same layers, so that the form is chosen by the same
 criterion as the layer, mode and alpha.
 
-The chosen candidate has the highest agreement among those with clean_change <=
+The chosen candidate has the highest agreement among those with clean cost <=
 max_clean_change; agreements are compared at the resolution of one triggered sample (1/n:
 smaller differences are no evidence; measured on CIFAR-10 SIG, unpaired: `block2` won over
 `input` by 0.0004, PA 66.9% against 76.9%), and ties go to the tie-break (paired: the smaller
@@ -45,6 +51,8 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from ._deprecated import model_from_estimator
+from fire_kernels.modes import TAU_MODES
+
 from .attachment import attach, detach
 from .estimate import Estimator
 
@@ -57,18 +65,21 @@ class Selection:
     alpha: float
     evidence: list = field(default_factory=list)  # one dict per candidate
     form: str = "flattened"
+    tau_quantile: Optional[float] = None  # the clean quantile of tau (None: a mode without tau)
 
     def table(self) -> str:
-        lines = ["layers | form | mode | alpha | agreement | margin | clean_change"]
-        chosen = (self.layers, self.form, self.mode, self.alpha)
+        lines = ["layers | form | mode | tau_q | alpha | agreement | margin | clean_change | expected_drop"]
+        chosen = (self.layers, self.form, self.mode, self.tau_quantile, self.alpha)
         for e in self.evidence:
-            mark = " *" if (e["layers"], e["form"], e["mode"], e["alpha"]) == chosen else ""
-            head = f"{'+'.join(e['layers'])} | {e['form']} | {e['mode']} | {e['alpha']:g} | "
+            key = (e["layers"], e["form"], e["mode"], e.get("tau_quantile"), e["alpha"])
+            mark = " *" if key == chosen else ""
+            q = "-" if e.get("tau_quantile") is None else f"{e['tau_quantile']:g}"
+            head = f"{'+'.join(e['layers'])} | {e['form']} | {e['mode']} | {q} | {e['alpha']:g} | "
             if "error" in e:
                 lines.append(head + f"not estimable: {e['error']}")
                 continue
-            change = "-" if e["clean_change"] is None else f"{e['clean_change']:.3f}"
-            lines.append(head + f"{e['agreement']:.3f} | {e['margin']:.3f} | {change}{mark}")
+            change, drop = ("-" if e.get(c) is None else f"{e[c]:.4f}" for c in CLEAN_COSTS)
+            lines.append(head + f"{e['agreement']:.3f} | {e['margin']:.3f} | {change} | {drop}{mark}")
         return "\n".join(lines)
 
 
@@ -125,32 +136,50 @@ def _check_grid(layer_sets, modes, alphas):
         raise ValueError("alphas must hold at least one value")
 
 
-def _quantiles(tau_quantile, modes) -> dict:
-    """tau_quantile per mode: one float for all, or a mapping that names every mode of the grid
-    (a gate that shifts by the whole beta wants a higher clean quantile than a clamp, which
-    moves a clean sample above tau only by its excess)."""
+# one quantile, several (candidates), or a mapping {mode: one or several} naming every tau mode
+Quantiles = Union[float, Sequence[float], Mapping[str, Union[float, Sequence[float]]]]
+
+
+def _quantiles(tau_quantile: Quantiles, modes) -> dict:
+    """The candidate clean quantiles of tau per mode: one float or a sequence for every mode, or
+    a mapping that names every mode of the grid (a gate that shifts by the whole beta wants a
+    higher clean quantile than a clamp, which moves a clean sample above tau only by its excess).
+    Modes without tau get the single candidate None."""
     if isinstance(tau_quantile, Mapping):
-        missing = [m for m in modes if m not in tau_quantile]
+        missing = [m for m in modes if m not in tau_quantile and m in TAU_MODES]
         if missing:
             raise ValueError(f"tau_quantile names no quantile for the mode(s) {missing}")
-        return {m: float(tau_quantile[m]) for m in modes}
-    return {m: float(tau_quantile) for m in modes}
+        per_mode = {m: tau_quantile.get(m) for m in modes}
+    else:
+        per_mode = {m: tau_quantile for m in modes}
+    out = {}
+    for m, qs in per_mode.items():
+        if m not in TAU_MODES:
+            out[m] = (None,)
+            continue
+        qs = (qs,) if isinstance(qs, (int, float)) else tuple(qs)
+        if not qs or any(not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0 for q in qs):
+            raise ValueError(f"tau_quantile for {m!r} must be one or more values in [0, 1], got {qs!r}")
+        out[m] = tuple(dict.fromkeys(float(q) for q in qs))
+    return out
 
 
-def _choose(evidence: list, max_clean_change: float, measure=None, n: int = None, tie: str = "margin") -> dict:
-    """The candidate with the highest (agreement, tie-break) among those whose clean_change is at
-    most `max_clean_change`, ties to the smaller clean change; if none qualifies, the least
-    disruptive. `tie` names the evidence key that breaks ties ("margin": larger wins;
-    "twin_kl": smaller wins). With `n` (the number of triggered samples scored), agreements are
-    compared at the resolution of one sample: a smaller difference (the unpaired criterion's
-    histogram term moves it by fractions of a sample) is no evidence, and the tie-break decides.
-    `measure(e)` fills in a candidate's clean_change where it is None: candidates are measured
-    in order of (agreement, tie-break), so only those that could win pay for a pass over the clean
-    reference set (the same choice as measuring all of them)."""
-    def clean_change(e):
-        if e["clean_change"] is None:
-            e["clean_change"] = measure(e)
-        return e["clean_change"]
+def _choose(evidence: list, max_clean_change: float, measure=None, n: int = None, tie: str = "margin",
+            cost: str = "clean_change") -> dict:
+    """The candidate with the highest (agreement, tie-break) among those whose clean cost (the
+    evidence key `cost`: "clean_change" or "expected_drop") is at most `max_clean_change`, ties
+    to the smaller cost; if none qualifies, the least disruptive. `tie` names the evidence key
+    that breaks ties ("margin": larger wins; "twin_kl": smaller wins). With `n` (the number of
+    triggered samples scored), agreements are compared at the resolution of one sample: a
+    smaller difference (the unpaired criterion's histogram term moves it by fractions of a
+    sample) is no evidence, and the tie-break decides. `measure(e)` fills in a candidate's clean
+    costs where they are None: candidates are measured in order of (agreement, tie-break), so
+    only those that could win pay for a pass over the clean reference set (the same choice as
+    measuring all of them)."""
+    def clean_cost(e):
+        if e[cost] is None:
+            measure(e)
+        return e[cost]
 
     evidence = [e for e in evidence if "error" not in e]  # candidates that could not be estimated
     sign = TIE_BREAKS[tie]
@@ -164,12 +193,12 @@ def _choose(evidence: list, max_clean_change: float, measure=None, n: int = None
         j = i
         while j < len(ranked) and rank(ranked[j]) == rank(ranked[i]):
             j += 1
-        ok = [e for e in ranked[i:j] if clean_change(e) <= max_clean_change]
+        ok = [e for e in ranked[i:j] if clean_cost(e) <= max_clean_change]
         if ok:
-            return min(ok, key=lambda e: e["clean_change"])
+            return min(ok, key=lambda e: e[cost])
         i = j
     # nothing keeps clean predictions (every candidate measured by now): the least disruptive
-    return min(evidence, key=lambda e: (e["clean_change"], -e["agreement"], -sign * e[tie]))
+    return min(evidence, key=lambda e: (e[cost], -e["agreement"], -sign * e[tie]))
 
 
 def _estimators(estimator) -> list:
@@ -186,8 +215,12 @@ def _model_of(estimator) -> torch.nn.Module:
     return estimators[0].model
 
 
+CLEAN_COSTS = ("clean_change", "expected_drop")
+
+
 def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alphas, max_clean_change,
-         tau_quantile, source, folds, seed, criterion, adjust=None, reference=None, tie="margin") -> Selection:
+         tau_quantile, source, folds, seed, criterion, adjust=None, reference=None, tie="margin",
+         clean_cost="clean_change") -> Selection:
     """The shared loop: per estimator (form) and fold, a copy of the estimator observes the
     other folds through `observe(est, index)`; `score(profile, index)` gives (agreement sum,
     {tie-break key: sum}, predictions) on a fold; `adjust(agreement, predictions of all folds)` may
@@ -197,8 +230,12 @@ def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alph
         raise ValueError("pass at least one estimator")
     quantile = _quantiles(tau_quantile, modes)
     splits = _folds(n, folds, seed)
-    if reference is None:  # the unrepaired model's predictions on the clean reference set
-        reference = predict(model, clean_ref)
+    if clean_cost not in CLEAN_COSTS:
+        raise ValueError(f"clean_cost must be one of {CLEAN_COSTS}, got {clean_cost!r}")
+    if reference is None:  # the unrepaired model's outputs on the clean reference set
+        reference = logits(model, clean_ref)
+    ref_prob = torch.softmax(reference, 1) if len(reference) else reference
+    ref_pred = reference.argmax(1) if len(reference) else torch.zeros(0, dtype=torch.int64)
     evidence, full_by_form = [], {}
     for base in estimators:
         # each estimator scores the given layer sets it watches (a per-position one may watch fewer)
@@ -219,54 +256,68 @@ def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alph
         if base.form in full_by_form:
             raise ValueError(f"two estimators of the same form ({base.form}); pass one per form")
         full_by_form[base.form] = full
-        for layers in sets:
-            for mode in modes:
-                for alpha in alphas:
-                    entry = {"layers": list(layers), "form": base.form, "mode": mode, "alpha": float(alpha),
-                             "agreement": None, "margin": None, "clean_change": None}
-                    evidence.append(entry)
-                    agree, extra, preds = 0.0, {}, []
-                    try:
-                        for est, held in zip(fold_estimators, splits, strict=True):
-                            profile = est.profile(mode=mode, alpha=alpha, tau_quantile=quantile[mode], source=source,
-                                                  layers=list(layers), with_fingerprint=False)
-                            a, sums, p = score(profile, held)
-                            agree += a
-                            for key, v in sums.items():
-                                extra[key] = extra.get(key, 0.0) + v
-                            preds.append(p)
-                    except ValueError as err:  # this candidate cannot be estimated from these samples
-                        entry["error"] = str(err)
-                        continue
-                    entry["agreement"] = agree / n if adjust is None else adjust(agree / n, torch.cat(preds))
-                    entry.update({key: v / n for key, v in extra.items()})
+        grid = [(layers, mode, q, alpha) for layers in sets for mode in modes for q in quantile[mode]
+                for alpha in alphas]
+        for layers, mode, q, alpha in grid:
+            entry = {"layers": list(layers), "form": base.form, "mode": mode, "tau_quantile": q,
+                     "alpha": float(alpha), "agreement": None, "margin": None, "clean_change": None,
+                     "expected_drop": None}
+            evidence.append(entry)
+            agree, extra, preds = 0.0, {}, []
+            try:
+                for est, held in zip(fold_estimators, splits, strict=True):
+                    profile = est.profile(mode=mode, alpha=alpha, **_tau(q), source=source,
+                                          layers=list(layers), with_fingerprint=False)
+                    a, sums, p = score(profile, held)
+                    agree += a
+                    for key, v in sums.items():
+                        extra[key] = extra.get(key, 0.0) + v
+                    preds.append(p)
+            except ValueError as err:  # this candidate cannot be estimated from these samples
+                entry["error"] = str(err)
+                continue
+            entry["agreement"] = agree / n if adjust is None else adjust(agree / n, torch.cat(preds))
+            entry.update({key: v / n for key, v in extra.items()})
 
-    def measure(e):  # how often the repair from all triggered samples changes clean predictions
+    def measure(e):
+        """The repair's (estimated from all triggered samples) cost on the clean reference set:
+        clean_change = how often it changes the model's prediction; expected_drop = the drop in
+        accuracy if the unrepaired model's probabilities were calibrated (a flip between two
+        classes it found equally likely costs nothing, a flip of a confident prediction costs
+        its whole probability)."""
         try:
-            profile = full_by_form[e["form"]].profile(mode=e["mode"], alpha=e["alpha"],
-                                                      tau_quantile=quantile[e["mode"]], source=source,
-                                                      layers=e["layers"], with_fingerprint=False)
+            profile = full_by_form[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], **_tau(e["tau_quantile"]),
+                                                      source=source, layers=e["layers"], with_fingerprint=False)
         except ValueError as err:
             e["error"] = str(err)
-            return math.inf
+            e["clean_change"] = e["expected_drop"] = math.inf
+            return
         attach(model, profile)
         try:
-            return (predict(model, clean_ref) != reference).float().mean().item()
+            pred = predict(model, clean_ref)
         finally:
             detach(model)
+        e["clean_change"] = (pred != ref_pred).float().mean().item()
+        e["expected_drop"] = (ref_prob.gather(1, ref_pred[:, None]) - ref_prob.gather(1, pred[:, None])).mean().item() \
+            if len(pred) else 0.0
 
     if all("error" in e for e in evidence):
         raise ValueError(f"no candidate could be estimated from these samples: {evidence[0]['error']}")
-    e = _choose(evidence, max_clean_change, measure, n, tie)
+    e = _choose(evidence, max_clean_change, measure, n, tie, clean_cost)
     if "error" in e:
         raise ValueError(f"no candidate could be estimated from all the samples: {e['error']}")
-    profile = full_by_form[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], tau_quantile=quantile[e["mode"]],
+    profile = full_by_form[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], **_tau(e["tau_quantile"]),
                                               source=source, layers=e["layers"])  # with the model's fingerprint
-    profile.info["selection"] = {"criterion": f"{criterion}, out of {len(splits)} folds, s.t. clean_change <= "
+    profile.info["selection"] = {"criterion": f"{criterion}, out of {len(splits)} folds, s.t. {clean_cost} <= "
                                               f"{max_clean_change:g}; ties: {tie}",
                                  "chosen": e, "candidates": evidence}
     return Selection(profile=profile, layers=e["layers"], mode=e["mode"], alpha=e["alpha"], evidence=evidence,
-                     form=e["form"])
+                     form=e["form"], tau_quantile=e["tau_quantile"])
+
+
+def _tau(q) -> dict:
+    """The profile's tau_quantile argument for a candidate (None: a mode without tau)."""
+    return {} if q is None else {"tau_quantile": q}
 
 
 def _scored(model, profile, x):
@@ -282,14 +333,18 @@ def _scored(model, profile, x):
 def select(estimator: Union[Estimator, Sequence[Estimator]], x_clean: torch.Tensor, x_poisoned: torch.Tensor,
            layer_sets: Sequence[Sequence[str]] = None, modes: Sequence[str] = ("clamp",),
            alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 3.0), max_clean_change: float = 0.01,
-           tau_quantile: Union[float, Mapping[str, float]] = 0.99, source: str = "auto", folds: int = 4,
+           tau_quantile: Quantiles = 0.99, source: str = "auto", folds: int = 4,
            x_clean_reference: Optional[torch.Tensor] = None, seed: int = 0,
-           tie_break: str = "twin_kl") -> Selection:
+           tie_break: str = "twin_kl", clean_cost: str = "clean_change") -> Selection:
     """Paired selection on the estimator's model. `estimator` (or several, one per form, on one
     model) holds what was observed besides
     these pairs (typically a clean held-out set); the pairs (x_clean[i], x_poisoned[i]) are observed here, fold by fold.
-    `x_clean_reference` (default: x_clean) is where clean_change is measured. `tau_quantile`: one
-    clean quantile for every mode, or a mapping {mode: quantile} that names each mode of `modes`.
+    `x_clean_reference` (default: x_clean) is where the clean cost is measured; `clean_cost` names
+    the one that `max_clean_change` limits ("clean_change" or "expected_drop", see the module's
+    text). `tau_quantile`: the
+    clean quantile(s) of tau, one or a sequence of candidates for every mode, or a mapping
+    {mode: quantile or candidates} that names each mode of `modes` that reads tau (clamp, gated);
+    with several, tau is chosen per candidate layer set like alpha (`Selection.tau_quantile`).
     `tie_break` orders candidates of equal agreement: "twin_kl" (the smaller mean KL divergence
     from the twin's output distribution to the repaired one: how closely the repair restores
     what the model says on the clean image) or "margin" (the larger mean logit margin of the
@@ -321,7 +376,7 @@ def select(estimator: Union[Estimator, Sequence[Estimator]], x_clean: torch.Tens
 
     return _run(model, estimator, observe, len(x_clean), score, clean_ref, layer_sets, modes, alphas,
                 max_clean_change, tau_quantile, source, folds, seed, "max agreement with the clean twins",
-                tie=tie_break)
+                tie=tie_break, clean_cost=clean_cost)
 
 
 @model_from_estimator
@@ -329,9 +384,8 @@ def select(estimator: Union[Estimator, Sequence[Estimator]], x_clean: torch.Tens
 def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged: torch.Tensor,
                     x_clean_reference: torch.Tensor, layer_sets: Sequence[Sequence[str]] = None,
                     modes: Sequence[str] = ("clamp",), alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 3.0),
-                    max_clean_change: float = 0.01, tau_quantile: Union[float, Mapping[str, float]] = 0.99,
-                    folds: int = 4,
-                    seed: int = 0) -> Selection:
+                    max_clean_change: float = 0.01, tau_quantile: Quantiles = 0.99,
+                    folds: int = 4, seed: int = 0, clean_cost: str = "clean_change") -> Selection:
     """Unpaired selection: `estimator` holds clean statistics; the flagged (triggered) samples
     are observed here, fold by fold. The target is inferred as the model's majority prediction
     on them; a repair is scored by how often it moves held-out flagged samples off that target
@@ -339,7 +393,8 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
     set here, the target class included: a repair must not move those images either)."""
     model = _model_of(estimator)
     target = int(predict(model, x_flagged).mode().values) if len(x_flagged) else 0
-    clean_pred = predict(model, x_clean_reference)
+    clean_logits = logits(model, x_clean_reference)
+    clean_pred = clean_logits.argmax(1) if len(clean_logits) else torch.zeros(0, dtype=torch.int64)
     n_classes = int(max(clean_pred.max().item() if len(clean_pred) else 0, target)) + 1
 
     def histogram(pred):
@@ -365,6 +420,7 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
     sel = _run(model, estimator, observe, len(x_flagged), score, x_clean_reference, layer_sets, modes, alphas,
                max_clean_change, tau_quantile, "unpaired", folds, seed,
                f"max share of flagged samples moved off the inferred target {target} minus the total variation "
-               "between their repaired class histogram and the clean one", adjust, reference=clean_pred)
+               "between their repaired class histogram and the clean one", adjust, reference=clean_logits,
+               clean_cost=clean_cost)
     sel.profile.info["selection"]["inferred_target"] = target
     return sel

@@ -46,7 +46,8 @@ class RunConfig:
     # 3.0: global triggers on the ViT need more than 2 (measured: Blended PA 47% with alphas up to 2, 67% with 3)
     alphas: list = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 3.0])
     k: int = 1
-    tau_quantile: float = 0.99
+    # clamp's tau: candidate clean quantiles, chosen per layer set by selection (like alpha)
+    tau_quantile: list = field(default_factory=lambda: [0.9, 0.99])
     # gated shifts a flagged sample by the whole beta (a clean one too, where it crosses tau), so
     # its gate sits further out than clamp's tau: CA cost target 0.3 points
     gate_quantile: float = 0.999
@@ -57,6 +58,7 @@ class RunConfig:
     folds: int = 4
     match_clean: bool = True  # unpaired: leave the inferred target class out of the clean reference
     max_clean_change: float = 0.01
+    clean_cost: str = "clean_change"  # what max_clean_change limits: "clean_change" or "expected_drop"
     tie_break: str = "twin_kl"  # paired selection: "twin_kl" or "margin" (see fr.select)
     online: bool = True
     ablations: bool = True
@@ -91,8 +93,8 @@ class FireDefense(Defense):
             layer_sets += [list(p) for p in zip(layers[:-1], layers[1:], strict=True)]
         ests = estimators(model, layers, cfg, held.clean[:2])
         grid = dict(layer_sets=layer_sets, modes=list(self.modes), alphas=cfg.alphas,
-                    max_clean_change=cfg.max_clean_change, tau_quantile=tau_quantiles(cfg), folds=cfg.folds,
-                    seed=cfg.seed)
+                    max_clean_change=cfg.max_clean_change, clean_cost=cfg.clean_cost,
+                    tau_quantile=tau_quantiles(cfg), folds=cfg.folds, seed=cfg.seed)
         if self.paired:
             for est in ests:
                 est.observe(held.clean, poisoned=False)
@@ -109,8 +111,8 @@ class FireDefense(Defense):
 
     def report(self) -> dict:
         sel = self.selection
-        return {"layers": sel.layers, "form": sel.form, "mode": sel.mode, "alpha": sel.alpha,
-                "evidence": sel.evidence}
+        return {"layers": sel.layers, "form": sel.form, "mode": sel.mode, "tau_quantile": sel.tau_quantile,
+                "alpha": sel.alpha, "evidence": sel.evidence}
 
     def predict(self, x):
         fr.attach(self.model, self.profile)
@@ -263,7 +265,8 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
         row = {"defense": name, **score(defence), "seconds": time.perf_counter() - t}
         if isinstance(defence, FireDefense):
             rep = defence.report()
-            row.update(layers=rep["layers"], form=rep["form"], mode=rep["mode"], alpha=rep["alpha"])
+            row.update(layers=rep["layers"], form=rep["form"], mode=rep["mode"], tau_quantile=rep["tau_quantile"],
+                       alpha=rep["alpha"])
             result["fire"][name] = rep
         result["rows"].append(row)
         log(f"  {cfg.attack:>9} {name:<20} CA {100 * row['CA']:5.1f}  ASR {100 * row['ASR']:5.1f}  "
@@ -285,8 +288,10 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
 
 
 def tau_quantiles(cfg: RunConfig) -> dict:
-    """The clean quantile of each mode's threshold (only clamp and gated read it)."""
-    return {mode: cfg.gate_quantile if mode == "gated" else cfg.tau_quantile for mode in fr.MODES}
+    """The candidate clean quantiles of each mode's threshold (only clamp and gated read it)."""
+    def listed(q):
+        return [q] if isinstance(q, (int, float)) else list(q)
+    return {mode: listed(cfg.gate_quantile if mode == "gated" else cfg.tau_quantile) for mode in fr.MODES}
 
 
 def detection_auroc(model, profile, eval_clean, eval_poison) -> float:
@@ -317,8 +322,8 @@ def online_curve(model, sel, cfg, hold_clean, stream, eval_poison, eval_poison_y
     clean, _ = clean_reference(model, hold_clean, stream[:batch], cfg.match_clean)
     est = estimator(model, sel.layers, cfg, sel.form)
     est.observe(clean, poisoned=False)
-    online = fr.Online(est, mode=sel.mode, alpha=sel.alpha, tau_quantile=tau_quantiles(cfg)[sel.mode],
-                       threshold=None)
+    online = fr.Online(est, mode=sel.mode, alpha=sel.alpha, threshold=None,
+                       **({} if sel.tau_quantile is None else {"tau_quantile": sel.tau_quantile}))
     curve = [[0, (predict(model, eval_poison) == eval_poison_y).float().mean().item()]]
     step_seconds = []
     try:
@@ -353,7 +358,7 @@ def ablations(model, sel, cfg, held: Held, layers, score) -> list:
         rows.append({"ablation": what, **score(ProfileDefense(model, profile))})
 
     mode, alpha = sel.mode, sel.alpha
-    q = tau_quantiles(cfg)[mode]
+    q = 0.99 if sel.tau_quantile is None else sel.tau_quantile  # project/shift: read by no kernel
     for name in watch:
         add(f"layer={name}", lambda name=name: est.profile(mode=mode, alpha=alpha, tau_quantile=q,
                                                            layers=[name]))
@@ -367,7 +372,7 @@ def ablations(model, sel, cfg, held: Held, layers, score) -> list:
     for other_mode in SELECTED_MODES:
         if other_mode != mode:
             add(f"mode={other_mode} (selected layers)",
-                lambda m=other_mode: est.profile(mode=m, alpha=alpha, tau_quantile=tau_quantiles(cfg)[m],
+                lambda m=other_mode: est.profile(mode=m, alpha=alpha, tau_quantile=tau_quantiles(cfg)[m][-1],
                                                  layers=sel.layers))
     for k in (1, 2, 4):
         add(f"k={k}", lambda k=k: est.profile(mode=mode, alpha=alpha, tau_quantile=q, k=k,

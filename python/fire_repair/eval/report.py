@@ -29,7 +29,8 @@ def table(results: list) -> str:
             if "layers" in row:
                 form = ", per position" if row.get("form") == "per_position" else ""
                 mode = f", {row['mode']}" if "mode" in row else ""
-                chosen = f"{'+'.join(row['layers'])}{form}{mode}, alpha {row['alpha']:g}"
+                tau = f" (tau q {row['tau_quantile']:g})" if row.get("tau_quantile") is not None else ""
+                chosen = f"{'+'.join(row['layers'])}{form}{mode}{tau}, alpha {row['alpha']:g}"
             rej = ""
             if row["defense"] == "strip":
                 rej = f"{100 * row['reject_clean']:.1f} / {100 * row['reject_poison']:.1f}"
