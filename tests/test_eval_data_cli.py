@@ -373,14 +373,15 @@ def test_report_merges_runs_into_one_table_json_and_plot(tmp_path, capsys):
     def run(attack, pa):
         rows = [{"defense": d, "CA": 0.8, "ASR": 1 - p, "PA": p, "reject_clean": 0.0, "reject_poison": 0.0}
                 for d, p in (("none", 0.02), ("fire-clamp", pa))]
-        rows[1].update(layers=["block2"], alpha=1.0)
+        rows[1].update(layers=["block2"], alpha=1.0, mode="clamp", tau_quantile=0.9 if attack == "sig" else None)
         return {"config": {"attack": attack}, "rows": rows}
 
     for i, (attack, pa) in enumerate((("badnets", 0.78), ("sig", 0.61))):
         (tmp_path / f"{i}.json").write_text(json.dumps({"runs": [run(attack, pa)]}))
     cli.main(["report", str(tmp_path / "0.json"), str(tmp_path / "1.json"), "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out
-    assert "| badnets | fire-clamp | 80.0 | 22.0 | 78.0 |" in printed and "| sig | fire-clamp |" in printed
+    assert "| badnets | fire-clamp | 80.0 | 22.0 | 78.0 |  | block2, clamp, alpha 1 |" in printed
+    assert "| sig | fire-clamp | 80.0 | 39.0 | 61.0 |  | block2, clamp (tau q 0.9), alpha 1 |" in printed
     merged = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert [r["config"]["attack"] for r in merged] == ["badnets", "sig"]
     assert (tmp_path / "out" / "results.png").read_bytes()[:4] == b"\x89PNG"

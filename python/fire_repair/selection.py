@@ -27,8 +27,9 @@ estimator observes the other folds, and the candidate's repair is scored on this
   `max_clean_change` limits. Measured on CIFAR-10 WaNet: clamp at block3+fc with tau at the
   clean 0.9 quantile flips 2.25 % of clean predictions, expected_drop 0.72 %, and raises CA by
   0.7 points (it repairs 71.9 % of triggered inputs, the best candidate at the 0.99 quantile
-  61.1 %). A pass over the reference set costs time, so candidates are measured in order of (agreement, tie-break) until one
-  qualifies: those that could not have won keep both costs None ("-" in the table).
+  61.1 %). A pass over the reference set costs time, so candidates are measured in order of
+  (agreement, tie-break) until one qualifies: those that could not have won keep both costs
+  None ("-" in the table).
 - A candidate that cannot be estimated from the samples (e.g. per position at the pixels, where
   no position of an unpaired flagged image stands out) is kept in the evidence with its
   `error` and never chosen; only if none can be estimated does selection raise.
@@ -51,9 +52,9 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from ._deprecated import model_from_estimator
 from fire_kernels.modes import TAU_MODES
 
+from ._deprecated import model_from_estimator
 from .attachment import attach, detach
 from .estimate import Estimator
 

@@ -374,10 +374,10 @@ def ablations(model, sel, cfg, held: Held, layers, score) -> list:
         o.observe_pairs(*held.pairs)
         add(f"form={other} (selected layers)", lambda: o.profile(mode=mode, alpha=alpha,
                                                                  tau_quantile=q))
-    for other_mode in SELECTED_MODES:
+    for other_mode in SELECTED_MODES:  # at the other mode's most conservative candidate quantile
         if other_mode != mode:
             add(f"mode={other_mode} (selected layers)",
-                lambda m=other_mode: est.profile(mode=m, alpha=alpha, tau_quantile=tau_quantiles(cfg)[m][-1],
+                lambda m=other_mode: est.profile(mode=m, alpha=alpha, tau_quantile=max(tau_quantiles(cfg)[m]),
                                                  layers=sel.layers))
     for k in (1, 2, 4):
         add(f"k={k}", lambda k=k: est.profile(mode=mode, alpha=alpha, tau_quantile=q, k=k,
