@@ -36,14 +36,14 @@ estimator observes the other folds, and the candidate's repair is scored on this
 
 Candidates may come from several estimators (`estimator` a sequence): typically one flattened
 and one per-position estimator on the same layers, so that the form is chosen by the same
-criterion as the layer, mode and alpha.
+criterion as the layer, mode, tau and alpha.
 
 The chosen candidate has the highest agreement among those with clean cost <=
 max_clean_change; agreements are compared at the resolution of one triggered sample (1/n:
 smaller differences are no evidence; measured on CIFAR-10 SIG, unpaired: `block2` won over
 `input` by 0.0004, PA 66.9% against 76.9%), and ties go to the tie-break (paired: the smaller
 KL divergence from the twins' outputs by default; unpaired: the larger margin), then to the
-smaller clean change (never to the order tried). Every candidate's evidence is returned.
+smaller clean cost (never to the order tried). Every candidate's evidence is returned.
 """
 import math
 import warnings
