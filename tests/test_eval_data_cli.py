@@ -100,8 +100,8 @@ def test_split_is_random_and_disjoint_on_a_class_ordered_test_set():
 @pytest.mark.slow
 def test_harness_small_run(tmp_path):
     cfg = harness.RunConfig(attack="badnets", epochs=6, cache_dir=str(tmp_path / "cache"),
-                            defenses=["none", "fire-clamp", "fire", "fire-gated", "shrinkpad", "strip"],
-                            alphas=[1.0], ablations=False)
+                            defenses=["none", "fire-clamp", "fire", "fire-gated", "fire-clamp-unpaired", "shrinkpad",
+                                      "strip"], alphas=[1.0], ablations=False)
     res = harness.run(cfg, progress=False, log=lambda *a: None)
     rows = {r["defense"]: r for r in res["rows"]}
     assert rows["none"]["ASR"] > 0.9
@@ -110,6 +110,10 @@ def test_harness_small_run(tmp_path):
     assert rows["fire"]["mode"] in ("clamp", "gated") and rows["fire"]["PA"] > 0.9
     chosen = res["fire"]["fire"]
     assert {e["mode"] for e in chosen["evidence"]} == {"clamp", "gated"}  # the mode chosen by the same criterion
+    # paired: clamp's tau among the candidate quantiles; unpaired: the most conservative only
+    assert {e["tau_quantile"] for e in chosen["evidence"] if e["mode"] == "clamp"} == {0.9, 0.99}
+    assert {e["tau_quantile"] for e in res["fire"]["fire-clamp-unpaired"]["evidence"]} == {0.99}
+    assert rows["fire"]["tau_quantile"] == chosen["tau_quantile"]
     assert rows["strip"]["reject_poison"] > 0.5
     assert res["auroc"] > 0.95
     curve = res["online"]["curve"]
