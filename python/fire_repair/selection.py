@@ -1,8 +1,9 @@
-"""Label-free choice of the layer(s), mode and alpha, scored out of fold.
+"""Label-free choice of the layer(s), form, mode, tau and alpha, scored out of fold.
 
-A candidate (layer set, form, mode, tau quantile, alpha) is never scored on the samples its directions were
-estimated from: the triggered samples are split into `folds`; for each fold a copy of the
-estimator observes the other folds, and the candidate's repair is scored on this fold.
+A candidate (layer set, form, mode, tau quantile, alpha) is never scored on the samples its
+directions were estimated from: the triggered samples are split into `folds`; for each fold a
+copy of the estimator observes the other folds, and the candidate's repair is scored on this
+fold.
 
 - Paired (`select`: triggered samples with their clean twins):
   `agreement` = how often the repaired prediction on a triggered sample equals the unrepaired
