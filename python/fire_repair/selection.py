@@ -393,7 +393,11 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
     are observed here, fold by fold. The target is inferred as the model's majority prediction
     on them; a repair is scored by how often it moves held-out flagged samples off that target
     and how confidently, while keeping predictions on `x_clean_reference` (use the whole clean
-    set here, the target class included: a repair must not move those images either)."""
+    set here, the target class included: a repair must not move those images either).
+    Pass one tau quantile per mode: "moved off the target" rewards any stronger repair, so among
+    several candidates this criterion prefers the lower quantile even where it repairs less
+    (measured: CIFAR-10 SIG 68.3 % PA at 0.9 against 76.9 % at 0.99; the harness passes the
+    highest of its candidates)."""
     model = _model_of(estimator)
     target = int(predict(model, x_flagged).mode().values) if len(x_flagged) else 0
     clean_logits = logits(model, x_clean_reference)
