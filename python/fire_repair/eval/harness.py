@@ -158,13 +158,17 @@ FIRE_DEFENSES = {
     "fire-shift": lambda: FireDefense(("shift",)),
     "fire-clamp-unpaired": lambda: FireDefense(("clamp",), paired=False),
 }
-DEFENSES = {**{name: cls for name, cls in BASELINES.items()}, **FIRE_DEFENSES}
+# a reference row, not a defence: the model of the same recipe trained without poison (the
+# undefended predictions of `clean_model`), whose ASR is the floor and PA the ceiling of a repair
+CLEAN_MODEL = "clean-model"
+DEFENSES = {**{name: cls for name, cls in BASELINES.items()}, CLEAN_MODEL: BASELINES["none"], **FIRE_DEFENSES}
 # Left out by default (each FIRE row costs a fit; run them by name): project and shift, which move
 # clean inputs too (selection keeps their alpha low; on CIFAR-10 they trail clamp on 5 of 6
 # attacks, Trojan: project 77.2 % PA, clamp 76.9 %), and
 # `fire-unpaired` too: unpaired, the criterion picks gated where clamp repairs more (measured on
 # CIFAR-10: SIG 68.0 % PA against 76.9 %, adaptive 71.0 against 74.9; Blended 66.6 against 65.6)
-DEFAULT_DEFENSES = ["none", *(d for d in FIRE_DEFENSES if d not in ("fire-project", "fire-shift", "fire-unpaired")),
+DEFAULT_DEFENSES = ["none", CLEAN_MODEL,
+                    *(d for d in FIRE_DEFENSES if d not in ("fire-project", "fire-shift", "fire-unpaired")),
                     "shrinkpad", "jpeg", "blur", "strip"]
 
 
@@ -207,6 +211,22 @@ def estimators(model, layers, cfg: RunConfig, probe) -> list:
     if not out:
         raise ValueError(f"no layer of {layers} can be repaired in the forms {cfg.forms}")
     return out
+
+
+def clean_model(cfg: RunConfig, ds, progress: bool):
+    """The never-poisoned model of the run's recipe (architecture, width, epochs, seed, data):
+    the reference row `clean-model`. Its ASR is the floor a repair can be held to (a clean model
+    calls some triggered images the target class too), its PA the ceiling."""
+    torch.manual_seed(cfg.seed)
+    model = models_mod.build(cfg.model, ds.num_classes, cfg.width)
+    epochs = cfg.epochs or models_mod.EPOCHS.get(cfg.model, 8)
+    spec = {"attack": "clean", "model": cfg.model, "width": cfg.width, "data": ds.name, "n_train": len(ds.y_train),
+            "seed": cfg.seed, "epochs": epochs}
+    model, _ = load_or_train(model, ds.x_train, ds.y_train, cfg.cache_dir, spec, epochs=epochs, seed=cfg.seed,
+                             progress=progress, desc=f"training {cfg.model} / clean")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 def backdoored_model(cfg: RunConfig, ds, attack, progress: bool):
@@ -265,7 +285,9 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
     for name in cfg.defenses:
         t = time.perf_counter()
         defence = DEFENSES[name]()
-        if isinstance(defence, FireDefense):
+        if name == CLEAN_MODEL:
+            defence.fit(clean_model(cfg, ds, progress), held.clean)
+        elif isinstance(defence, FireDefense):
             defence.fit(model, held.clean, held, cfg, layers)
         else:
             defence.fit(model, held.clean)

@@ -91,7 +91,8 @@ def run_key(run: dict) -> tuple:
 
 def update_runs(base: list, updates: list, drop=()) -> list:
     """`base` runs with the rows of same-experiment `updates` laid over them: a defence in both
-    takes the update's row (and evidence), a new defence is added; the update's detection AUROC,
+    takes the update's row (and evidence), a new defence is added after the row the update lists
+    before it (at the end where the base has none such); the update's detection AUROC,
     online curve and ablations (which follow its headline FIRE defence) replace the base's. An
     update must find its experiment in `base` with the same undefended row (the same cached
     model, split and seed), else it is an error: rows of different models are never mixed.
@@ -111,7 +112,13 @@ def update_runs(base: list, updates: list, drop=()) -> list:
                              f"{none_old}): not the same experiment")
         run = by_key[run_key(new)]  # the merged state so far: later updates lay over earlier ones
         rows = {r["defense"]: r for r in new["rows"]}
-        run["rows"] = [rows.pop(r["defense"], r) for r in run["rows"]] + list(rows.values())
+        merged = [rows.pop(r["defense"], r) for r in run["rows"]]
+        for before, row in zip([None, *new["rows"][:-1]], new["rows"], strict=True):  # a new defence goes
+            if row["defense"] in rows:  # after the row the update lists before it, where the base has it
+                at = next((i + 1 for i, r in enumerate(merged) if before and r["defense"] == before["defense"]),
+                          len(merged))
+                merged.insert(at, rows.pop(row["defense"]))
+        run["rows"] = merged
         run["fire"] = {**run.get("fire", {}), **new.get("fire", {})}
         for key in ("auroc", "online", "ablations"):
             if key in new:
@@ -140,11 +147,15 @@ def plot(results: list, path) -> None:
     defences = [row["defense"] for row in results[0]["rows"]]
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.6))
     width = 0.8 / max(len(defences), 1)
+    # a colour per defence (tab10 repeats after ten); the clean-model reference hatched
+    colours = plt.get_cmap("tab10" if len(defences) <= 10 else "tab20").colors
     for ax, metric in zip(axes[:2], ("PA", "ASR"), strict=True):
         for j, d in enumerate(defences):
             vals = [100 * next((row[metric] for row in r["rows"] if row["defense"] == d), float("nan"))
                     for r in results]
-            ax.bar([i + j * width for i in range(len(attacks))], vals, width, label=d)
+            ax.bar([i + j * width for i in range(len(attacks))], vals, width, label=d,
+                   color=colours[j % len(colours)], hatch="///" if d == "clean-model" else None,
+                   edgecolor="black" if d == "clean-model" else None, linewidth=0.3)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(attacks))], attacks)
         ax.set_ylabel(f"{metric} %")
         ax.set_ylim(0, 100)
