@@ -143,7 +143,7 @@ def _check_grid(layer_sets, modes, alphas):
 Quantiles = Union[float, Sequence[float], Mapping[str, Union[float, Sequence[float]]]]
 
 
-def _quantiles(tau_quantile: Quantiles, modes) -> dict:
+def tau_candidates(tau_quantile: Quantiles, modes) -> dict:
     """The candidate clean quantiles of tau per mode: one float or a sequence for every mode, or
     a mapping that names every mode of the grid (a gate that shifts by the whole beta wants a
     higher clean quantile than a clamp, which moves a clean sample above tau only by its excess).
@@ -231,7 +231,7 @@ def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alph
     estimators = _estimators(estimator)
     if not estimators:
         raise ValueError("pass at least one estimator")
-    quantile = _quantiles(tau_quantile, modes)
+    quantile = tau_candidates(tau_quantile, modes)
     splits = _folds(n, folds, seed)
     if clean_cost not in CLEAN_COSTS:
         raise ValueError(f"clean_cost must be one of {CLEAN_COSTS}, got {clean_cost!r}")

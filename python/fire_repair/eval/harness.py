@@ -16,6 +16,7 @@ import torch
 
 import fire_repair as fr
 from fire_repair.augment import Photometric, RandomShift
+from fire_repair.selection import tau_candidates
 
 from . import attacks as attacks_mod
 from . import data as data_mod
@@ -99,7 +100,7 @@ class FireDefense(Defense):
         ests = estimators(model, layers, cfg, held.clean[:2])
         grid = dict(layer_sets=layer_sets, modes=list(self.modes), alphas=cfg.alphas,
                     max_clean_change=cfg.max_clean_change, clean_cost=cfg.clean_cost,
-                    tau_quantile=tau_quantiles(cfg), folds=cfg.folds, seed=cfg.seed)
+                    tau_quantile=tau_quantiles(cfg, self.modes), folds=cfg.folds, seed=cfg.seed)
         if self.paired:
             for est in ests:
                 est.observe(held.clean, poisoned=False)
@@ -317,11 +318,10 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
     return result
 
 
-def tau_quantiles(cfg: RunConfig) -> dict:
-    """The candidate clean quantiles of each mode's threshold (only clamp and gated read it)."""
-    def listed(q):
-        return [q] if isinstance(q, (int, float)) else list(q)
-    return {mode: listed(cfg.gate_quantile if mode == "gated" else cfg.tau_quantile) for mode in fr.MODES}
+def tau_quantiles(cfg: RunConfig, modes) -> dict:
+    """The candidate clean quantiles of tau per mode of `modes` (None for the modes without tau),
+    as fr.select reads them."""
+    return tau_candidates({"clamp": cfg.tau_quantile, "gated": cfg.gate_quantile}, modes)
 
 
 def detection_auroc(model, profile, eval_clean, eval_poison) -> float:
@@ -402,7 +402,7 @@ def ablations(model, sel, cfg, held: Held, layers, score) -> list:
     for other_mode in SELECTED_MODES:  # at the other mode's most conservative candidate quantile
         if other_mode != mode:
             add(f"mode={other_mode} (selected layers)",
-                lambda m=other_mode: est.profile(mode=m, alpha=alpha, tau_quantile=max(tau_quantiles(cfg)[m]),
+                lambda m=other_mode: est.profile(mode=m, alpha=alpha, tau_quantile=max(tau_quantiles(cfg, [m])[m]),
                                                  layers=sel.layers))
     for k in (1, 2, 4):
         add(f"k={k}", lambda k=k: est.profile(mode=mode, alpha=alpha, tau_quantile=q, k=k,
