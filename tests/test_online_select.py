@@ -101,7 +101,7 @@ def test_selection_is_label_free_and_reports_evidence(backdoored):
     cx, px = backdoored["hold_pairs"]
     model.train()
     sel = fr.select(est, cx[:16], px[:16], modes=["clamp", "project"], alphas=[0.5, 1.0],
-                    x_clean_reference=backdoored["hold_clean"])
+                    x_clean_reference=backdoored["hold_clean"], agreement_slack=0, tie_break="margin")
     assert model.training  # the caller's mode is restored
     model.eval()
     assert len(sel.evidence) == 4 * 2 * 2
@@ -120,9 +120,20 @@ def test_selection_is_label_free_and_reports_evidence(backdoored):
     assert all(e["twin_kl"] >= 0 for e in sel.evidence)  # both tie-breaks are in the evidence
     kl = fr.select(est, cx[:16], px[:16], modes=["clamp"], alphas=[0.5, 1.0], tie_break="twin_kl",
                    x_clean_reference=backdoored["hold_clean"])
-    assert "ties: twin_kl" in kl.profile.info["selection"]["criterion"]
+    assert "ties: twin_kl (agreements within 1 sample(s)" in kl.profile.info["selection"]["criterion"]
+    # the default slack: every candidate within one twin of the best qualifying agreement with a
+    # smaller KL than the choice was measured and refused by the clean limit
+    kl_chosen = kl.profile.info["selection"]["chosen"]
+    top = max(round(16 * e["agreement"]) for e in kl.evidence
+              if e["expected_drop"] is not None and e["expected_drop"] <= 0.01)
+    assert round(16 * kl_chosen["agreement"]) >= top - 1
+    assert all(e["expected_drop"] is not None and e["expected_drop"] > 0.01 for e in kl.evidence
+               if round(16 * e["agreement"]) >= top - 1 and e["twin_kl"] < kl_chosen["twin_kl"])
     with pytest.raises(ValueError, match="tie_break"):
         fr.select(est, cx[:16], px[:16], tie_break="order")
+    for bad in (-1, 0.5):
+        with pytest.raises(ValueError, match="agreement_slack"):
+            fr.select(est, cx[:16], px[:16], agreement_slack=bad)
     assert sel.profile.layer(sel.layers[0]).directions.shape[0] == 1
     assert not fr.repair_modules(model)  # selection leaves the model as it was
     assert all(st.n_pairs == 0 for st in est.stats.values())  # the caller's estimator is not changed
@@ -194,6 +205,21 @@ def test_agreements_closer_than_one_sample_are_ties_for_the_margin():
     assert _choose(ev[::-1], 0.01, n=64)["layers"] == ["b"]
 
 
+def test_agreements_within_the_slack_are_ordered_by_the_tie_break_alone():
+    from fire_repair.selection import _choose
+
+    ev = [{"layers": ["a"], "agreement": 16 / 16, "twin_kl": 0.08, "clean_change": 0.0},
+          {"layers": ["b"], "agreement": 15 / 16, "twin_kl": 0.05, "clean_change": 0.0},
+          {"layers": ["c"], "agreement": 14 / 16, "twin_kl": 0.01, "clean_change": 0.0},
+          {"layers": ["d"], "agreement": 15 / 16, "twin_kl": 0.02, "clean_change": 0.5}]
+    assert _choose(ev, 0.01, n=16, tie="twin_kl")["layers"] == ["a"]
+    assert _choose(ev, 0.01, n=16, tie="twin_kl", slack=1)["layers"] == ["b"]  # d costs too much
+    assert _choose(ev, 0.01, n=16, tie="twin_kl", slack=2)["layers"] == ["c"]
+    # the slack counts from the best agreement that qualifies: without a, b's 15 is the best
+    assert _choose(ev[1:], 0.01, n=16, tie="twin_kl", slack=1)["layers"] == ["c"]
+    assert _choose([dict(e, clean_change=1.0) for e in ev], 0.01, n=16, tie="twin_kl", slack=1)["layers"] == ["a"]
+
+
 def test_selection_measures_clean_change_lazily_with_the_same_choice():
     """Measuring clean_change only down the ranking until a candidate qualifies picks what
     measuring every candidate picks, for random evidence with ties."""
@@ -218,8 +244,20 @@ def test_selection_measures_clean_change_lazily_with_the_same_choice():
             for e in lazy:
                 e["clean_change"] = None
             calls.clear()
-            assert _choose(lazy, limit, measure)["layers"] == _choose(full, limit)["layers"], (trial, limit)
-            assert len(calls) == len(set(calls))  # each candidate measured at most once
+            for slack in (0, 1):
+                for e in lazy:
+                    e["clean_change"] = None
+                calls.clear()
+                got = _choose(lazy, limit, measure, n=2, slack=slack)["layers"]
+                assert got == _choose(full, limit, n=2, slack=slack)["layers"], (trial, limit, slack)
+                assert len(calls) == len(set(calls))  # each candidate measured at most once
+                ok = [e for e in full if e["clean_change"] <= limit]
+                if ok:  # by hand: within the slack of the best qualifying agreement, margin, then cost
+                    top = max(round(2 * e["agreement"]) for e in ok)
+                    near = [e for e in ok if round(2 * e["agreement"]) >= top - slack]
+                    want = min(near, key=lambda e: (-e["margin"], e["clean_change"]))
+                    assert (want["margin"], want["clean_change"]) == \
+                        (full[int(got[0])]["margin"], full[int(got[0])]["clean_change"])
 
 
 def test_selection_with_pairs_already_observed_warns(backdoored):

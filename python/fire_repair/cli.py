@@ -24,6 +24,9 @@ def _common(p):
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--no-online", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--agreement-slack", type=int, default=None, metavar="N",
+                   help="paired selection: agreements with the twins within N samples of the best are ties "
+                        "(default: the harness's)")
 
 
 def _run_all(args, jobs, data, data_path=None, defenses=None, width=None, overrides=None):
@@ -54,6 +57,8 @@ def _run_all(args, jobs, data, data_path=None, defenses=None, width=None, overri
                                 **(overrides or {}))
         if defenses:
             cfg.defenses = defenses
+        if args.agreement_slack is not None:
+            cfg.agreement_slack = args.agreement_slack
         log(f"{attack}: {model} on {ds.name}")
         results.append(harness.run(cfg, dataset=ds, progress=progress, log=log))
     json_path = _write_outputs(results, out, args.json, log)

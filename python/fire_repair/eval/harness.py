@@ -66,6 +66,7 @@ class RunConfig:
     # flip by the unrepaired model's probabilities (0.72 % there)
     clean_cost: str = "expected_drop"
     tie_break: str = "twin_kl"  # paired selection: "twin_kl" or "margin" (see fr.select)
+    agreement_slack: int = 1  # paired selection: agreements this many twins apart are ties (fr.select)
     online: bool = True
     ablations: bool = True
     cache_dir: Optional[str] = ".fire-cache"
@@ -105,7 +106,7 @@ class FireDefense(Defense):
             for est in ests:
                 est.observe(held.clean, poisoned=False)
             self.selection = fr.select(ests, *held.pairs, x_clean_reference=held.clean, tie_break=cfg.tie_break,
-                                       **grid)
+                                       agreement_slack=cfg.agreement_slack, **grid)
         else:
             clean, target = clean_reference(model, held.clean, held.flagged, cfg.match_clean)
             for est in ests:
