@@ -1,0 +1,29 @@
+"""Paired selection rules replayed on the candidates hindsight.py scored: which candidate each
+rule picks under the expected-drop limit of 1 %, and its PA in hindsight. Run from anywhere:
+
+    python rules.py adaptive badnets blended sig wanet trojan moving
+"""
+import json
+import sys
+from pathlib import Path
+
+N = 16  # pairs
+
+
+def fmt(e):
+    return (f"{'+'.join(e['layers'])} {e['form']} {e['mode']} q{e['tau_quantile']} a{e['alpha']}: "
+            f"PA {100 * e['pa']:.1f} CA {100 * e['ca']:.1f} (agreement {round(e['agreement'] * N)}/{N}, "
+            f"KL {e['twin_kl']:.3f}, expected drop {100 * e['expected_drop_all']:.2f} %)")
+
+
+def within(ok, slack):
+    top = max(round(e["agreement"] * N) for e in ok)
+    return min([e for e in ok if round(e["agreement"] * N) >= top - slack], key=lambda e: e["twin_kl"])
+
+
+for attack in sys.argv[1:]:
+    d = json.loads(Path(__file__).with_name(f"{attack}.json").read_text())
+    ok = [e for e in d["candidates"] if e["expected_drop_all"] <= 0.01]
+    print(f"== {attack}\n   best in hindsight      {fmt(max(d['candidates'], key=lambda e: e['pa']))}")
+    print(f"   exact agreement, KL    {fmt(within(ok, 0))}")
+    print(f"   within 1 twin, KL      {fmt(within(ok, 1))}")
