@@ -3,7 +3,9 @@ deterministic, capturable in CUDA graphs, and free of first-call tuning stalls).
 
 MAX_K = 64  # directions per op call; BLOCK_K is the next power of two
 FUSED_MAX_D = 16384  # longest row one program keeps in registers
-SPLIT_BLOCK_D = 4096  # chunk of a long row handled by one program
+ROW_BLOCK_N = 32  # rows per program in the row-block x D-chunk kernels (long rows)
+ROW_BLOCK_D = 32  # D-chunk of one tl.dot there at BLOCK_K <= 16 (offline compile: 32 x 128 spills on sm_90)
+ROW_SPAN = 4096  # columns per program there
 TILE_ELEMS = 4096  # elements per program in the fused kernel (rows x columns)
 
 
@@ -20,7 +22,14 @@ def fused_blocks(D: int):
     return block_n, block_d, num_warps
 
 
-def split_blocks(D: int):
-    """(BLOCK_D, n_chunks, num_warps) for rows split across programs."""
-    n_chunks = -(-D // SPLIT_BLOCK_D)
-    return SPLIT_BLOCK_D, n_chunks, 8
+def row_block_blocks(D: int, K: int, one_chunk: bool = False):
+    """(BLOCK_N, BLOCK_D, BLOCK_K, SPAN, n_spans, num_warps) for rows longer than FUSED_MAX_D: a
+    block of rows x one span of columns per program, walked in BLOCK_D chunks. tl.dot wants
+    every dimension >= 16 (BLOCK_K padded up); the chunk narrows as K grows so that the x tile
+    and the direction chunk stay in registers. The span keeps the per-span partial scores that
+    every program re-reads small (n_spans x BLOCK_K per row against SPAN elements). `one_chunk`:
+    the whole span as one chunk, for the Triton interpreter (which runs every loop iteration in
+    Python: the same code at another block size, so the CPU tests stay fast)."""
+    block_k = max(16, next_pow2(K))
+    block_d = ROW_SPAN if one_chunk else max(16, ROW_BLOCK_D * 16 // block_k)
+    return ROW_BLOCK_N, block_d, block_k, ROW_SPAN, -(-D // ROW_SPAN), 4

@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 
 from . import repair
-from .blocks import FUSED_MAX_D, MAX_K, fused_blocks, next_pow2, split_blocks
+from .blocks import FUSED_MAX_D, MAX_K, fused_blocks, next_pow2, row_block_blocks
 
 PTR_ARGS = ("x_ptr", "out_ptr", "v_ptr", "alpha_ptr", "center_ptr", "tau_ptr", "scores_ptr", "partial_ptr")
 INT64_ARGS = ("sxb", "sxp", "sxd", "sob", "sop", "sod")
@@ -42,10 +42,10 @@ def configurations(block_ks=None):
                 yield "_repair_fused_kernel", dict(flags, HAS_CENTER=True, BLOCK_N=block_n, BLOCK_D=block_d,
                                                    BLOCK_K=bk), warps
         d *= 2
-    block_d, _, warps = split_blocks(FUSED_MAX_D + 1)
-    for bk in block_ks:
-        yield "_partial_scores_kernel", dict(HAS_CENTER=True, BLOCK_D=block_d, BLOCK_K=bk), warps
-        yield "_apply_chunk_kernel", dict(flags, BLOCK_D=block_d, BLOCK_K=bk, BLOCK_C=64), warps
+    for block_n, block_d, block_k, span, _, warps in sorted({row_block_blocks(FUSED_MAX_D + 1, k) for k in block_ks}):
+        blocks = dict(BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, SPAN=span)
+        yield "_block_scores_kernel", dict(HAS_CENTER=True, **blocks), warps
+        yield "_block_apply_kernel", dict(flags, **blocks), warps
 
 
 def _ptxas():

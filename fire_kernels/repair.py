@@ -13,9 +13,12 @@ or token tensor), with V (K x D), per-row weights alpha, centre mu and threshold
 Two kernels cover all row lengths:
 - `_repair_fused_kernel`: a program owns a block of whole rows (D <= FUSED_MAX_D), reads each
   row once, keeps it in registers while the K scores are reduced, and writes it once.
-- `_partial_scores_kernel` + `_apply_chunk_kernel`: long rows are split in chunks across
-  programs; the first launch writes per-chunk partial scores, the second sums them (in a fixed
-  order, so results are deterministic) and writes its chunk. No host round trip in between.
+- `_block_scores_kernel` + `_block_apply_kernel`: longer rows are split in spans, and a
+  program owns one span of a block of rows, walked in D-chunks, so each direction chunk is read
+  once per row block (not once per row) and the K projections are `tl.dot` products. The first
+  launch writes per-span partial scores, the second sums them (in a fixed order, so results
+  are deterministic), weighs the directions and writes its span (`y = x - W @ V`, `tl.dot`
+  again). x is read twice; no host round trip in between.
 
 Rows are addressed as (b, p) with any strides, elements of a row at any stride: the flattened
 form is one row per sample; the per-position form puts the channels of each position in a row,
@@ -25,10 +28,12 @@ positions, with no transposing copy.
 All arithmetic is fp32: loads are upcast at once (the Triton interpreter also computes bf16
 wrongly otherwise).
 """
+import os
+
 import torch
 from torch.library import wrap_triton
 
-from .blocks import FUSED_MAX_D, MAX_K, fused_blocks, next_pow2, split_blocks
+from .blocks import FUSED_MAX_D, MAX_K, fused_blocks, next_pow2, row_block_blocks
 
 try:
     import triton
@@ -114,64 +119,80 @@ if HAVE_TRITON:
         tl.store(out_ptr + o_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _partial_scores_kernel(
+    def _block_scores_kernel(
         x_ptr, v_ptr, center_ptr, partial_ptr,
-        P, D, K, sxb, sxp, sxd, n_chunks,
-        HAS_CENTER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+        R, P, D, K, sxb, sxp, sxd, n_spans,
+        HAS_CENTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPAN: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        chunk = tl.program_id(1)
-        cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+        # One SPAN of columns of BLOCK_N rows, in BLOCK_D chunks: each direction chunk is loaded
+        # once for all the rows, and the K partial scores of every row come from
+        # (rows x chunk) @ (chunk x K) products.
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        span = tl.program_id(1)
         kidx = tl.arange(0, BLOCK_K)
-        cmask = cols < D
-        base = (row // P) * sxb + (row % P) * sxp
-        x = tl.load(x_ptr + base + cols.to(tl.int64) * sxd, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_CENTER:
-            x = x - tl.load(center_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        p = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k in range(K):
-            v = tl.load(v_ptr + k * D + cols, mask=cmask, other=0.0).to(tl.float32)
-            p = tl.where(kidx == k, tl.sum(x * v, axis=0), p)
-        tl.store(partial_ptr + (row * n_chunks + chunk) * BLOCK_K + kidx, p)
+        rmask = rows < R
+        rows64 = rows.to(tl.int64)
+        base = (rows64 // P) * sxb + (rows64 % P) * sxp
+        part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for d0 in range(0, SPAN, BLOCK_D):
+            cols = span * SPAN + d0 + tl.arange(0, BLOCK_D)
+            cmask = cols < D
+            x = tl.load(x_ptr + base[:, None] + cols.to(tl.int64)[None, :] * sxd,
+                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            if HAS_CENTER:
+                x = x - tl.load(center_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            v = tl.load(v_ptr + kidx[:, None] * D + cols[None, :], mask=(kidx < K)[:, None] & cmask[None, :],
+                        other=0.0).to(tl.float32)
+            part += tl.dot(x, tl.trans(v), input_precision="ieee")  # fp32 products: no TF32 rounding
+        tl.store(partial_ptr + (rows64[:, None] * n_spans + span) * BLOCK_K + kidx[None, :], part,
+                 mask=rmask[:, None])
 
     @triton.jit
-    def _apply_chunk_kernel(
+    def _block_apply_kernel(
         x_ptr, out_ptr, v_ptr, alpha_ptr, tau_ptr, partial_ptr, scores_ptr,
-        P, D, K, sxb, sxp, sxd, sob, sop, sod, stride_an, n_chunks,
+        R, P, D, K, sxb, sxp, sxd, sob, sop, sod, stride_an, n_spans,
         MODE: tl.constexpr, HAS_TAU: tl.constexpr, NEED_C: tl.constexpr, WANT_SCORES: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, SPAN: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        chunk = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        span = tl.program_id(1)
         kidx = tl.arange(0, BLOCK_K)
-        c = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        rmask = rows < R
+        kmask = kidx < K
+        rows64 = rows.to(tl.int64)
+        c = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         if NEED_C:
-            # Every program of the row sums the same partials in the same order.
-            for c0 in range(0, n_chunks, BLOCK_C):
-                cidx = c0 + tl.arange(0, BLOCK_C)
-                part = tl.load(
-                    partial_ptr + (row * n_chunks + cidx[:, None]) * BLOCK_K + kidx[None, :],
-                    mask=(cidx < n_chunks)[:, None], other=0.0,
-                )
-                c += tl.sum(part, axis=0)
+            # every program of a row block sums the same partials in the same order: deterministic
+            for j in range(n_spans):
+                c += tl.load(partial_ptr + (rows64[:, None] * n_spans + j) * BLOCK_K + kidx[None, :],
+                             mask=rmask[:, None], other=0.0)
             if WANT_SCORES:
-                if chunk == 0:
-                    tl.store(scores_ptr + row * K + kidx, c, mask=kidx < K)
-        cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
-        cmask = cols < D
-        cols64 = cols.to(tl.int64)
-        b, p = row // P, row % P
-        y = tl.load(x_ptr + b * sxb + p * sxp + cols64 * sxd, mask=cmask, other=0.0).to(tl.float32)
-        for k in range(K):
-            v = tl.load(v_ptr + k * D + cols, mask=cmask, other=0.0).to(tl.float32)
-            a = tl.load(alpha_ptr + row * stride_an + k).to(tl.float32)
-            c_k = tl.sum(tl.where(kidx == k, c, 0.0), axis=0)
-            t = 0.0
-            if HAS_TAU:
-                t = tl.load(tau_ptr + k).to(tl.float32)
-            w = _weights(c_k, a, t, MODE)
-            y = y - w * v
-        tl.store(out_ptr + b * sob + p * sop + cols64 * sod, y.to(out_ptr.dtype.element_ty), mask=cmask)
+                if span == 0:
+                    tl.store(scores_ptr + rows64[:, None] * K + kidx[None, :], c, mask=rmask[:, None] & kmask[None, :])
+        a = tl.load(alpha_ptr + rows64[:, None] * stride_an + kidx[None, :], mask=rmask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)
+        t = 0.0
+        if HAS_TAU:
+            t = tl.load(tau_ptr + kidx, mask=kmask, other=0.0).to(tl.float32)[None, :]
+        w = tl.where(kmask[None, :], _weights(c, a, t, MODE), 0.0)  # padded directions move nothing
+        xrow = (rows64 // P) * sxb + (rows64 % P) * sxp
+        orow = (rows64 // P) * sob + (rows64 % P) * sop
+        for d0 in range(0, SPAN, BLOCK_D):
+            cols = span * SPAN + d0 + tl.arange(0, BLOCK_D)
+            cmask = cols < D
+            cols64 = cols.to(tl.int64)
+            mask = rmask[:, None] & cmask[None, :]
+            x = tl.load(x_ptr + xrow[:, None] + cols64[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + kidx[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :],
+                        other=0.0).to(tl.float32)
+            y = x - tl.dot(w, v, input_precision="ieee")
+            tl.store(out_ptr + orow[:, None] + cols64[None, :] * sod, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpreted() -> bool:
+    """Whether Triton runs under its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def repair_rows(x, directions, alpha, center, tau, mode: int, want_scores: bool):
@@ -219,17 +240,18 @@ def repair_rows(x, directions, alpha, center, tau, mode: int, want_scores: bool)
             BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
         )
         return out, scores
-    block_d, n_chunks, warps = split_blocks(D)
-    partial = torch.empty((B * P, n_chunks, block_k), **f32) if need_c else torch.empty((1,), **f32)
+    block_n, block_d, block_k, span, n_spans, warps = row_block_blocks(D, K, one_chunk=_interpreted())
+    grid = (triton.cdiv(B * P, block_n), n_spans)
+    blocks = dict(BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, SPAN=span, num_warps=warps)
+    partial = torch.empty((B * P, n_spans, block_k), **f32) if need_c else torch.empty((1,), **f32)
     if need_c:
-        wrap_triton(_partial_scores_kernel)[(B * P, n_chunks)](
-            x, directions, center_arg, partial, P, D, K, xs[0], xs[1], xs[2], n_chunks,
-            HAS_CENTER=center is not None, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
+        wrap_triton(_block_scores_kernel)[grid](
+            x, directions, center_arg, partial, B * P, P, D, K, xs[0], xs[1], xs[2], n_spans,
+            HAS_CENTER=center is not None, **blocks,
         )
-    wrap_triton(_apply_chunk_kernel)[(B * P, n_chunks)](
+    wrap_triton(_block_apply_kernel)[grid](
         x, out, directions, alpha, tau_arg, partial, scores_arg,
-        P, D, K, xs[0], xs[1], xs[2], os_[0], os_[1], os_[2], stride_an, n_chunks,
-        MODE=mode, HAS_TAU=tau is not None, NEED_C=need_c, WANT_SCORES=want_scores,
-        BLOCK_D=block_d, BLOCK_K=block_k, BLOCK_C=min(64, next_pow2(n_chunks)), num_warps=warps,
+        B * P, P, D, K, xs[0], xs[1], xs[2], os_[0], os_[1], os_[2], stride_an, n_spans,
+        MODE=mode, HAS_TAU=tau is not None, NEED_C=need_c, WANT_SCORES=want_scores, **blocks,
     )
     return out, scores

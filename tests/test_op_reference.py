@@ -1,4 +1,6 @@
 """Every backend against the plain PyTorch reference: modes, K, dtypes, layouts, sizes, N=0."""
+import os
+
 import pytest
 import torch
 from helpers import OUT_TOL, SCORE_TOL, make_params, make_x
@@ -80,6 +82,29 @@ def test_row_lengths(backend, D, dtype):
     exact, ref_scores = fr.repair_reference(x.double(), V, a, mu, tau, "clamp")
     rtol, atol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1.6e-2, 1.6e-2)}[dtype]
     torch.testing.assert_close(out.double(), exact, rtol=rtol, atol=atol)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton interpreter")
+@pytest.mark.parametrize("mode,K", [("clamp", 16), ("gated", 40), ("project", 1), ("shift", 3)])
+def test_long_rows_at_the_gpu_block_sizes_under_the_interpreter(monkeypatch, mode, K):
+    """The row-block x D-chunk kernels (rows longer than FUSED_MAX_D) at the chunk a GPU uses;
+    under the interpreter they otherwise run one chunk per span (fast, the same code)."""
+    from fire_kernels import repair
+    from fire_kernels.blocks import FUSED_MAX_D
+    from fire_kernels.modes import Mode
+
+    monkeypatch.setattr(repair, "_interpreted", lambda: False)
+    g = torch.Generator().manual_seed(K)
+    D = FUSED_MAX_D + 5  # five spans, the last one ragged
+    assert repair.row_block_blocks(D, K)[3] == 4096
+    x = torch.randn(35, D, generator=g)  # two row blocks, the second ragged
+    V = torch.randn(K, D, generator=g) / D**0.5
+    a, mu, tau = torch.rand(35, K, generator=g), 0.1 * torch.randn(D, generator=g), 0.1 * torch.rand(K, generator=g)
+    tau = tau if mode in fr.TAU_MODES else None
+    out, scores = repair.repair_rows(x[:, None], V, a, mu, tau, int(Mode.parse(mode)), True)
+    exact, ref_scores = fr.repair_reference(x.double(), V, a, mu, tau, mode)
+    torch.testing.assert_close(out[:, 0].double(), exact, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-3)
 
 
