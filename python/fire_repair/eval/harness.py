@@ -215,34 +215,33 @@ def estimators(model, layers, cfg: RunConfig, probe) -> list:
     return out
 
 
+def trained_model(cfg: RunConfig, ds, x, y, spec: dict, progress: bool):
+    """(model, cached): the run's architecture trained on (x, y) with the run's recipe, or loaded
+    from the cache under `spec` (what it was trained on) and the recipe; frozen."""
+    torch.manual_seed(cfg.seed)
+    model = models_mod.build(cfg.model, ds.num_classes, cfg.width)
+    epochs = cfg.epochs or models_mod.EPOCHS.get(cfg.model, 8)
+    spec = {**spec, "model": cfg.model, "width": cfg.width, "data": ds.name, "n_train": len(y), "seed": cfg.seed,
+            "epochs": epochs}
+    model, cached = load_or_train(model, x, y, cfg.cache_dir, spec, epochs=epochs, seed=cfg.seed, progress=progress,
+                                  desc=f"training {cfg.model} / {spec['attack']}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, cached
+
+
 def clean_model(cfg: RunConfig, ds, progress: bool):
     """The never-poisoned model of the run's recipe (architecture, width, epochs, seed, data):
     the reference row `clean-model`. Its ASR is the floor a repair can be held to (a clean model
     calls some triggered images the target class too), its PA the ceiling."""
-    torch.manual_seed(cfg.seed)
-    model = models_mod.build(cfg.model, ds.num_classes, cfg.width)
-    epochs = cfg.epochs or models_mod.EPOCHS.get(cfg.model, 8)
-    spec = {"attack": "clean", "model": cfg.model, "width": cfg.width, "data": ds.name, "n_train": len(ds.y_train),
-            "seed": cfg.seed, "epochs": epochs}
-    model, _ = load_or_train(model, ds.x_train, ds.y_train, cfg.cache_dir, spec, epochs=epochs, seed=cfg.seed,
-                             progress=progress, desc=f"training {cfg.model} / clean")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return trained_model(cfg, ds, ds.x_train, ds.y_train, {"attack": "clean"}, progress)[0]
 
 
 def backdoored_model(cfg: RunConfig, ds, attack, progress: bool):
     x_train, y_train, poisoned_idx = attacks_mod.poison_training_set(ds.x_train, ds.y_train, attack, cfg.rate,
                                                                      cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = models_mod.build(cfg.model, ds.num_classes, cfg.width)
-    epochs = cfg.epochs or models_mod.EPOCHS.get(cfg.model, 8)
-    spec = {"attack": cfg.attack, "params": attack.params(), "model": cfg.model, "width": cfg.width,
-            "data": ds.name, "n_train": len(y_train), "rate": cfg.rate, "seed": cfg.seed, "epochs": epochs}
-    model, cached = load_or_train(model, x_train, y_train, cfg.cache_dir, spec, epochs=epochs, seed=cfg.seed,
-                                  progress=progress, desc=f"training {cfg.model} / {cfg.attack}")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    spec = {"attack": cfg.attack, "params": attack.params(), "rate": cfg.rate}
+    model, cached = trained_model(cfg, ds, x_train, y_train, spec, progress)
     return model, cached, len(poisoned_idx)
 
 
