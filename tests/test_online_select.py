@@ -289,6 +289,14 @@ def test_unpaired_selection_needs_no_twins_and_no_labels(backdoored):
     assert sel.profile.info["selection"]["inferred_target"] == backdoored["attack"].target
     assert len(sel.evidence) == 3
     assert _pa_with(model, sel.profile, backdoored) > 0.85
+    # with a slack, the largest mean margin among agreements within 2 flagged samples of the best wins
+    slack = fr.select_unpaired(est, flagged, backdoored["hold_clean"], alphas=[1.0], agreement_slack=2)
+    top = max(round(32 * e["agreement"]) for e in slack.evidence)
+    near = [e for e in slack.evidence if round(32 * e["agreement"]) >= top - 2]
+    assert slack.profile.info["selection"]["chosen"]["margin"] == max(e["margin"] for e in near)
+    assert "within 2 sample(s)" in slack.profile.info["selection"]["criterion"]
+    with pytest.raises(ValueError, match="agreement_slack"):
+        fr.select_unpaired(est, flagged, backdoored["hold_clean"], agreement_slack=-1)
 
 
 @pytest.mark.parametrize("flags", [[True, False, True, False], "numpy", True])

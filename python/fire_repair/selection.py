@@ -330,6 +330,11 @@ def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alph
                      form=e["form"], tau_quantile=e["tau_quantile"])
 
 
+def _check_slack(agreement_slack) -> None:
+    if not isinstance(agreement_slack, int) or agreement_slack < 0:
+        raise ValueError(f"agreement_slack must be a whole number of samples >= 0, got {agreement_slack!r}")
+
+
 def _tau(q) -> dict:
     """The profile's tau_quantile argument for a candidate (None: a mode without tau)."""
     return {} if q is None else {"tau_quantile": q}
@@ -376,8 +381,7 @@ def select(estimator: Union[Estimator, Sequence[Estimator]], x_clean: torch.Tens
     cases (run with both)."""
     if tie_break not in TIE_BREAKS:
         raise ValueError(f"tie_break must be one of {sorted(TIE_BREAKS)}, got {tie_break!r}")
-    if not isinstance(agreement_slack, int) or agreement_slack < 0:
-        raise ValueError(f"agreement_slack must be a whole number of samples >= 0, got {agreement_slack!r}")
+    _check_slack(agreement_slack)
     model = _model_of(estimator)
     if x_clean.shape != x_poisoned.shape:
         raise ValueError(f"pairs must have equal shapes, got {tuple(x_clean.shape)} and {tuple(x_poisoned.shape)}")
@@ -410,7 +414,8 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
                     x_clean_reference: torch.Tensor, layer_sets: Sequence[Sequence[str]] = None,
                     modes: Sequence[str] = ("clamp",), alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 3.0),
                     max_clean_change: float = 0.01, tau_quantile: Quantiles = 0.99,
-                    folds: int = 4, seed: int = 0, clean_cost: str = "expected_drop") -> Selection:
+                    folds: int = 4, seed: int = 0, clean_cost: str = "expected_drop",
+                    agreement_slack: int = 0) -> Selection:
     """Unpaired selection: `estimator` holds clean statistics; the flagged (triggered) samples
     are observed here, fold by fold. The target is inferred as the model's majority prediction
     on them; a repair is scored by how often it moves held-out flagged samples off that target
@@ -419,7 +424,12 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
     Pass one tau quantile per mode: "moved off the target" rewards any stronger repair, so among
     several candidates this criterion prefers the lower quantile even where it repairs less
     (measured: CIFAR-10 SIG 68.3 % PA at 0.9 against 76.9 % at 0.99; the harness passes the
-    highest of its candidates)."""
+    highest of its candidates). `agreement_slack` as in `select` (the tie-break here is the
+    mean margin of the repaired predictions: how confidently the model reads a repaired sample);
+    0 by default. Replayed in hindsight on CIFAR-10 (64 flagged, clamp), 2 picks `input+block1`
+    on Blended (73.4 % PA against 65.6 %) but loses 0.8 point on BadNets; not yet run through
+    the harness or the digits."""
+    _check_slack(agreement_slack)
     model = _model_of(estimator)
     target = int(predict(model, x_flagged).mode().values) if len(x_flagged) else 0
     clean_logits = logits(model, x_clean_reference)
@@ -450,6 +460,6 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
                max_clean_change, tau_quantile, "unpaired", folds, seed,
                f"max share of flagged samples moved off the inferred target {target} minus the total variation "
                "between their repaired class histogram and the clean one", adjust, reference=clean_logits,
-               clean_cost=clean_cost)
+               clean_cost=clean_cost, slack=agreement_slack)
     sel.profile.info["selection"]["inferred_target"] = target
     return sel
