@@ -427,8 +427,8 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
     highest of its candidates). `agreement_slack` as in `select` (the tie-break here is the
     mean margin of the repaired predictions: how confidently the model reads a repaired sample);
     0 by default. Replayed in hindsight on CIFAR-10 (64 flagged, clamp), 2 picks `input+block1`
-    on Blended (73.4 % PA against 65.6 %) but loses 0.8 point on BadNets and 4.8 on adaptive
-    (a larger margin also rewards a stronger alpha there); so the default stays 0."""
+    on Blended (73.4 % PA against 65.6 %) but loses 0.8 point on BadNets, 1.7 on Trojan and 4.8
+    on adaptive (a larger margin also rewards a stronger alpha there); so the default stays 0."""
     _check_slack(agreement_slack)
     model = _model_of(estimator)
     target = int(predict(model, x_flagged).mode().values) if len(x_flagged) else 0

@@ -1,12 +1,14 @@
 """Every paired selection candidate's PA in hindsight on the CIFAR-10 evaluation half, to judge
 selection rules (not part of the library). Run from the repository root:
 
-    python benchmarks/results/cifar10-jpeg-cnn32/selection-hindsight/hindsight.py ATTACK RATE PARAMS_JSON
+    python benchmarks/results/cifar10-jpeg-cnn32/selection-hindsight/hindsight.py ATTACK RATE PARAMS_JSON [unpaired]
 
 e.g. `adaptive 0.1 '{}'`, `sig 0.05 '{}'`, `wanet 0.1 '{"s": 2.0}'`. Writes ATTACK.json beside this
 file: the harness's `fire` choice and, for each candidate within 0.2 of the best out-of-fold
 agreement, its evidence with PA and CA on the evaluation half and its clean costs on the
 defender's clean set (the repair estimated from all 16 pairs, as selection measures them).
+With `unpaired`: `fire-clamp-unpaired` (64 flagged images, no twins), candidates within 0.3,
+written to ATTACK-unpaired.json.
 """
 import json
 import sys
@@ -32,12 +34,19 @@ model, _, _ = harness.backdoored_model(cfg, ds, attack, False)
 held, (eval_clean, eval_y), (eval_poison, eval_poison_y), _ = harness.split(cfg, ds, attack)
 layers = models_mod.MODELS[cfg.model].REPAIRABLE
 t = time.time()
-chosen = harness.FireDefense(harness.SELECTED_MODES, name="fire").fit(model, held.clean, held, cfg, layers)
+unpaired = sys.argv[4:] == ["unpaired"]
+defence = harness.FireDefense(("clamp",), paired=False) if unpaired else harness.FireDefense(harness.SELECTED_MODES)
+chosen = defence.fit(model, held.clean, held, cfg, layers)
 print("fit", time.time() - t, chosen.report()["layers"], chosen.selection.mode, flush=True)
 ests = harness.estimators(model, layers, cfg, held.clean[:2])  # full estimators per form, as selection builds
-for est in ests:
-    est.observe(held.clean, poisoned=False)
-    est.observe_pairs(*held.pairs)
+clean_ref, _ = harness.clean_reference(model, held.clean, held.flagged, cfg.match_clean)
+for est in ests:  # what the selection's full estimator observed
+    if unpaired:
+        est.observe(clean_ref, poisoned=False)
+        est.observe(held.flagged, poisoned=True)
+    else:
+        est.observe(held.clean, poisoned=False)
+        est.observe_pairs(*held.pairs)
 by_form = {e.form: e for e in ests}
 evidence = [e for e in chosen.selection.evidence if "error" not in e]
 best = max(e["agreement"] for e in evidence)
@@ -46,7 +55,7 @@ ref, ref_prob = ref_logits.argmax(1), torch.softmax(ref_logits, 1)
 rows = torch.arange(len(ref))
 out = []
 for e in sorted(evidence, key=lambda e: -e["agreement"]):
-    if e["agreement"] < best - 0.2:
+    if e["agreement"] < best - (0.3 if unpaired else 0.2):
         continue
     kw = {} if e["tau_quantile"] is None else {"tau_quantile": e["tau_quantile"]}
     prof = by_form[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], layers=e["layers"], with_fingerprint=False,
@@ -61,6 +70,6 @@ for e in sorted(evidence, key=lambda e: -e["agreement"]):
     out.append({**e, "pa": pa, "ca": ca, "clean_change_all": (new != ref).float().mean().item(),
                 "expected_drop_all": (ref_prob[rows, ref] - ref_prob[rows, new]).mean().item()})
 report = {k: v for k, v in chosen.report().items() if k != "evidence"}
-path = Path(__file__).with_name(f"{attack_name}.json")
+path = Path(__file__).with_name(f"{attack_name}{'-unpaired' if unpaired else ''}.json")
 path.write_text(json.dumps({"chosen": report, "candidates": out}, default=float))
 print("done", time.time() - t)

@@ -1,5 +1,6 @@
-"""Paired selection rules replayed on the candidates hindsight.py scored: which candidate each
-rule picks under the expected-drop limit of 1 %, and its PA in hindsight. Run from anywhere:
+"""Selection rules replayed on the candidates hindsight.py scored: which candidate each rule
+picks under the expected-drop limit of 1 %, and its PA in hindsight (paired: 16 twins, KL
+tie-break; unpaired: 64 flagged, margin tie-break). Run from anywhere:
 
     python rules.py adaptive badnets blended sig wanet trojan moving
 """
@@ -16,9 +17,13 @@ def fmt(e):
             f"KL {e['twin_kl']:.3f}, expected drop {100 * e['expected_drop_all']:.2f} %)")
 
 
-def within(ok, slack):
-    top = max(round(e["agreement"] * N) for e in ok)
-    return min([e for e in ok if round(e["agreement"] * N) >= top - slack], key=lambda e: e["twin_kl"])
+def within(ok, slack, n=N, tie=lambda e: e["twin_kl"]):
+    top = max(round(e["agreement"] * n) for e in ok)
+    return min([e for e in ok if round(e["agreement"] * n) >= top - slack], key=tie)
+
+
+def brief(e):
+    return f"{100 * e['pa']:.1f} ({'+'.join(e['layers'])} {e['form']} a{e['alpha']})"
 
 
 for attack in sys.argv[1:]:
@@ -27,3 +32,10 @@ for attack in sys.argv[1:]:
     print(f"== {attack}\n   best in hindsight      {fmt(max(d['candidates'], key=lambda e: e['pa']))}")
     print(f"   exact agreement, KL    {fmt(within(ok, 0))}")
     print(f"   within 1 twin, KL      {fmt(within(ok, 1))}")
+    unpaired = Path(__file__).with_name(f"{attack}-unpaired.json")
+    if unpaired.exists():
+        c = json.loads(unpaired.read_text())["candidates"]
+        ok = [e for e in c if e["expected_drop_all"] <= 0.01]
+        picks = [brief(within(ok, s, 64, lambda e: (-e["margin"], e["expected_drop_all"]))) for s in (0, 1, 2)]
+        print(f"   unpaired: best {brief(max(c, key=lambda e: e['pa']))}; slack 0: {picks[0]}; 1: {picks[1]}; "
+              f"2: {picks[2]}")
