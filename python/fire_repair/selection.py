@@ -193,26 +193,16 @@ def _choose(evidence: list, max_clean_change: float, measure=None, n: int = None
         return (round(e["agreement"] * n) if n else e["agreement"]), sign * e[tie]
 
     ranked = sorted(evidence, key=lambda e: tuple(-v for v in rank(e)))
-    if slack and n:
-        # the best agreement any qualifying candidate reaches, then the tie-break over all that come
-        # within `slack` samples of it
-        top = next((rank(e)[0] for e in ranked if clean_cost(e) <= max_clean_change), None)
-        if top is not None:
-            near = sorted((e for e in ranked if rank(e)[0] >= top - slack), key=lambda e: -rank(e)[1])
-            first = next(e for e in near if clean_cost(e) <= max_clean_change)
-            return min((e for e in near if rank(e)[1] == rank(first)[1] and clean_cost(e) <= max_clean_change),
-                       key=lambda e: e[cost])
-    i = 0
-    while i < len(ranked):  # one group of equal (agreement, tie-break) at a time
-        j = i
-        while j < len(ranked) and rank(ranked[j]) == rank(ranked[i]):
-            j += 1
-        ok = [e for e in ranked[i:j] if clean_cost(e) <= max_clean_change]
-        if ok:
-            return min(ok, key=lambda e: e[cost])
-        i = j
-    # nothing keeps clean predictions (every candidate measured by now): the least disruptive
-    return min(evidence, key=lambda e: (e[cost], -e["agreement"], -sign * e[tie]))
+    qualifies = lambda e: clean_cost(e) <= max_clean_change  # noqa: E731
+    # the best agreement a qualifying candidate reaches (measured down the ranking), then the
+    # tie-break over every candidate within `slack` samples of it (slack 0: that agreement only;
+    # the ones ranked above it were measured and refused)
+    top = next((rank(e)[0] for e in ranked if qualifies(e)), None)
+    if top is None:  # nothing keeps clean predictions (every candidate measured by now): the least disruptive
+        return min(evidence, key=lambda e: (e[cost], -e["agreement"], -sign * e[tie]))
+    near = sorted((e for e in ranked if rank(e)[0] >= top - (slack if n else 0)), key=lambda e: -rank(e)[1])
+    first = next(e for e in near if qualifies(e))
+    return min((e for e in near if rank(e)[1] == rank(first)[1] and qualifies(e)), key=lambda e: e[cost])
 
 
 def _estimators(estimator) -> list:

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Lays this session's re-runs over the committed CIFAR-10 results (same cached models, split, seed).
 set -e
-cd /work/main
+cd "$(dirname "$0")/../../.."
 # the unpaired-only runs' AUROC follows their own headline (fire-unpaired): keep the paired one
 for a in badnets blended sig wanet trojan adaptive moving; do
   .venv/bin/python - "$a" <<'PY'
@@ -22,4 +22,3 @@ R=benchmarks/results
   --update runs/tau4-moving/results.json runs/unp-moving/update.json --out $R/cifar10-jpeg-cnn32-positions > /dev/null
 for a in badnets blended sig wanet trojan adaptive; do cat runs/tau4-$a.log runs/unp-$a.log; done > $R/cifar10-jpeg-cnn32/run-tau.log
 cat runs/tau4-moving.log runs/unp-moving.log > $R/cifar10-jpeg-cnn32-positions/run-tau.log
-cp runs/merge_tau.sh $R/cifar10-jpeg-cnn32/merge_tau.sh
