@@ -1,12 +1,13 @@
 // CPU kernel of the fused repair and the registration of the private native op.
 //
 // Contiguous rows (flattened samples, channels-last positions, tokens) are processed in blocks
-// sized to stay in L2: pass 1 converts each chunk of the block to fp32, centres it (c_k =
+// sized to stay in L2 (at K <= 4): pass 1 converts each chunk of the block to fp32, centres it (c_k =
 // <v_k, x - mu>, not <v_k, x> - <v_k, mu>, which cancels catastrophically when |mu| >> |x - mu|)
 // and accumulates the K projections (each V chunk is loaded once for four rows at a
 // time); pass 2 re-reads the block (from L2, not memory) and writes it with the K directions
 // subtracted. So x is read from memory once and written once, and V is streamed once per
-// block rather than once per row.
+// block rather than once per row. At K > 4 streaming V costs more than x (K x D fp32 per block
+// against R x D elements): blocks of 32 rows, read again from L3 in pass 2.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <Python.h>
@@ -21,8 +22,8 @@
 namespace fire {
 namespace {
 
-constexpr int64_t kMaxRowBlock = 16;  // rows that share one read of each V chunk
-constexpr int64_t kChunk = 512;        // fp32 elements per row chunk (2 KiB, stays in L1)
+constexpr int64_t kMaxRowBlock = 16;   // rows that share one read of each V chunk (K <= 4)
+constexpr int64_t kManyRowBlock = 32;  // the same at K > 4
 constexpr int64_t kL2Bytes = 512 * 1024;
 
 // 8 floats; compiles to one AVX register with -mavx2, two SSE registers otherwise.
@@ -40,105 +41,115 @@ inline float hsum(vec8 v) {
   return s;
 }
 
-// Four dot products of rows a0..a3 with b at once: b is loaded once, and four independent
-// accumulators hide the FMA latency.
-inline void dot4(const float* a0, const float* a1, const float* a2, const float* a3, const float* b, int64_t n,
-                 float* out) {
-  vec8 s0 = {}, s1 = {}, s2 = {}, s3 = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const vec8 vb = load8(b + i);
-    s0 += load8(a0 + i) * vb;
-    s1 += load8(a1 + i) * vb;
-    s2 += load8(a2 + i) * vb;
-    s3 += load8(a3 + i) * vb;
-  }
-  float r0 = hsum(s0), r1 = hsum(s1), r2 = hsum(s2), r3 = hsum(s3);
-  for (; i < n; ++i) {
-    r0 += a0[i] * b[i];
-    r1 += a1[i] * b[i];
-    r2 += a2[i] * b[i];
-    r3 += a3[i] * b[i];
-  }
-  out[0] += r0;
-  out[1] += r1;
-  out[2] += r2;
-  out[3] += r3;
-}
-
-// RB rows x KB directions of dot products at once: each 8-float load of a row or a direction
-// feeds KB or RB multiply-adds, so many directions run at the FMA units' pace rather than the
-// loads' (out[r * KB + k] += <a[r], b[k]>).
+// RB rows x KB directions of dot products at once, over n8 (a multiple of 8) elements: each
+// 8-float load of a row or a direction feeds KB or RB multiply-adds, so many directions run at
+// the FMA units' pace rather than the loads'. The sums stay 8 lanes wide in acc[r * ld + k]
+// between calls and are reduced once per row block (a horizontal sum per chunk cost as much as
+// the multiply-adds of a 256-element chunk).
 template <int RB, int KB>
-inline void dot_block(const float* const* a, const float* const* b, int64_t n, float* out) {
-  vec8 acc[RB][KB] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
+inline void dot_block(const float* const* a, const float* const* b, int64_t n8, vec8* acc, int64_t ld) {
+  vec8 s[RB][KB];
+  for (int r = 0; r < RB; ++r)
+    for (int k = 0; k < KB; ++k) s[r][k] = acc[r * ld + k];
+  for (int64_t i = 0; i < n8; i += 8) {
     vec8 xa[RB];
     for (int r = 0; r < RB; ++r) xa[r] = load8(a[r] + i);
     for (int k = 0; k < KB; ++k) {
       const vec8 vb = load8(b[k] + i);
-      for (int r = 0; r < RB; ++r) acc[r][k] += xa[r] * vb;
+      for (int r = 0; r < RB; ++r) s[r][k] += xa[r] * vb;
     }
   }
   for (int r = 0; r < RB; ++r)
-    for (int k = 0; k < KB; ++k) {
-      float s = hsum(acc[r][k]);
-      for (int64_t j = i; j < n; ++j) s += a[r][j] * b[k][j];
-      out[r * KB + k] += s;
-    }
+    for (int k = 0; k < KB; ++k) acc[r * ld + k] = s[r][k];
 }
 
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  vec8 s0 = {}, s1 = {};
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+// Eight elements of x to fp32 registers and back, with no buffer in between: a copy through
+// memcpy into a scratch row (what the kernel did before) ran at a fraction of the copy speed
+// on Zen 3 (glibc's `rep movsb` path). The generic forms convert one element at a time.
+template <typename scalar_t>
+inline vec8 load8x(const scalar_t* p) {
+  vec8 v;
+  for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
+template <>
+inline vec8 load8x<float>(const float* p) {
+  return load8(p);
+}
+// bf16 widening is a shift of the raw bits.
+template <>
+inline vec8 load8x<c10::BFloat16>(const c10::BFloat16* p) {
+  u16x8 h;
+  std::memcpy(&h, p, sizeof(h));
+  const u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+  vec8 v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+template <typename scalar_t>
+inline void store8x(scalar_t* p, vec8 v) {
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<scalar_t>(v[i]);
+}
+template <>
+inline void store8x<float>(float* p, vec8 v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+// bf16 narrowing rounds to nearest even on the raw bits; NaN stays NaN (as c10's conversion).
+template <>
+inline void store8x<c10::BFloat16>(c10::BFloat16* p, vec8 v) {
+  u32x8 u;
+  std::memcpy(&u, &v, sizeof(u));
+  const u32x8 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const u32x8 nan = reinterpret_cast<u32x8>((u & 0x7FFFFFFFu) > 0x7F800000u);
+  const u16x8 h = __builtin_convertvector((nan & 0x7FC0u) | (~nan & rounded), u16x8);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+// dst = fp32(src) - mu (mu may be null).
+template <typename scalar_t>
+inline void load_centered(const scalar_t* __restrict src, const float* __restrict mu, float* __restrict dst,
+                          int64_t n, int64_t ahead = 0) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    s0 += load8(a + i) * load8(b + i);
-    s1 += load8(a + i + 8) * load8(b + i + 8);
+  for (; i + 8 <= n; i += 8) {
+    if (ahead) __builtin_prefetch(src + i + ahead);
+    vec8 v = load8x(src + i);
+    if (mu) v -= load8(mu + i);
+    std::memcpy(dst + i, &v, sizeof(v));
   }
-  float s = hsum(s0 + s1);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) - (mu ? mu[i] : 0.f);
+}
+
+// A row chunk no direction touches is copied as it is (a bf16 or fp16 round trip through fp32
+// is exact, but converting costs more than the copy): 32-byte moves, not memcpy (see above).
+template <typename scalar_t>
+inline void copy_raw(const scalar_t* __restrict src, scalar_t* __restrict dst, int64_t n) {
+  const char* s = reinterpret_cast<const char*>(src);
+  char* d = reinterpret_cast<char*>(dst);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(scalar_t));
+  int64_t i = 0;
+  for (; i + 32 <= bytes; i += 32) {
+    vec8 v;
+    std::memcpy(&v, s + i, 32);
+    std::memcpy(d + i, &v, 32);
+  }
+  for (; i < bytes; ++i) d[i] = s[i];
 }
 
 template <typename scalar_t>
 inline void load_fp32(const scalar_t* __restrict src, float* __restrict dst, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-// bf16 <-> fp32 on the raw bits, so the compiler vectorises them (c10's scalar conversions
-// do not): widening is a shift; narrowing rounds to nearest even, NaN stays NaN.
-template <>
-inline void load_fp32<c10::BFloat16>(const c10::BFloat16* __restrict src, float* __restrict dst, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
-}
-
-inline void subtract(float* __restrict dst, const float* __restrict mu, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] -= mu[i];
+  load_centered<scalar_t>(src, nullptr, dst, n);
 }
 
 template <typename scalar_t>
 inline void store_cast(const float* __restrict src, scalar_t* __restrict dst, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-}
-
-template <>
-inline void store_cast<c10::BFloat16>(const float* __restrict src, c10::BFloat16* __restrict dst, int64_t n) {
-  const uint32_t* bits = reinterpret_cast<const uint32_t*>(src);
-  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = bits[i];
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-    out[i] = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
-  }
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8x(dst + i, load8(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
 }
 
 // Rows whose elements are contiguous (sxd == sod == 1).
@@ -153,57 +164,63 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
   const int64_t row_bytes = std::max<int64_t>(1, D * static_cast<int64_t>(sizeof(scalar_t)));
   int64_t R = std::clamp<int64_t>(kL2Bytes / (2 * row_bytes), 1, kMaxRowBlock);
   // With many directions, streaming V (K x D) once per block costs more than re-reading the
-  // block from L3: share each V chunk across at least 8 rows (measured 10-20% faster at K=16).
-  if (K > 4) R = std::max<int64_t>(R, 8);
+  // block from L3 (layer3 at batch 256, K = 16: 8 rows 5.2 ms, 32 rows 4.7 ms; K = 4 gains
+  // nothing). Never fewer blocks than threads.
+  if (K > 4) R = std::max(R, kManyRowBlock);
+  R = std::max<int64_t>(1, std::min(R, (N + at::get_num_threads() - 1) / at::get_num_threads()));
   const int64_t blocks = (N + R - 1) / R;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, R * D));
+  // Elements per row chunk: the K direction chunks (the pack of pass 2) and the block's rows
+  // must stay in L1 together, 16 KiB of directions (512 elements up to K = 8, 256 at K = 16).
+  const int64_t chunk = std::clamp<int64_t>(4096 / std::max<int64_t>(K, 1) / 32 * 32, 64, 512);
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> buf(kMaxRowBlock * kChunk), vpack(K * kChunk), wa(kMaxRowBlock * K);
-    std::vector<float> c(kMaxRowBlock * K), w(kMaxRowBlock * K), part(4);
-    std::vector<int64_t> used(K), active(kMaxRowBlock * K), n_active(kMaxRowBlock);
+    std::vector<float> buf(R * chunk), vpack(K * chunk), wa(R * K), c(R * K), w(R * K);
+    std::vector<vec8> acc(R * K);
+    std::vector<int64_t> used(K), active(R * K), n_active(R);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * R;
       const int64_t rows = std::min(R, N - n0);
       // Pass 1: projections c[r][k] = <v_k, x_r - mu>.
       if (need_c) {
+        std::fill(acc.begin(), acc.end(), vec8{});
         std::fill(c.begin(), c.end(), 0.f);
-        for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
-          const int64_t len = std::min(kChunk, D - d0);
-          for (int64_t r = 0; r < rows; ++r) {
-            load_fp32(x + L.x_row(n0 + r) + d0, buf.data() + r * kChunk, len);
-            if (mu) subtract(buf.data() + r * kChunk, mu + d0, len);
-          }
+        for (int64_t d0 = 0; d0 < D; d0 += chunk) {
+          const int64_t len = std::min(chunk, D - d0), len8 = len / 8 * 8;
+          for (int64_t r = 0; r < rows; ++r)
+            load_centered(x + L.x_row(n0 + r) + d0, mu ? mu + d0 : nullptr, buf.data() + r * chunk, len,
+                          d0 + 2 * chunk < D ? 2 * chunk : 0);
+          const auto xrow = [&](int64_t r) { return static_cast<const float*>(buf.data() + r * chunk); };
+          const auto vrow = [&](int64_t k) { return V + k * D + d0; };
           int64_t k0 = 0;
           for (; k0 + 4 <= K; k0 += 4) {  // four directions at a time, two rows at a time
-            const float* vs[4] = {V + k0 * D + d0, V + (k0 + 1) * D + d0, V + (k0 + 2) * D + d0,
-                                  V + (k0 + 3) * D + d0};
+            const float* vs[4] = {vrow(k0), vrow(k0 + 1), vrow(k0 + 2), vrow(k0 + 3)};
             int64_t r = 0;
             for (; r + 2 <= rows; r += 2) {
-              const float* xs[2] = {buf.data() + r * kChunk, buf.data() + (r + 1) * kChunk};
-              float p[8] = {};
-              dot_block<2, 4>(xs, vs, len, p);
-              for (int i = 0; i < 2; ++i)
-                for (int j = 0; j < 4; ++j) c[(r + i) * K + k0 + j] += p[i * 4 + j];
+              const float* xs[2] = {xrow(r), xrow(r + 1)};
+              dot_block<2, 4>(xs, vs, len8, acc.data() + r * K + k0, K);
             }
-            for (; r < rows; ++r) {
-              const float* xs[1] = {buf.data() + r * kChunk};
-              float p[4] = {};
-              dot_block<1, 4>(xs, vs, len, p);
-              for (int j = 0; j < 4; ++j) c[r * K + k0 + j] += p[j];
+            if (r < rows) {
+              const float* xs[1] = {xrow(r)};
+              dot_block<1, 4>(xs, vs, len8, acc.data() + r * K + k0, K);
             }
           }
-          for (int64_t k = k0; k < K; ++k) {
-            const float* vk = V + k * D + d0;
+          for (int64_t k = k0; k < K; ++k) {  // the last K % 4 directions, four rows at a time
+            const float* vs[1] = {vrow(k)};
             int64_t r = 0;
             for (; r + 4 <= rows; r += 4) {
-              const float* b = buf.data() + r * kChunk;
-              part[0] = part[1] = part[2] = part[3] = 0.f;
-              dot4(b, b + kChunk, b + 2 * kChunk, b + 3 * kChunk, vk, len, part.data());
-              for (int i = 0; i < 4; ++i) c[(r + i) * K + k] += part[i];
+              const float* xs[4] = {xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)};
+              dot_block<4, 1>(xs, vs, len8, acc.data() + r * K + k, K);
             }
-            for (; r < rows; ++r) c[r * K + k] += dot(buf.data() + r * kChunk, vk, len);
+            for (; r < rows; ++r) {
+              const float* xs[1] = {xrow(r)};
+              dot_block<1, 1>(xs, vs, len8, acc.data() + r * K + k, K);
+            }
           }
+          for (int64_t r = 0; r < rows; ++r)  // the last D % 8 elements
+            for (int64_t k = 0; k < K; ++k)
+              for (int64_t i = len8; i < len; ++i) c[r * K + k] += xrow(r)[i] * vrow(k)[i];
         }
+        for (int64_t i = 0; i < rows * K; ++i) c[i] += hsum(acc[i]);
         if (scores)
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t k = 0; k < K; ++k) scores[(n0 + r) * K + k] = c[r * K + k];
@@ -232,41 +249,47 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
           if (wj != 0.f) active[r * K + n_active[r]] = j, wa[r * K + n_active[r]++] = wj;
         }
       }
-      for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
-        const int64_t len = std::min(kChunk, D - d0);
-        for (int64_t j = 0; j < n_used; ++j) std::memcpy(vpack.data() + j * kChunk, V + used[j] * D + d0, len * 4);
+      for (int64_t d0 = 0; d0 < D; d0 += chunk) {
+        const int64_t len = std::min(chunk, D - d0);
+        for (int64_t j = 0; j < n_used; ++j) std::memcpy(vpack.data() + j * chunk, V + used[j] * D + d0, len * 4);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t na = n_active[r];
           const int64_t* act = active.data() + r * K;
           const float* wr = wa.data() + r * K;
-          float* y = buf.data();
-          load_fp32(x + L.x_row(n0 + r) + d0, y, len);
+          const scalar_t* xr = x + L.x_row(n0 + r) + d0;
+          scalar_t* yr = out + L.out_row(n0 + r) + d0;
+          if (na == 0) {
+            copy_raw(xr, yr, len);
+            continue;
+          }
           int64_t i = 0;
           // four independent accumulators: one chain of K dependent multiply-adds per 8
           // elements would run at the FMA latency, not its throughput
           for (; i + 32 <= len; i += 32) {
-            vec8 a0 = load8(y + i), a1 = load8(y + i + 8), a2 = load8(y + i + 16), a3 = load8(y + i + 24);
+            vec8 a0 = load8x(xr + i), a1 = load8x(xr + i + 8), a2 = load8x(xr + i + 16), a3 = load8x(xr + i + 24);
             for (int64_t j = 0; j < na; ++j) {
-              const float* vj = vpack.data() + act[j] * kChunk + i;
+              const float* vj = vpack.data() + act[j] * chunk + i;
               const float wj = wr[j];
               a0 -= wj * load8(vj);
               a1 -= wj * load8(vj + 8);
               a2 -= wj * load8(vj + 16);
               a3 -= wj * load8(vj + 24);
             }
-            std::memcpy(y + i, &a0, sizeof(a0));
-            std::memcpy(y + i + 8, &a1, sizeof(a1));
-            std::memcpy(y + i + 16, &a2, sizeof(a2));
-            std::memcpy(y + i + 24, &a3, sizeof(a3));
+            store8x(yr + i, a0);
+            store8x(yr + i + 8, a1);
+            store8x(yr + i + 16, a2);
+            store8x(yr + i + 24, a3);
           }
           for (; i + 8 <= len; i += 8) {
-            vec8 acc = load8(y + i);
-            for (int64_t j = 0; j < na; ++j) acc -= wr[j] * load8(vpack.data() + act[j] * kChunk + i);
-            std::memcpy(y + i, &acc, sizeof(acc));
+            vec8 acc = load8x(xr + i);
+            for (int64_t j = 0; j < na; ++j) acc -= wr[j] * load8(vpack.data() + act[j] * chunk + i);
+            store8x(yr + i, acc);
           }
-          for (; i < len; ++i)
-            for (int64_t j = 0; j < na; ++j) y[i] -= wr[j] * vpack[act[j] * kChunk + i];
-          store_cast(y, out + L.out_row(n0 + r) + d0, len);
+          for (; i < len; ++i) {
+            float y = static_cast<float>(xr[i]);
+            for (int64_t j = 0; j < na; ++j) y -= wr[j] * vpack[act[j] * chunk + i];
+            yr[i] = static_cast<scalar_t>(y);
+          }
         }
       }
     }

@@ -37,6 +37,19 @@ def test_matches_reference(backend, mode, k, dtype, layout):
     torch.testing.assert_close(out_only, out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", fr.MODES)
+@pytest.mark.parametrize("k", [5, 16, 17])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_many_rows_many_directions(backend, mode, k, dtype):
+    """The CPU kernel's row blocks at K > 4 (32 rows, the last one ragged), its chunks (256
+    elements at K = 16, 224 at 17), the K % 4 directions left over and D % 8 tail elements."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(70, 1029, generator=g).to(backend, dtype)
+    V, a, mu, tau = make_params(x, k, mode, backend)
+    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode)
+    _check(out, scores, x, V, a, mu, tau, mode)
+
+
 @pytest.mark.parametrize("layout", ["4d", "channels_last", "transposed", "strided", "row_strided"])
 def test_output_keeps_memory_format(backend, layout):
     x = make_x(layout, torch.float32, backend)
