@@ -3,7 +3,10 @@ ratios of our op to eager PyTorch and to torch.compile (same run), achieved band
 fraction of the copy bandwidth, end-to-end overhead, online latency, and whether each target
 is met.
 
-    python benchmarks/summarize.py benchmarks/results/<file>.json
+    python benchmarks/summarize.py benchmarks/results/<file>.json [--before <older>.json[,<older>.json]]
+
+On a CPU run it adds the per-call overhead at batch 1 (against the older run with --before) and
+the K = 16 bandwidth fractions at batch 256.
 
 (also strips the raw per-round timings from the file, which are too large to commit)
 """
@@ -41,6 +44,60 @@ def op_table(benchmarks, gpu: bool) -> list:
     return lines
 
 
+def _op_groups(benchmarks) -> dict:
+    """(case, N, K, dtype, mode) -> {impl: seconds}, the plain and the per-position op cases."""
+    groups = defaultdict(dict)
+    for b in benchmarks:
+        info = b["extra_info"]
+        if "impl" in info:
+            key = (info["case"], info["N"], info["K"], info["dtype"].replace("torch.", ""), info["mode"])
+            groups[key][info["impl"]] = _seconds(b)
+    return groups
+
+
+def batch1_table(benchmarks, before=None) -> list:
+    """Every batch-1 case: our op against eager and torch.compile, and against an older run."""
+    now, old = _op_groups(benchmarks), _op_groups(before or [])
+    head = ("| case | K | dtype | before: fire us (vs eager) | now: fire us | eager us | compile us | now vs eager "
+            "| now vs compile |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    worst = None
+    for key in sorted(k for k in now if k[1] == 1 and k[4] == "clamp"):
+        g = now[key]
+        if not {"fire", "eager", "compile"} <= set(g):
+            continue
+        o = old.get(key, {})
+        was = f"{1e6 * o['fire']:.0f} ({o['eager'] / o['fire']:.2f}x)" if {"fire", "eager"} <= set(o) else "-"
+        ratio = g["eager"] / g["fire"]
+        worst = min(worst or (ratio, key), (ratio, key))
+        lines.append(f"| {key[0]} | {key[2]} | {key[3]} | {was} | {1e6 * g['fire']:.0f} | {1e6 * g['eager']:.0f} | "
+                     f"{1e6 * g['compile']:.0f} | {ratio:.2f}x | {g['compile'] / g['fire']:.2f}x |")
+    if worst:
+        r, k = worst
+        lines += ["", f"worst ratio against eager at batch 1: {r:.2f}x ({k[0]}, K = {k[2]}, {k[3]})"]
+    return lines
+
+
+def k16_table(benchmarks, before=None, batch=256) -> list:
+    """K = 16 against K = 1 (memory-bound where the data is in DRAM) and against a copy."""
+    g, old = _op_groups(benchmarks), _op_groups(before or [])
+    lines = ["| case | dtype | before: K=1 / K=16 ms | K=1 ms | K=4 ms | K=16 ms | copy ms | K=16 at the speed of K=1 "
+             "| K=16 % of copy |", "|---|---|---|---|---|---|---|---|---|"]
+    for case, n, k, dtype, mode in sorted(g):
+        if n != batch or k != 16 or mode != "clamp" or case.startswith("pos-"):
+            continue
+        t = {kk: g.get((case, n, kk, dtype, mode), {}).get("fire") for kk in (1, 4, 16)}
+        copy = g[(case, n, 16, dtype, mode)].get("copy")
+        if None in t.values() or copy is None:
+            continue
+        was = [old.get((case, n, kk, dtype, mode), {}).get("fire") for kk in (1, 16)]
+        was = f"{1e3 * was[0]:.2f} / {1e3 * was[1]:.2f}" if None not in was else "-"
+        lines.append(f"| {case} | {dtype} | {was} | {1e3 * t[1]:.2f} | {1e3 * t[4]:.2f} | {1e3 * t[16]:.2f} | "
+                     f"{1e3 * copy:.2f} | "
+                     f"{100 * t[1] / t[16]:.0f}% | {100 * copy / t[16]:.0f}% |")
+    return lines
+
+
 def e2e_table(benchmarks) -> list:
     groups = defaultdict(dict)
     for b in benchmarks:
@@ -73,7 +130,7 @@ def strip_raw(path) -> None:
         json.dump(data, f, indent=1)
 
 
-def main(path):
+def main(path, before_path=None):
     strip_raw(path)
     data = json.load(open(path))
     benchmarks = data["benchmarks"]
@@ -83,8 +140,14 @@ def main(path):
            f"{data.get('datetime', '')}", "", "### The op", ""]
     out += op_table(benchmarks, gpu) + ["", "### End to end", ""] + e2e_table(benchmarks)
     out += ["", "### Online step", ""] + online_table(benchmarks)
+    if not gpu:  # --before A.json,B.json: the older run's cases, from one or more files
+        before = [b for p in before_path.split(",") for b in json.load(open(p))["benchmarks"]] if before_path else None
+        out += ["", "### Batch 1: the per-call overhead", ""] + batch1_table(benchmarks, before)
+        out += ["", "### K = 16 at batch 256 (clamp)", ""] + k16_table(benchmarks, before)
     print("\n".join(out))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    args = sys.argv[1:]
+    before = args[args.index("--before") + 1] if "--before" in args else None
+    main(args[0], before)
