@@ -17,9 +17,20 @@ def fused_blocks(D: int):
     """(BLOCK_N, BLOCK_D, num_warps) for rows short enough to live in one program."""
     block_d = next_pow2(max(D, 16))
     block_n = max(1, min(64, TILE_ELEMS // block_d))
+    return block_n, block_d, _fused_warps(block_n, block_d)
+
+
+def _fused_warps(block_n: int, block_d: int) -> int:
+    """Warps per program, from what ptxas reports offline (tests/test_kernels_compile.py, Triton
+    3.9): a 16384-element row at 16 warps (128 registers a thread) spilled 84-108 bytes on sm_90,
+    at 32 warps (16 elements a thread, 64 registers) none; the 32 x 128 tile at 4 warps spilled
+    12 bytes on sm_90 at BLOCK_K = 16, at 8 warps none."""
     tile = block_n * block_d
-    num_warps = 4 if tile <= 4096 else (8 if tile <= 8192 else 16)
-    return block_n, block_d, num_warps
+    if tile > 8192:
+        return 32
+    if tile > 4096 or (block_n, block_d) == (32, 128):
+        return 8
+    return 4
 
 
 def row_block_blocks(D: int, K: int, one_chunk: bool = False):

@@ -1,10 +1,9 @@
 """The Triton kernels compile for real GPU targets (sm_80, sm_90) on this CPU-only machine, at
 every block configuration blocks.py can choose, and ptxas reports no register spills.
 
-Measured with Triton 3.9 (the CI install): the fused kernel spills on sm_90 at BLOCK_D = 16384
-(16 warps, 128-register cap: 84-108 bytes) and at BLOCK_N = 32 x BLOCK_D = 128 with BLOCK_K = 16
-(12 bytes). Those configurations are expected failures until the long-row kernel is
-restructured (the row-block x D-chunk kernel); every other one must stay spill-free."""
+Measured with Triton 3.9 (the CI install). The two configurations that spilled on sm_90 (a
+16384-element row at 16 warps, the 32 x 128 tile at 4 warps) now run at more warps
+(blocks._fused_warps); none is an expected failure."""
 import json
 import os
 import subprocess
@@ -16,13 +15,7 @@ pytest.importorskip("triton")
 from fire_kernels.offline import configurations  # noqa: E402
 
 ARCHS = (80, 90)
-KNOWN_SPILLS = {("_repair_fused_kernel", 90, 1, 16384, None), ("_repair_fused_kernel", 90, 32, 128, 16)}
 CASES = [(name, c, w, arch) for name, c, w in configurations() for arch in ARCHS]
-
-
-def _known(name, c, arch):
-    return (name, arch, c.get("BLOCK_N"), c["BLOCK_D"], None) in KNOWN_SPILLS or \
-        (name, arch, c.get("BLOCK_N"), c["BLOCK_D"], c["BLOCK_K"]) in KNOWN_SPILLS
 
 
 def _id(case):
@@ -43,9 +36,7 @@ def resources():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [
-    pytest.param(case, marks=pytest.mark.xfail(reason="spills under Triton 3.9 (see module docstring)", strict=False))
-    if _known(case[0], case[1], case[3]) else case for case in CASES], ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=_id)
 def test_compiles_without_spills(resources, case):
     name, constexprs, warps, arch = case
     r = resources[(name, arch, json.dumps(constexprs, sort_keys=True))]
