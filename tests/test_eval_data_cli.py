@@ -109,6 +109,9 @@ def test_harness_small_run(tmp_path):
     assert rows["clean-model"]["ASR"] < 0.05 and rows["clean-model"]["PA"] > 0.9
     assert abs(rows["clean-model"]["CA"] - rows["none"]["CA"]) < 0.05
     assert len(list((tmp_path / "cache").glob("clean-*.safetensors"))) == 1
+    # a reference row, marked so in the JSON (the plot hatches it); no defence row is
+    assert rows["clean-model"]["reference"] is True
+    assert not any(r.get("reference") for name, r in rows.items() if name != "clean-model")
     assert rows["fire-clamp"]["PA"] > 0.9 and rows["fire-clamp"]["CA"] >= rows["none"]["CA"] - 0.01
     assert rows["fire-gated"]["mode"] == "gated" and rows["fire-gated"]["PA"] > 0.9
     assert rows["fire"]["mode"] in ("clamp", "gated") and rows["fire"]["PA"] > 0.9

@@ -21,10 +21,16 @@ from .metrics import predict
 
 class Defense:
     name = "defense"
+    reference = False  # a reference row (not a defence), set apart in the plot
 
     def fit(self, model, x_clean):
         self.model = model
         return self
+
+    def fit_run(self, run):
+        """Fits from what a harness run holds (`harness.Run`): a runtime filter needs the model
+        and the defender's clean images."""
+        return self.fit(run.model, run.held.clean)
 
     def transform(self, x):
         return x

@@ -80,6 +80,28 @@ class Held:
     flagged: torch.Tensor  # triggered, no twins
 
 
+@dataclass
+class Run:
+    """What one harness run holds, from which every row is fitted (`Defense.fit_run`)."""
+    cfg: "RunConfig"
+    ds: object
+    model: torch.nn.Module
+    held: Held
+    layers: list
+    progress: bool
+
+
+class CleanModel(Defense):
+    """The reference row `clean-model`, not a defence: the undefended predictions of the model
+    of the run's recipe trained without poison (`clean_model`). Its ASR is the floor a repair
+    can be held to, its PA the ceiling."""
+    name = "clean-model"
+    reference = True
+
+    def fit_run(self, run):
+        return self.fit(clean_model(run.cfg, run.ds, run.progress), run.held.clean)
+
+
 # ----------------------------------------------------------------------------- FIRE as defences
 
 class FireDefense(Defense):
@@ -90,6 +112,9 @@ class FireDefense(Defense):
     def __init__(self, modes=("clamp",), paired: bool = True, name: Optional[str] = None):
         self.modes, self.paired = tuple(modes), paired
         self.name = name or f"fire-{'+'.join(self.modes)}{'' if paired else '-unpaired'}"
+
+    def fit_run(self, run):
+        return self.fit(run.model, run.held.clean, run.held, run.cfg, run.layers)
 
     def fit(self, model, x_clean, held: Held = None, cfg: RunConfig = None, layers=None):
         if held is None or cfg is None:
@@ -160,10 +185,8 @@ FIRE_DEFENSES = {
     "fire-shift": lambda: FireDefense(("shift",)),
     "fire-clamp-unpaired": lambda: FireDefense(("clamp",), paired=False),
 }
-# a reference row, not a defence: the model of the same recipe trained without poison (the
-# undefended predictions of `clean_model`), whose ASR is the floor and PA the ceiling of a repair
-CLEAN_MODEL = "clean-model"
-DEFENSES = {**{name: cls for name, cls in BASELINES.items()}, CLEAN_MODEL: BASELINES["none"], **FIRE_DEFENSES}
+CLEAN_MODEL = CleanModel.name
+DEFENSES = {**{name: cls for name, cls in BASELINES.items()}, CLEAN_MODEL: CleanModel, **FIRE_DEFENSES}
 # Left out by default (each FIRE row costs a fit; run them by name): project and shift, which move
 # clean inputs too (selection keeps their alpha low; on CIFAR-10 they trail clamp on 5 of 6
 # attacks, Trojan: project 77.2 % PA, clamp 76.9 %), and
@@ -282,18 +305,15 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
               "poisoned_train": n_poisoned, "n_eval_clean": len(eval_y), "n_eval_poison": len(eval_poison_y),
               "n_pairs": len(held.pairs[0]), "n_flagged": len(held.flagged), "n_clean_holdout": len(held.clean),
               "rows": [], "fire": {}}
-    fitted = {}
+    fitted, here = {}, Run(cfg=cfg, ds=ds, model=model, held=held, layers=layers, progress=progress)
     for name in cfg.defenses:
         t = time.perf_counter()
         defence = DEFENSES[name]()
-        if name == CLEAN_MODEL:
-            defence.fit(clean_model(cfg, ds, progress), held.clean)
-        elif isinstance(defence, FireDefense):
-            defence.fit(model, held.clean, held, cfg, layers)
-        else:
-            defence.fit(model, held.clean)
+        defence.fit_run(here)
         fitted[name] = defence
         row = {"defense": name, **score(defence), "seconds": time.perf_counter() - t}
+        if defence.reference:
+            row["reference"] = True
         if isinstance(defence, FireDefense):
             rep = defence.report()
             row.update(layers=rep["layers"], form=rep["form"], mode=rep["mode"], tau_quantile=rep["tau_quantile"],

@@ -145,17 +145,18 @@ def plot(results: list, path) -> None:
 
     attacks = [label(r, results) for r in results]
     defences = [row["defense"] for row in results[0]["rows"]]
+    references = {row["defense"] for r in results for row in r["rows"] if row.get("reference")}
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.6))
     width = 0.8 / max(len(defences), 1)
-    # a colour per defence (tab10 repeats after ten); the clean-model reference hatched
+    # a colour per defence (tab10 repeats after ten); reference rows (a clean model) hatched
     colours = plt.get_cmap("tab10" if len(defences) <= 10 else "tab20").colors
     for ax, metric in zip(axes[:2], ("PA", "ASR"), strict=True):
         for j, d in enumerate(defences):
             vals = [100 * next((row[metric] for row in r["rows"] if row["defense"] == d), float("nan"))
                     for r in results]
             ax.bar([i + j * width for i in range(len(attacks))], vals, width, label=d,
-                   color=colours[j % len(colours)], hatch="///" if d == "clean-model" else None,
-                   edgecolor="black" if d == "clean-model" else None, linewidth=0.3)
+                   color=colours[j % len(colours)], hatch="///" if d in references else None,
+                   edgecolor="black" if d in references else None, linewidth=0.3)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(attacks))], attacks)
         ax.set_ylabel(f"{metric} %")
         ax.set_ylim(0, 100)
