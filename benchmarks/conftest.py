@@ -56,3 +56,13 @@ def run_timed(benchmark, fn, *, bytes_moved=None, extra=None):
 def _no_grad():
     with torch.no_grad():
         yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_caches():
+    """Every case compiles from scratch. Dynamo keys its cache on the code object, which all
+    cases of a test share: past 8 compiles (torch._dynamo.config.recompile_limit) torch.compile
+    quietly runs the function eagerly (fullgraph=True fails instead), so before this reset every
+    "compile" time after a test's eighth case was eager PyTorch's."""
+    torch._dynamo.reset()
+    yield

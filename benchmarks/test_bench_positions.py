@@ -34,7 +34,9 @@ def _cases():
 
 
 CASES = _cases()
-IMPLS = ["fire", "eager", "compile", "copy"] + (["fire-cuda-native"] if DEVICE == "cuda" else [])
+# fire-compiled: our op called from a torch.compile'd function (what a compiled model runs),
+# timed at batch 1 only, where the per-call overhead shows (each case costs a compile)
+IMPLS = ["fire", "fire-compiled", "eager", "compile", "copy"] + (["fire-cuda-native"] if DEVICE == "cuda" else [])
 
 
 def _inputs(name, n, k, dtype, mode):
@@ -64,6 +66,12 @@ def test_op_per_position(benchmark, case, impl, monkeypatch):
         if impl == "fire-cuda-native":
             monkeypatch.setenv("FIRE_BACKEND", "cuda")
         fn = lambda: torch.ops.fire.repair(x, V, a, mu, tau, mode, cd)  # noqa: E731
+    elif impl == "fire-compiled":
+        if n != 1 and not SMOKE:
+            pytest.skip("our op under torch.compile is timed at batch 1")
+        ours = torch.compile(lambda *args: torch.ops.fire.repair(*args), dynamic=False, fullgraph=True)
+        args = (x, V, a, mu, tau, mode, cd)
+        fn = lambda: ours(*args)  # noqa: E731
     elif impl == "eager":
         fn = lambda: _eager(x, V, a, mu, tau, mode, cd)  # noqa: E731
     elif impl == "compile":
