@@ -289,14 +289,27 @@ def test_unpaired_selection_needs_no_twins_and_no_labels(backdoored):
     assert sel.profile.info["selection"]["inferred_target"] == backdoored["attack"].target
     assert len(sel.evidence) == 3
     assert _pa_with(model, sel.profile, backdoored) > 0.85
-    # with a slack, the largest mean margin among agreements within 2 flagged samples of the best wins
-    slack = fr.select_unpaired(est, flagged, backdoored["hold_clean"], alphas=[1.0], agreement_slack=2)
-    top = max(round(32 * e["agreement"]) for e in slack.evidence)
-    near = [e for e in slack.evidence if round(32 * e["agreement"]) >= top - 2]
-    assert slack.profile.info["selection"]["chosen"]["margin"] == max(e["margin"] for e in near)
-    assert "within 2 sample(s)" in slack.profile.info["selection"]["criterion"]
+    # by default agreements within 2 flagged samples of the best are ties, and the candidate whose
+    # repaired samples' mean margin lies closest to the clean reference's mean margin wins
+    info = sel.profile.info["selection"]
+    top = max(round(32 * e["agreement"]) for e in sel.evidence)
+    near = [e for e in sel.evidence if round(32 * e["agreement"]) >= top - 2]
+    logits = fr.selection.logits(model, backdoored["hold_clean"])
+    clean_margin = (logits.topk(2, 1).values[:, 0] - logits.topk(2, 1).values[:, 1]).mean().item()
+    assert info["clean_margin"] == pytest.approx(clean_margin, rel=1e-5)
+    assert all(e["margin_gap"] == pytest.approx(abs(e["margin"] - clean_margin)) for e in sel.evidence)
+    assert info["chosen"]["margin_gap"] == min(e["margin_gap"] for e in near)
+    assert "ties: margin_gap (agreements within 2 sample(s)" in info["criterion"]
+    # the largest mean margin instead, and no slack
+    margin = fr.select_unpaired(est, flagged, backdoored["hold_clean"], alphas=[1.0], agreement_slack=0,
+                                tie_break="margin")
+    best = max(round(32 * e["agreement"]) for e in margin.evidence)
+    assert margin.profile.info["selection"]["chosen"]["margin"] == \
+        max(e["margin"] for e in margin.evidence if round(32 * e["agreement"]) == best)
     with pytest.raises(ValueError, match="agreement_slack"):
         fr.select_unpaired(est, flagged, backdoored["hold_clean"], agreement_slack=-1)
+    with pytest.raises(ValueError, match="tie_break"):
+        fr.select_unpaired(est, flagged, backdoored["hold_clean"], tie_break="twin_kl")
 
 
 @pytest.mark.parametrize("flags", [[True, False, True, False], "numpy", True])

@@ -119,7 +119,8 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (lp.exp() * (lp - lq)).sum(1)
 
 
-TIE_BREAKS = {"twin_kl": -1.0, "margin": 1.0}  # evidence key -> sign (twin_kl: smaller wins)
+# evidence key -> sign (twin_kl and margin_gap: smaller wins)
+TIE_BREAKS = {"twin_kl": -1.0, "margin": 1.0, "margin_gap": -1.0}
 
 
 def _folds(n: int, folds: int, seed: int) -> list:
@@ -224,11 +225,11 @@ CLEAN_COSTS = ("clean_change", "expected_drop")
 
 def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alphas, max_clean_change,
          tau_quantile, source, folds, seed, criterion, adjust=None, reference=None, tie="margin",
-         clean_cost="clean_change", slack: int = 0) -> Selection:
+         clean_cost="clean_change", slack: int = 0, derive=None) -> Selection:
     """The shared loop: per estimator (form) and fold, a copy of the estimator observes the
     other folds through `observe(est, index)`; `score(profile, index)` gives (agreement sum,
     {tie-break key: sum}, predictions) on a fold; `adjust(agreement, predictions of all folds)` may
-    correct the agreement."""
+    correct the agreement; `derive(entry)` may add evidence computed from the per-sample means."""
     estimators = _estimators(estimator)
     if not estimators:
         raise ValueError("pass at least one estimator")
@@ -282,6 +283,8 @@ def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alph
                 continue
             entry["agreement"] = agree / n if adjust is None else adjust(agree / n, torch.cat(preds))
             entry.update({key: v / n for key, v in extra.items()})
+            if derive is not None:
+                derive(entry)
 
     def measure(e):
         """The repair's (estimated from all triggered samples) cost on the clean reference set:
@@ -405,7 +408,7 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
                     modes: Sequence[str] = ("clamp",), alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 3.0),
                     max_clean_change: float = 0.01, tau_quantile: Quantiles = 0.99,
                     folds: int = 4, seed: int = 0, clean_cost: str = "expected_drop",
-                    agreement_slack: int = 0) -> Selection:
+                    agreement_slack: int = 2, tie_break: str = "margin_gap") -> Selection:
     """Unpaired selection: `estimator` holds clean statistics; the flagged (triggered) samples
     are observed here, fold by fold. The target is inferred as the model's majority prediction
     on them; a repair is scored by how often it moves held-out flagged samples off that target
@@ -414,16 +417,26 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
     Pass one tau quantile per mode: "moved off the target" rewards any stronger repair, so among
     several candidates this criterion prefers the lower quantile even where it repairs less
     (measured: CIFAR-10 SIG 68.3 % PA at 0.9 against 76.9 % at 0.99; the harness passes the
-    highest of its candidates). `agreement_slack` as in `select` (the tie-break here is the
-    mean margin of the repaired predictions: how confidently the model reads a repaired sample);
-    0 by default. Replayed in hindsight on CIFAR-10 (64 flagged, clamp), 2 picks `input+block1`
-    on Blended (73.4 % PA against 65.6 %) but loses 0.8 point on BadNets, 1.7 on Trojan and 4.8
-    on adaptive (a larger margin also rewards a stronger alpha there); so the default stays 0."""
+    highest of its candidates). `agreement_slack` as in `select`: candidates within this many
+    flagged samples of the best (among those within the clean limit) are ties, ordered by
+    `tie_break`. "margin_gap" (default): how far the mean margin of the repaired flagged samples
+    (largest logit minus the next) lies from the unrepaired model's mean margin on the clean
+    reference set; a repaired trigger image should be read as confidently as a clean one, not
+    left between classes (too weak a repair, or the wrong layer) nor pushed past (too strong an
+    alpha). "margin": the larger mean margin, which rewards the second. Replayed in hindsight on
+    the seven CIFAR-10 cases (64 flagged, clamp; every candidate scored on the evaluation half):
+    slack 2 with margin_gap picks `input+block1` on Blended (73.4 % PA against 65.6 % with slack
+    0) and keeps BadNets, SIG, WaNet, adaptive and the moving patch; Trojan 75.0 % against
+    76.7 %; mean over the seven 74.1 % against 73.2 %. Slack 2 with "margin" also fixes Blended
+    but loses 4.8 points on adaptive, 1.7 on Trojan and 0.8 on BadNets."""
     _check_slack(agreement_slack)
+    if tie_break not in ("margin_gap", "margin"):
+        raise ValueError(f"tie_break must be 'margin_gap' or 'margin', got {tie_break!r}")
     model = _model_of(estimator)
     target = int(predict(model, x_flagged).mode().values) if len(x_flagged) else 0
     clean_logits = logits(model, x_clean_reference)
     clean_pred = clean_logits.argmax(1) if len(clean_logits) else torch.zeros(0, dtype=torch.int64)
+    clean_margin = _margin_for(clean_logits, clean_pred).mean().item() if len(clean_logits) else 0.0
     n_classes = int(max(clean_pred.max().item() if len(clean_pred) else 0, target)) + 1
 
     def histogram(pred):
@@ -450,6 +463,8 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
                max_clean_change, tau_quantile, "unpaired", folds, seed,
                f"max share of flagged samples moved off the inferred target {target} minus the total variation "
                "between their repaired class histogram and the clean one", adjust, reference=clean_logits,
-               clean_cost=clean_cost, slack=agreement_slack)
+               tie=tie_break, clean_cost=clean_cost, slack=agreement_slack,
+               derive=lambda e: e.update(margin_gap=abs(e["margin"] - clean_margin)))
     sel.profile.info["selection"]["inferred_target"] = target
+    sel.profile.info["selection"]["clean_margin"] = clean_margin
     return sel
