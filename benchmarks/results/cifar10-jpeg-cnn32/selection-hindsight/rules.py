@@ -1,6 +1,7 @@
 """Selection rules replayed on the candidates hindsight.py scored: which candidate each rule
 picks under the expected-drop limit of 1 %, and its PA in hindsight (paired: 16 twins, KL
-tie-break; unpaired: 64 flagged, margin tie-break). Run from anywhere:
+tie-break; unpaired: 64 flagged, margin tie-break, and the margin gap: the distance of the
+repaired samples' mean margin from the model's mean margin on clean images). Run from anywhere:
 
     python rules.py adaptive badnets blended sig wanet trojan moving
 """
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 N = 16  # pairs
+CLEAN_MARGIN = json.loads(Path(__file__).with_name("clean-margin.json").read_text())  # clean_margin.py
 
 
 def fmt(e):
@@ -39,3 +41,8 @@ for attack in sys.argv[1:]:
         picks = [brief(within(ok, s, 64, lambda e: (-e["margin"], e["expected_drop_all"]))) for s in (0, 1, 2)]
         print(f"   unpaired: best {brief(max(c, key=lambda e: e['pa']))}; slack 0: {picks[0]}; 1: {picks[1]}; "
               f"2: {picks[2]}")
+        m = CLEAN_MARGIN[attack]["mean"]  # the margin-gap tie-break (select_unpaired's default, slack 2)
+        gap = [brief(within(ok, s, 64, lambda e, m=m: (abs(e["margin"] - m), e["expected_drop_all"])))
+               for s in (1, 2, 4)]
+        print(f"   unpaired, margin gap to the clean mean margin {m:.2f}: slack 1: {gap[0]}; 2: {gap[1]}; "
+              f"4: {gap[2]}")
