@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICE, FULL, SMOKE, run_timed
+from conftest import DEVICE, FULL, SMOKE, compiled_call, run_timed
 
 import fire_repair as fr
 
@@ -34,8 +34,7 @@ def _cases():
 
 
 CASES = _cases()
-# fire-compiled: our op called from a torch.compile'd function (what a compiled model runs),
-# timed at batch 1 only, where the per-call overhead shows (each case costs a compile)
+# fire-compiled: our op called from a compiled function (conftest.compiled_call), at batch 1
 IMPLS = ["fire", "fire-compiled", "eager", "compile", "copy"] + (["fire-cuda-native"] if DEVICE == "cuda" else [])
 
 
@@ -67,11 +66,7 @@ def test_op_per_position(benchmark, case, impl, monkeypatch):
             monkeypatch.setenv("FIRE_BACKEND", "cuda")
         fn = lambda: torch.ops.fire.repair(x, V, a, mu, tau, mode, cd)  # noqa: E731
     elif impl == "fire-compiled":
-        if n != 1 and not SMOKE:
-            pytest.skip("our op under torch.compile is timed at batch 1")
-        ours = torch.compile(lambda *args: torch.ops.fire.repair(*args), dynamic=False, fullgraph=True)
-        args = (x, V, a, mu, tau, mode, cd)
-        fn = lambda: ours(*args)  # noqa: E731
+        fn = compiled_call(n, (x, V, a, mu, tau, mode, cd))
     elif impl == "eager":
         fn = lambda: _eager(x, V, a, mu, tau, mode, cd)  # noqa: E731
     elif impl == "compile":

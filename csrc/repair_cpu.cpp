@@ -65,7 +65,6 @@ inline void dot_block(const float* const* a, const float* const* b, int64_t n8, 
 
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
 
 // Eight elements of x to fp32 registers and back, with no buffer in between: a copy through
 // memcpy into a scratch row (what the kernel did before) ran at a fraction of the copy speed
@@ -167,7 +166,8 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
   // block from L3 (layer3 at batch 256, K = 16: 8 rows 5.2 ms, 32 rows 4.7 ms; K = 4 gains
   // nothing). Never fewer blocks than threads.
   if (K > 4) R = std::max(R, kManyRowBlock);
-  R = std::max<int64_t>(1, std::min(R, (N + at::get_num_threads() - 1) / at::get_num_threads()));
+  const int64_t threads = at::get_num_threads();
+  R = std::max<int64_t>(1, std::min(R, (N + threads - 1) / threads));
   const int64_t blocks = (N + R - 1) / R;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, R * D));
   // Elements per row chunk: the K direction chunks (the pack of pass 2) and the block's rows

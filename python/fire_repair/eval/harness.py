@@ -83,7 +83,7 @@ class Held:
 @dataclass
 class Run:
     """What one harness run holds, from which every row is fitted (`Defense.fit_run`)."""
-    cfg: "RunConfig"
+    cfg: RunConfig
     ds: object
     model: torch.nn.Module
     held: Held
