@@ -3,8 +3,8 @@
 // Contiguous rows (flattened samples, channels-last positions, tokens) are processed in blocks
 // sized to stay in L2 (at K <= 4): pass 1 converts each chunk of the block to fp32, centres it (c_k =
 // <v_k, x - mu>, not <v_k, x> - <v_k, mu>, which cancels catastrophically when |mu| >> |x - mu|)
-// and accumulates the K projections (each V chunk is loaded once for four rows at a
-// time); pass 2 re-reads the block (from L2, not memory) and writes it with the K directions
+// and accumulates the K projections (each V chunk is loaded once for four rows at a time; at
+// K <= 4 in registers, above through an fp32 buffer read once per four directions); pass 2 re-reads the block (from L2, not memory) and writes it with the K directions
 // subtracted. So x is read from memory once and written once, and V is streamed once per
 // block rather than once per row. At K > 4 streaming V costs more than x (K x D fp32 per block
 // against R x D elements): blocks of 32 rows, read again from L3 in pass 2.
@@ -39,28 +39,6 @@ inline float hsum(vec8 v) {
   float s = 0.f;
   for (int i = 0; i < 8; ++i) s += v[i];
   return s;
-}
-
-// RB rows x KB directions of dot products at once, over n8 (a multiple of 8) elements: each
-// 8-float load of a row or a direction feeds KB or RB multiply-adds, so many directions run at
-// the FMA units' pace rather than the loads'. The sums stay 8 lanes wide in acc[r * ld + k]
-// between calls and are reduced once per row block (a horizontal sum per chunk cost as much as
-// the multiply-adds of a 256-element chunk).
-template <int RB, int KB>
-inline void dot_block(const float* const* a, const float* const* b, int64_t n8, vec8* acc, int64_t ld) {
-  vec8 s[RB][KB];
-  for (int r = 0; r < RB; ++r)
-    for (int k = 0; k < KB; ++k) s[r][k] = acc[r * ld + k];
-  for (int64_t i = 0; i < n8; i += 8) {
-    vec8 xa[RB];
-    for (int r = 0; r < RB; ++r) xa[r] = load8(a[r] + i);
-    for (int k = 0; k < KB; ++k) {
-      const vec8 vb = load8(b[k] + i);
-      for (int r = 0; r < RB; ++r) s[r][k] += xa[r] * vb;
-    }
-  }
-  for (int r = 0; r < RB; ++r)
-    for (int k = 0; k < KB; ++k) acc[r * ld + k] = s[r][k];
 }
 
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
@@ -107,6 +85,76 @@ inline void store8x<c10::BFloat16>(c10::BFloat16* p, vec8 v) {
   const u32x8 nan = reinterpret_cast<u32x8>((u & 0x7FFFFFFFu) > 0x7F800000u);
   const u16x8 h = __builtin_convertvector((nan & 0x7FC0u) | (~nan & rounded), u16x8);
   std::memcpy(p, &h, sizeof(h));
+}
+
+// RB rows x KB directions of dot products at once, over n8 (a multiple of 8) elements: each
+// 8-float load of a row or a direction feeds KB or RB multiply-adds, so many directions run at
+// the FMA units' pace rather than the loads'. The sums stay 8 lanes wide in acc[r * ld + k]
+// between calls and are reduced once per row block (a horizontal sum per chunk cost as much as
+// the multiply-adds of a 256-element chunk).
+// a[r] points at fp32 rows (mu null) or at x itself, converted and centred on the fly.
+template <int RB, int KB, typename T>
+inline void dot_block(const T* const* a, const float* mu, const float* const* b, int64_t n8, vec8* acc,
+                      int64_t ld) {
+  vec8 s[RB][KB];
+  for (int r = 0; r < RB; ++r)
+    for (int k = 0; k < KB; ++k) s[r][k] = acc[r * ld + k];
+  const auto row8 = [&](int r, int64_t i) {
+    vec8 v = load8x(a[r] + i);
+    if (mu) v -= load8(mu + i);
+    return v;
+  };
+  int64_t i = 0;
+  if constexpr (RB * KB < 4) {
+    // Fewer than four sums would chain each multiply-add on the previous one (FMA latency,
+    // not throughput: one row at K = 1, 65536 elements, took 41 us, now 30): four partial
+    // sums per pair, over 32 elements at a time.
+    vec8 t[RB][KB][3] = {};
+    for (; i + 32 <= n8; i += 32)
+      for (int r = 0; r < RB; ++r)
+        for (int k = 0; k < KB; ++k) {
+          s[r][k] += row8(r, i) * load8(b[k] + i);
+          for (int u = 0; u < 3; ++u) t[r][k][u] += row8(r, i + 8 * (u + 1)) * load8(b[k] + i + 8 * (u + 1));
+        }
+    for (int r = 0; r < RB; ++r)
+      for (int k = 0; k < KB; ++k) s[r][k] += (t[r][k][0] + t[r][k][1]) + t[r][k][2];
+  }
+  for (; i < n8; i += 8) {
+    vec8 xa[RB];
+    for (int r = 0; r < RB; ++r) xa[r] = row8(r, i);
+    for (int k = 0; k < KB; ++k) {
+      const vec8 vb = load8(b[k] + i);
+      for (int r = 0; r < RB; ++r) s[r][k] += xa[r] * vb;
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int k = 0; k < KB; ++k) acc[r * ld + k] = s[r][k];
+}
+
+// One chunk of `rows` rows projected on the K directions: 8-lane sums into acc[r * K + k], the
+// last len % 8 elements into c[r * K + k]. xs[r] points at the chunk of row r (fp32 rows with mu
+// null, or x with mu the centre's chunk); vrow(k) at direction k's chunk.
+template <typename T, typename VRow>
+void project_chunk(const T* const* xs, const float* mu, const VRow& vrow, int64_t rows, int64_t K, int64_t len,
+                   vec8* acc, float* c) {
+  const int64_t len8 = len / 8 * 8;
+  int64_t k0 = 0;
+  for (; k0 + 4 <= K; k0 += 4) {  // four directions at a time, two rows at a time
+    const float* vs[4] = {vrow(k0), vrow(k0 + 1), vrow(k0 + 2), vrow(k0 + 3)};
+    int64_t r = 0;
+    for (; r + 2 <= rows; r += 2) dot_block<2, 4>(xs + r, mu, vs, len8, acc + r * K + k0, K);
+    if (r < rows) dot_block<1, 4>(xs + r, mu, vs, len8, acc + r * K + k0, K);
+  }
+  for (int64_t k = k0; k < K; ++k) {  // the last K % 4 directions, four rows at a time
+    const float* vs[1] = {vrow(k)};
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) dot_block<4, 1>(xs + r, mu, vs, len8, acc + r * K + k, K);
+    for (; r < rows; ++r) dot_block<1, 1>(xs + r, mu, vs, len8, acc + r * K + k, K);
+  }
+  for (int64_t r = 0; r < rows; ++r)  // the last len % 8 elements
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t i = len8; i < len; ++i)
+        c[r * K + k] += (static_cast<float>(xs[r][i]) - (mu ? mu[i] : 0.f)) * vrow(k)[i];
 }
 
 // dst = fp32(src) - mu (mu may be null).
@@ -177,6 +225,8 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
     std::vector<float> buf(R * chunk), vpack(K * chunk), wa(R * K), c(R * K), w(R * K);
     std::vector<vec8> acc(R * K);
     std::vector<int64_t> used(K), active(R * K), n_active(R);
+    std::vector<const scalar_t*> xp(R);
+    std::vector<const float*> bp(R);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * R;
       const int64_t rows = std::min(R, N - n0);
@@ -185,40 +235,25 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
         std::fill(acc.begin(), acc.end(), vec8{});
         std::fill(c.begin(), c.end(), 0.f);
         for (int64_t d0 = 0; d0 < D; d0 += chunk) {
-          const int64_t len = std::min(chunk, D - d0), len8 = len / 8 * 8;
-          for (int64_t r = 0; r < rows; ++r)
-            load_centered(x + L.x_row(n0 + r) + d0, mu ? mu + d0 : nullptr, buf.data() + r * chunk, len,
-                          d0 + 2 * chunk < D ? 2 * chunk : 0);
-          const auto xrow = [&](int64_t r) { return static_cast<const float*>(buf.data() + r * chunk); };
+          const int64_t len = std::min(chunk, D - d0);
           const auto vrow = [&](int64_t k) { return V + k * D + d0; };
-          int64_t k0 = 0;
-          for (; k0 + 4 <= K; k0 += 4) {  // four directions at a time, two rows at a time
-            const float* vs[4] = {vrow(k0), vrow(k0 + 1), vrow(k0 + 2), vrow(k0 + 3)};
-            int64_t r = 0;
-            for (; r + 2 <= rows; r += 2) {
-              const float* xs[2] = {xrow(r), xrow(r + 1)};
-              dot_block<2, 4>(xs, vs, len8, acc.data() + r * K + k0, K);
+          // At K <= 4 the rows are projected straight from x, converted and centred in
+          // registers (x is read at most K times, from L1); above, once into the fp32 buffer.
+          if (K <= 4) {
+            for (int64_t r = 0; r < rows; ++r) {
+              xp[r] = x + L.x_row(n0 + r) + d0;
+              if (d0 + 2 * chunk < D)  // the chunk after next, one cache line at a time
+                for (int64_t i = 0; i < len; i += 64 / sizeof(scalar_t)) __builtin_prefetch(xp[r] + 2 * chunk + i);
             }
-            if (r < rows) {
-              const float* xs[1] = {xrow(r)};
-              dot_block<1, 4>(xs, vs, len8, acc.data() + r * K + k0, K);
+            project_chunk(xp.data(), mu ? mu + d0 : nullptr, vrow, rows, K, len, acc.data(), c.data());
+          } else {
+            for (int64_t r = 0; r < rows; ++r) {
+              load_centered(x + L.x_row(n0 + r) + d0, mu ? mu + d0 : nullptr, buf.data() + r * chunk, len,
+                            d0 + 2 * chunk < D ? 2 * chunk : 0);
+              bp[r] = buf.data() + r * chunk;
             }
+            project_chunk(bp.data(), static_cast<const float*>(nullptr), vrow, rows, K, len, acc.data(), c.data());
           }
-          for (int64_t k = k0; k < K; ++k) {  // the last K % 4 directions, four rows at a time
-            const float* vs[1] = {vrow(k)};
-            int64_t r = 0;
-            for (; r + 4 <= rows; r += 4) {
-              const float* xs[4] = {xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)};
-              dot_block<4, 1>(xs, vs, len8, acc.data() + r * K + k, K);
-            }
-            for (; r < rows; ++r) {
-              const float* xs[1] = {xrow(r)};
-              dot_block<1, 1>(xs, vs, len8, acc.data() + r * K + k, K);
-            }
-          }
-          for (int64_t r = 0; r < rows; ++r)  // the last D % 8 elements
-            for (int64_t k = 0; k < K; ++k)
-              for (int64_t i = len8; i < len; ++i) c[r * K + k] += xrow(r)[i] * vrow(k)[i];
         }
         for (int64_t i = 0; i < rows * K; ++i) c[i] += hsum(acc[i]);
         if (scores)
