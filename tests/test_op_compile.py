@@ -48,3 +48,85 @@ def test_export_keeps_the_op(op_name):
     assert f"fire.{op_name}.default" in targets, targets
     x2 = torch.randn(9, 3, 6, 6)
     torch.testing.assert_close(ep.module()(x2), model(x2))
+
+
+# ----------------------------------------------------------------------------- small inputs
+# Under torch.compile on the CPU, calls of at most fr.ops.COMPILE_INLINE_WORK elements x
+# directions (static sizes) compile to the plain maths instead of a call of the C++ kernel.
+
+def _forward_graph_targets(fn, *args):
+    """The call targets of the forward graph AOTAutograd hands to the compiler, and fn's result."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    seen = []
+
+    def capture(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=aot_autograd(fw_compiler=capture), fullgraph=True, dynamic=False)(*args)
+    return seen, out
+
+
+SMALL = [  # (shape, channel_dim, memory format)
+    ((2, 96), None, None), ((1, 8, 4, 4), None, torch.channels_last),
+    ((2, 8, 3, 5), 1, None), ((2, 8, 3, 5), 1, torch.channels_last), ((1, 7, 12), 2, None)]
+
+
+@pytest.mark.parametrize("mode", fr.MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", SMALL, ids=lambda c: f"{c[0]}-cd{c[1]}-{'nhwc' if c[2] else 'dense'}")
+def test_small_inputs_compile_to_the_plain_maths(case, dtype, mode):
+    shape, cd, fmt = case
+    x = torch.randn(shape).to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    D = shape[cd] if cd is not None else x[0].numel()
+    V, a, mu, tau = make_params(torch.zeros(1, D), 3, mode, "cpu", seed=5)
+    for op in (torch.ops.fire.repair, torch.ops.fire.repair_with_scores):
+        targets, got = _forward_graph_targets(lambda *t, op=op: op(*t, mode, cd), x, V * 4, a, mu, tau)
+        assert "fire._repair_native.default" not in targets, targets
+        want = op(x, V * 4, a, mu, tau, mode, cd)
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                        strict=True):
+            assert g.dtype == w.dtype and g.shape == w.shape and g.stride() == w.stride()
+            tol = 2e-2 if g.dtype == torch.bfloat16 else 1e-5
+            torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+def test_larger_inputs_keep_the_kernel_under_compile():
+    K = 4
+    n = fr.ops.COMPILE_INLINE_WORK // K + 1  # one element over
+    x = torch.randn(1, n)
+    V, a, mu, tau = make_params(x, K, "clamp", "cpu")
+    targets, got = _forward_graph_targets(lambda *t: torch.ops.fire.repair(*t, "clamp"), x, V, a, mu, tau)
+    assert "fire._repair_native.default" in targets, targets
+    torch.testing.assert_close(got, torch.ops.fire.repair(x, V, a, mu, tau, "clamp"))
+    small = x[:, : n - 1]
+    targets, _ = _forward_graph_targets(lambda *t: torch.ops.fire.repair(*t, "clamp"), small, V[:, : n - 1], a,
+                                        mu[: n - 1], tau)
+    assert "fire._repair_native.default" not in targets, targets
+
+
+def test_small_inputs_inline_only_under_compile():
+    """Eager calls of any size take the C++ kernel (the C++ entry point: no Python on the way)."""
+    assert not fr.ops._inline_under_compile(torch.zeros(1, 1, 8), 1)
+
+
+@pytest.mark.parametrize("cd", [None, 1])
+def test_small_inputs_under_compile_keep_the_gradients(cd):
+    x = torch.randn(2, 6, 5, requires_grad=True)
+    D = 6 if cd == 1 else 30
+    V, a, mu, tau = make_params(torch.zeros(1, D), 2, "clamp", "cpu", seed=7)
+    V = (4 * V).requires_grad_()
+
+    def f(x, V):
+        out, s = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, "clamp", cd)
+        return (out ** 2).sum() + s.sum()
+
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True, dynamic=False)(x, V), (x, V))
+    want = torch.autograd.grad(f(x, V), (x, V))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

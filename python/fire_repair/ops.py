@@ -47,6 +47,7 @@ from fire_kernels.modes import MODES, TAU_MODES
 from fire_kernels.repair import repair_rows
 
 from . import _ext
+from .reference import repair_rows_reference
 
 MODE_IDS = {name: int(fire_kernels.Mode.parse(name)) for name in MODES}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -234,12 +235,41 @@ def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool, cd=
         scores = x.new_empty((x3.shape[0] * x3.shape[1], K) if want_scores else (0,), dtype=torch.float32)
     elif backend_for(x.device) == "triton":
         out3, scores = repair_rows(x3, V, alpha, center, tau, mode_id, want_scores)
+    elif _inline_under_compile(x3, K):
+        out3, scores = _inline_rows(x3, V, alpha, center, tau, mode_id, want_scores)
     else:
         _ext.require_native()
         out3, scores = torch.ops.fire._repair_native(x3, V, alpha, center, tau, mode_id, want_scores)
     if want_scores:
         scores = scores.reshape(*lead, K)
     return restore(out3), scores
+
+
+# Under torch.compile on the CPU, a call of the C++ kernel from Inductor's Python wrapper costs
+# about 5-10 us more than Inductor's own C++ for the same maths on a small input (which can also
+# fuse with its neighbours). So calls whose elements x directions are at most this many compile
+# to the plain maths; larger ones keep the fused kernel (up to 4x faster than Inductor's code
+# there). Measured on a 2-core Zen 3, side by side (benchmarks/README.md, "Under torch.compile"):
+# inline wins by up to 14% at 512 x K 1-16, ties at 16384 x K 1, and loses from 2048 x K 16 on.
+# The choice is made at trace time, from static sizes; a symbolic size keeps the kernel.
+COMPILE_INLINE_WORK = 16384
+
+
+def _inline_under_compile(x3: Tensor, K: int) -> bool:
+    """Whether this call of the C++ kernel, traced by torch.compile (or export), becomes plain maths."""
+    if x3.device.type != "cpu" or not torch.compiler.is_compiling():
+        return False
+    n = x3.numel()
+    return isinstance(n, int) and n * K <= COMPILE_INLINE_WORK
+
+
+def _inline_rows(x3, V, alpha, center, tau, mode_id: int, want_scores: bool):
+    """The kernel's contract in plain PyTorch (fp32 maths, out in x3's dtype and layout)."""
+    D = x3.shape[-1]
+    out, c = repair_rows_reference(x3.reshape(-1, D).float(), V, alpha, center, tau, MODES[mode_id])
+    out3 = torch.empty_like(x3)
+    out3.copy_(out.reshape(x3.shape))
+    return out3, (c if want_scores else c.new_empty(0))
 
 
 # ----------------------------------------------------------------------------- the ops

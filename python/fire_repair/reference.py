@@ -25,19 +25,28 @@ def repair_reference(x, directions, alpha, center=None, tau=None, mode="project"
     xr = xm.reshape(math.prod(lead), D).to(compute_dtype)
     V = directions.reshape(K, D).to(compute_dtype)
     a = alpha.to(compute_dtype)
-    xc = xr if center is None else xr - center.reshape(-1).to(compute_dtype)
-    c = xc @ V.T
-    if mode == "shift":
-        w = a.expand(xr.shape[0], K)
-    elif mode == "project":
-        w = a * c
-    else:
-        t = torch.zeros_like(a) if tau is None else tau.to(compute_dtype)
-        excess = c - t
-        if mode == "clamp":
-            w = a * torch.clamp(excess, min=0)
-        else:  # gated: a step (NaN where the score is NaN)
-            w = a * torch.where(excess.isnan(), excess, (excess > 0).to(compute_dtype))
-    out = (xr - w @ V).to(x.dtype).reshape(xm.shape)
+    mu = None if center is None else center.reshape(-1).to(compute_dtype)
+    t = None if tau is None else tau.to(compute_dtype)
+    out, c = repair_rows_reference(xr, V, a, mu, t, mode)
+    out = out.to(x.dtype).reshape(xm.shape)
     out = out.reshape(x.shape) if channel_dim is None else out.movedim(-1, channel_dim)
     return out, c.float().reshape(*lead, K)
+
+
+def repair_rows_reference(xr, V, alpha, center=None, tau=None, mode="project"):
+    """The maths on rows, in the rows' dtype: xr (R, D), V (K, D), alpha (K,) or (R, K), center
+    (D,), tau (K,), all of one dtype. Returns (out (R, D), scores (R, K)). Also what the op
+    compiles to for small inputs under torch.compile on the CPU (ops._run)."""
+    xc = xr if center is None else xr - center
+    c = xc @ V.T
+    if mode == "shift":
+        w = alpha.expand(xr.shape[0], V.shape[0])
+    elif mode == "project":
+        w = alpha * c
+    else:
+        excess = c if tau is None else c - tau
+        if mode == "clamp":
+            w = alpha * torch.clamp(excess, min=0)
+        else:  # gated: a step (NaN where the score is NaN)
+            w = alpha * torch.where(excess.isnan(), excess, (excess > 0).to(excess.dtype))
+    return xr - w @ V, c
