@@ -68,6 +68,19 @@ def _fresh_compile_caches():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_compile_artifact_caches():
+    """Compile from source in every run: Inductor's FX-graph and AOTAutograd caches key a graph on
+    Dynamo's view of it, where our op is one node; its body (which AOTAutograd traces, e.g. the
+    plain maths small calls compile to) is not in the key, so a cache warmed by an older build
+    would be timed instead of this one."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
+
+
 def compiled_call(n, op_args):
     """Our op called from a torch.compile'd function (what a compiled model runs), on `op_args`:
     the `fire-compiled` rows, timed at batch 1 only, where the per-call overhead shows (each case
