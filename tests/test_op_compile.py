@@ -130,3 +130,52 @@ def test_small_inputs_under_compile_keep_the_gradients(cd):
     want = torch.autograd.grad(f(x, V), (x, V))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- on-disk caches
+
+def test_importing_tags_the_compile_caches_with_the_traced_sources():
+    from fire_repair import compile_cache
+
+    tag = compile_cache.source_tag()
+    assert tag in torch.compiler.config.cache_key_tag.split(",")
+    assert any(p.name == "ops.py" for p in compile_cache.TRACED_SOURCES)
+
+
+def test_the_tag_follows_the_sources_and_keeps_the_users(tmp_path):
+    from fire_repair import compile_cache
+
+    src = tmp_path / "ops.py"
+    src.write_text("x = 1\n")
+    before = compile_cache.source_tag([src])
+    src.write_text("x = 2\n")
+    assert compile_cache.source_tag([src]) != before
+    with torch.compiler.config.patch(cache_key_tag="mine"):
+        compile_cache.tag_compile_caches(before)
+        compile_cache.tag_compile_caches(before)  # once
+        assert torch.compiler.config.cache_key_tag == f"mine,{before}"
+
+
+def test_a_new_tag_misses_the_warm_caches(tmp_path, monkeypatch):
+    """What the tag is for: the same graph compiled again is served from the on-disk caches,
+    but not once the tag (the traced sources) differs."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x = torch.randn(2, 64)
+    V, a, mu, tau = make_params(x, 2, "clamp", "cpu")
+
+    def hits():
+        torch._dynamo.reset()
+        counters.clear()
+        fn = torch.compile(lambda *t: torch.ops.fire.repair(*t, "clamp"), fullgraph=True, dynamic=False)
+        fn(x, V, a, mu, tau)
+        return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+
+    with inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=True):
+        hits()  # warms the caches
+        assert hits() > 0
+        with torch.compiler.config.patch(cache_key_tag=torch.compiler.config.cache_key_tag + ",edited"):
+            assert hits() == 0

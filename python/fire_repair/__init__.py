@@ -12,6 +12,7 @@ from fire_kernels.modes import MODES, TAU_MODES
 from . import _ext  # noqa: F401  (loads the extension, or warns how to build it)
 from ._deprecated import renamed_attributes
 from .attachment import Capture, RepairModule, attach, capture, check_repairs, detach, repair_modules
+from .compile_cache import tag_compile_caches
 from .detect import backdoor_scores, scores
 from .estimate import Estimator
 from .online import Online
@@ -21,6 +22,7 @@ from .reference import repair_reference
 from .selection import Selection, select, select_unpaired
 
 __version__ = "0.2.0"
+tag_compile_caches()  # no compiled graph of another build of our ops is served from disk
 __all__ = [
     "Capture", "Estimator", "LayerProfile", "MODES", "TAU_MODES", "Online", "Profile", "ProfileError", "RepairModule",
     "Selection",
