@@ -8,7 +8,8 @@ file: the harness's `fire` choice and, for each candidate within 0.2 of the best
 agreement, its evidence with PA and CA on the evaluation half and its clean costs on the
 defender's clean set (the repair estimated from all 16 pairs, as selection measures them).
 With `unpaired`: `fire-clamp-unpaired` (64 flagged images, no twins), candidates within 0.3,
-written to ATTACK-unpaired.json.
+written to ATTACK-unpaired.json. With `vit` instead: the embedded digits' ViT (the demo's recipe),
+every candidate, written to ../../digits-vit-blended-selection/ATTACK.json.
 """
 import json
 import sys
@@ -25,9 +26,14 @@ from fire_repair.eval import models as models_mod
 from fire_repair.selection import logits, predict
 
 attack_name, rate, params = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
-cfg = harness.RunConfig(attack=attack_name, model="cnn", data="cifar10", data_path="/tmp/data", width=32, epochs=6,
-                        rate=rate, attack_params=params, n_eval=2000, n_clean_holdout=2000,
-                        defenses=["none", "fire"], ablations=False, online=False)
+vit = sys.argv[4:] == ["vit"]  # the digits ViT instead (every candidate kept: see below)
+if vit:
+    cfg = harness.RunConfig(attack=attack_name, model="vit", rate=rate, attack_params=params,
+                            defenses=["none", "fire"], ablations=False, online=False)
+else:
+    cfg = harness.RunConfig(attack=attack_name, model="cnn", data="cifar10", data_path="/tmp/data", width=32,
+                            epochs=6, rate=rate, attack_params=params, n_eval=2000, n_clean_holdout=2000,
+                            defenses=["none", "fire"], ablations=False, online=False)
 ds = data_mod.load(cfg.data, cfg.data_path, seed=cfg.seed)
 attack = attacks_mod.build(cfg.attack, target=cfg.target, seed=cfg.seed, **cfg.attack_params)
 model, _, _ = harness.backdoored_model(cfg, ds, attack, False)
@@ -55,7 +61,7 @@ ref, ref_prob = ref_logits.argmax(1), torch.softmax(ref_logits, 1)
 rows = torch.arange(len(ref))
 out = []
 for e in sorted(evidence, key=lambda e: -e["agreement"]):
-    if e["agreement"] < best - (0.3 if unpaired else 0.2):
+    if not vit and e["agreement"] < best - (0.3 if unpaired else 0.2):
         continue
     kw = {} if e["tau_quantile"] is None else {"tau_quantile": e["tau_quantile"]}
     prof = by_form[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], layers=e["layers"], with_fingerprint=False,
@@ -70,6 +76,8 @@ for e in sorted(evidence, key=lambda e: -e["agreement"]):
     out.append({**e, "pa": pa, "ca": ca, "clean_change_all": (new != ref).float().mean().item(),
                 "expected_drop_all": (ref_prob[rows, ref] - ref_prob[rows, new]).mean().item()})
 report = {k: v for k, v in chosen.report().items() if k != "evidence"}
-path = Path(__file__).with_name(f"{attack_name}{'-unpaired' if unpaired else ''}.json")
+folder = Path(__file__).parents[1 if vit else 0]
+folder = folder.with_name("digits-vit-blended-selection") if vit else folder
+path = folder / f"{attack_name}{'-unpaired' if unpaired else ''}.json"
 path.write_text(json.dumps({"chosen": report, "candidates": out}, default=float))
 print("done", time.time() - t)
