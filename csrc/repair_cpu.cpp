@@ -4,8 +4,8 @@
 // sized to stay in L2 (at K <= 4): pass 1 converts each chunk of the block to fp32, centres it (c_k =
 // <v_k, x - mu>, not <v_k, x> - <v_k, mu>, which cancels catastrophically when |mu| >> |x - mu|)
 // and accumulates the K projections (each V chunk is loaded once for four rows at a time; at
-// K <= 4 in registers, above through an fp32 buffer read once per four directions); pass 2 re-reads the block (from L2, not memory) and writes it with the K directions
-// subtracted. So x is read from memory once and written once, and V is streamed once per
+// K <= 4 in registers, above through an fp32 buffer read once per four directions); pass 2
+// re-reads the block (from L2, not memory) and writes it with the K directions subtracted. So x is read from memory once and written once, and V is streamed once per
 // block rather than once per row. At K > 4 streaming V costs more than x (K x D fp32 per block
 // against R x D elements): blocks of 32 rows, read again from L3 in pass 2.
 #include <ATen/Parallel.h>
