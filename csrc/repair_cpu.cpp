@@ -25,6 +25,10 @@ namespace {
 constexpr int64_t kMaxRowBlock = 16;   // rows that share one read of each V chunk (K <= 4)
 constexpr int64_t kManyRowBlock = 32;  // the same at K > 4
 constexpr int64_t kL2Bytes = 512 * 1024;
+// Elements per thread at least: at batch 1 a 64 x 32 x 32 map per position (65536 elements)
+// took 58 us on one thread at 2^16, 34 us on two at 2^15 (K = 4, fp32); smaller calls lose
+// more to waking a thread than they gain.
+constexpr int64_t kGrainElements = 1 << 15;
 
 // 8 floats; compiles to one AVX register with -mavx2, two SSE registers otherwise.
 typedef float vec8 __attribute__((vector_size(32)));
@@ -137,7 +141,12 @@ inline void dot_block(const T* const* a, const float* mu, const float* const* b,
     vec8 xa[RB];
     for (int r = 0; r < RB; ++r) xa[r] = row8(r, i);
     for (int k = 0; k < KB; ++k) {
-      const vec8 vb = load8(b[k] + i);
+      vec8 vb = load8(b[k] + i);
+#if defined(__AVX__)
+      // vb in a register, loaded once: GCC otherwise folds the load into every row's FMA
+      // (RB loads of the same 8 floats; 10 loads per 8 FMAs at 2 x 4, the loop's limit)
+      if constexpr (RB > 1) asm("" : "+x"(vb));
+#endif
       for (int r = 0; r < RB; ++r) s[r][k] += xa[r] * vb;
     }
   }
@@ -231,7 +240,7 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
   const int64_t threads = at::get_num_threads();
   R = std::max<int64_t>(1, std::min(R, (N + threads - 1) / threads));
   const int64_t blocks = (N + R - 1) / R;
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, R * D));
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, R * D));
   // Elements per row chunk: the K direction chunks (the pack of pass 2) and the block's rows
   // must stay in L1 together, 16 KiB of directions (512 elements up to K = 8, 256 at K = 16).
   const int64_t chunk = std::clamp<int64_t>(4096 / std::max<int64_t>(K, 1) / 32 * 32, 64, 512);
@@ -325,8 +334,19 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
             continue;
           }
           int64_t i = 0;
-          // four independent accumulators: one chain of K dependent multiply-adds per 8
-          // elements would run at the FMA latency, not its throughput
+          // eight independent accumulators: one chain of K dependent multiply-adds per 8
+          // elements would run at the FMA latency, not its throughput (two FMA units x 4
+          // cycles need 8 chains)
+          for (; i + 64 <= len; i += 64) {
+            vec8 a[8];
+            for (int u = 0; u < 8; ++u) a[u] = load8x(xr + i + 8 * u);
+            for (int64_t j = 0; j < na; ++j) {
+              const float* vj = vpack.data() + act[j] * chunk + i;
+              const float wj = wr[j];
+              for (int u = 0; u < 8; ++u) a[u] -= wj * load8(vj + 8 * u);
+            }
+            for (int u = 0; u < 8; ++u) store8x(yr + i + 8 * u, a[u]);
+          }
           for (; i + 32 <= len; i += 32) {
             vec8 a0 = load8x(xr + i), a1 = load8x(xr + i + 8), a2 = load8x(xr + i + 16), a3 = load8x(xr + i + 24);
             for (int64_t j = 0; j < na; ++j) {
@@ -370,7 +390,7 @@ void repair_tiles(const scalar_t* x, scalar_t* out, const Rows& L, const float* 
   const bool need_c = mode != kShift || scores != nullptr;
   const int64_t PB = std::clamp<int64_t>((kL2Bytes / 2 / (4 * std::max<int64_t>(D, 1))) / 8 * 8, 8, 256);
   const int64_t pblocks = (P + PB - 1) / PB;
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, PB * D));
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, PB * D));
   at::parallel_for(0, L.B * pblocks, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> tile(D * PB), c(K * PB), w(K * PB);
     for (int64_t t = t0; t < t1; ++t) {
