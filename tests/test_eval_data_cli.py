@@ -134,12 +134,13 @@ def test_cli_eval_writes_table_json_and_plot(tmp_path, capsys):
     out = tmp_path / "out"
     cli.main(["eval", "--attack", "trojan", "--defenses", "none", "fire-clamp", "blur", "--epochs", "6",
               "--out", str(out), "--cache", str(tmp_path / "cache"), "--no-ablations", "--quiet",
-              "--agreement-slack", "0"])
+              "--agreement-slack", "0", "--paired-beta", "control_variate"])
     printed = capsys.readouterr().out
     assert "| trojan | fire-clamp |" in printed
     results = json.loads((out / "results.json").read_text())["runs"]
     assert [r["defense"] for r in results[0]["rows"]] == ["none", "fire-clamp", "blur"]
-    assert results[0]["config"]["agreement_slack"] == 0  # the option reaches the run's config
+    assert results[0]["config"]["agreement_slack"] == 0  # the options reach the run's config
+    assert results[0]["config"]["paired_beta"] == "control_variate"
     for row in results[0]["rows"]:  # every number of the table is in the JSON
         assert f"{100 * row['PA']:.1f}" in printed and f"{100 * row['CA']:.1f}" in printed
     png = (out / "results.png").read_bytes()

@@ -27,6 +27,9 @@ def _common(p):
     p.add_argument("--agreement-slack", type=int, default=None, metavar="N",
                    help="paired selection: agreements with the twins within N samples of the best are ties "
                         "(default: the harness's)")
+    p.add_argument("--paired-beta", default=None, choices=["mean", "control_variate"],
+                   help="paired FIRE: beta as the pairs' mean difference (default) or its control-variate "
+                        "correction (see fire_repair.Estimator)")
 
 
 def _run_all(args, jobs, data, data_path=None, defenses=None, width=None, overrides=None):
@@ -59,6 +62,8 @@ def _run_all(args, jobs, data, data_path=None, defenses=None, width=None, overri
             cfg.defenses = defenses
         if args.agreement_slack is not None:
             cfg.agreement_slack = args.agreement_slack
+        if args.paired_beta is not None:
+            cfg.paired_beta = args.paired_beta
         log(f"{attack}: {model} on {ds.name}")
         results.append(harness.run(cfg, dataset=ds, progress=progress, log=log))
     json_path = _write_outputs(results, out, args.json, log)

@@ -9,6 +9,8 @@ Per layer the estimator keeps, in memory that does not grow with the number of s
 
 Directions (`LayerStats.directions`):
 - beta = mean(h(x_p) - h(x_c)) over pairs, or mean h(A(x_p)) - mean h(A(x_c)) unpaired;
+  paired with `paired_beta="control_variate"`: the pairs' mean difference corrected for how
+  far their clean rows' mean lies from the clean mean (see `LayerStats.beta`);
 - v_1 = beta / |beta| (so K = 1 is exactly the paper's direction);
 - v_2..v_K: the top principal directions of what the trigger adds, after removing the v_1
   component: paired, of the differences' second moment; unpaired, of the poisoned second
@@ -37,7 +39,10 @@ from .sketch import FrequentDirections, Reservoir
 
 class LayerStats:
     COUNTS = ("n_clean", "n_poison", "n_pairs")
-    SUMS = ("sum_clean", "sum_poison", "sum_diff")
+    # sum_pair_*: the pairs' clean rows c, and d * c, c * c elementwise (d the difference), for
+    # the control-variate beta; checkpoints written before 0.5 lack them (see from_state_dict)
+    PAIR_MOMENTS = ("sum_pair_clean", "sum_pair_dc", "sum_pair_cc")
+    SUMS = ("sum_clean", "sum_poison", "sum_diff") + PAIR_MOMENTS
     SKETCHES = ("clean_sketch", "poison_sketch", "diff_sketch")
     SAMPLES = ("clean_sample", "poison_sample")
 
@@ -52,6 +57,9 @@ class LayerStats:
         self.n_clean, self.sum_clean = 0, torch.zeros(D, **f64)
         self.n_poison, self.sum_poison = 0, torch.zeros(D, **f64)
         self.n_pairs, self.sum_diff = 0, torch.zeros(D, **f64)
+        for name in self.PAIR_MOMENTS:
+            setattr(self, name, torch.zeros(D, **f64))
+        self.pair_moments = True  # False: restored from a checkpoint that held pairs but not these
         self.clean_sketch = FrequentDirections(D, sketch_rows)
         self.poison_sketch = FrequentDirections(D, sketch_rows)
         self.diff_sketch = FrequentDirections(D, sketch_rows)
@@ -75,12 +83,19 @@ class LayerStats:
         self.poison_sample.update(h)
 
     def add_pairs(self, h_clean: torch.Tensor, h_poisoned: torch.Tensor) -> None:
-        d = (h_poisoned.detach().double() - h_clean.detach().double()).cpu()
-        self.n_pairs += d.shape[0]
-        self.sum_diff += d.sum(0)
-        self.diff_sketch.update(d)
+        c = h_clean.detach().cpu().double()
+        self._add_differences(c, h_poisoned.detach().cpu().double() - c)
         self.add_clean(h_clean)
         self.add_poisoned(h_poisoned)
+
+    def _add_differences(self, c: torch.Tensor, d: torch.Tensor) -> None:
+        """Pairs as rows: the clean rows c and the differences d (float64, (n, D))."""
+        self.n_pairs += d.shape[0]
+        self.sum_diff += d.sum(0)
+        self.sum_pair_clean += c.sum(0)
+        self.sum_pair_dc += (d * c).sum(0)
+        self.sum_pair_cc += (c * c).sum(0)
+        self.diff_sketch.update(d)
 
     # -- state: named tensors, for merge, all_reduce and checkpoints
     def state_dict(self) -> dict:
@@ -90,6 +105,7 @@ class LayerStats:
         state.update(self._form_state())
         state.update({name: torch.tensor(getattr(self, name), dtype=torch.int64) for name in self.COUNTS})
         state.update({name: getattr(self, name).clone() for name in self.SUMS})
+        state["pair_moments"] = torch.tensor(int(self.pair_moments), dtype=torch.int64)
         for name in self.SKETCHES + self.SAMPLES:
             state.update({f"{name}.{k}": v for k, v in getattr(self, name).state_dict().items()})
         return state
@@ -109,6 +125,12 @@ class LayerStats:
             out = LayerStats(shape, sketch_rows, reservoir, seed)
         for name in cls.COUNTS:
             setattr(out, name, int(state[name]))
+        missing = [name for name in cls.PAIR_MOMENTS if name not in state]
+        if missing:  # an older checkpoint: the mean beta is whole, the control variate unavailable
+            state = {**state, **{name: torch.zeros(out.dim, dtype=torch.float64) for name in missing}}
+            out.pair_moments = out.n_pairs == 0
+        else:
+            out.pair_moments = bool(state.get("pair_moments", 1))
         for name in cls.SUMS:
             if state[name].shape != (out.dim,):
                 raise ValueError(f"{name} has shape {tuple(state[name].shape)}, expected ({out.dim},)")
@@ -126,6 +148,7 @@ class LayerStats:
             raise ValueError(f"cannot merge stats of shapes {self.feature_shape} and {other.feature_shape}")
         for name in self.COUNTS + self.SUMS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.pair_moments = self.pair_moments and other.pair_moments
         for name in self.SKETCHES + self.SAMPLES:
             getattr(self, name).merge(getattr(other, name))
 
@@ -154,11 +177,41 @@ class LayerStats:
     # off where the poisoned rows are not draws of the clean distribution (per-position picks).
     shrink_unpaired = True
 
-    def beta(self, source: str) -> torch.Tensor:
+    def beta(self, source: str, paired_beta: str = "mean") -> torch.Tensor:
         if source == "paired":
+            if paired_beta == "control_variate":
+                return self._control_variate_beta()
             return self.sum_diff / self.n_pairs
         beta = self.sum_poison / self.n_poison - self.clean_mean()
         return self._shrink_unpaired(beta) if self.shrink_unpaired else beta
+
+    def _control_variate_beta(self) -> torch.Tensor:
+        """The pairs' mean difference, corrected for the sample of images the pairs happen to be.
+        A trigger that blends (x' = (1 - a) x + a p) adds a(p - x): its mean over a few pairs
+        carries a(mu - mean of their clean rows), a sampling error the clean mean (from many more
+        rows) can remove. With one scalar regression of the differences on the pairs' clean rows,
+        d_i = beta + g (c_i - mu) (g = -a for a blend, about 0 for a trigger that only adds), beta
+        = mean(d) - g (mean(c) - mu). Measured on the digits ViT's Blended at the input: g = -0.200,
+        and the repair matches the one built from the true pattern to 0.4 points of PA at every
+        alpha (the mean difference: 0.8-5.9 points below it;
+        benchmarks/results/digits-vit-blended-selection/)."""
+        n = self.n_pairs
+        c_mean, d_mean = self.sum_pair_clean / n, self.sum_diff / n
+        return d_mean - self.pair_slope() * (c_mean - self.clean_mean())
+
+    def pair_slope(self) -> float:
+        """g of the control-variate beta: the least-squares slope of the pairs' differences on
+        their clean rows, d_i - mean(d) = g (c_i - mean(c)) (0 with fewer than two pairs)."""
+        if not self.pair_moments:
+            raise ValueError("these statistics come from a checkpoint without the pairs' moments (written before "
+                             "0.5): the control-variate beta needs the pairs observed again")
+        n = self.n_pairs
+        if n < 2:
+            return 0.0
+        c_mean, d_mean = self.sum_pair_clean / n, self.sum_diff / n
+        cov = float(self.sum_pair_dc.sum()) - n * float(d_mean @ c_mean)
+        var = float(self.sum_pair_cc.sum()) - n * float(c_mean @ c_mean)
+        return cov / var if var > 1e-12 * float(self.sum_pair_cc.sum()) else 0.0
 
     def _shrink_unpaired(self, beta: torch.Tensor) -> torch.Tensor:
         """The unpaired mean difference with its sampling noise shrunk away. The poisoned images
@@ -191,16 +244,16 @@ class LayerStats:
         return self._clean_pcs[1:]
 
     def calibrate(self, name: str, mode: str, alpha: torch.Tensor, k: int, source: str, tau_quantile: float,
-                  channel_dim: Optional[int] = None) -> LayerProfile:
+                  channel_dim: Optional[int] = None, paired_beta: str = "mean") -> LayerProfile:
         """These statistics as the repair at one layer: k directions from `source`, centre =
         the clean mean, tau = the `tau_quantile` of the clean projections (clamp, gated), score
         scale = their std; `alpha` (k,) as given. Shift subtracts beta's part along each direction
         (the paper's rule); gated subtracts it where the sample's score exceeds tau (the shift
         applied to what the clean data's quantile flags), nothing elsewhere."""
-        V = self.directions(k, source)
+        V = self.directions(k, source, paired_beta)
         center = self.clean_mean().float()
         proj = self.clean_projections(V, center)
-        beta = self.beta(source).float()
+        beta = self.beta(source, paired_beta).float()
         directions = V
         if mode in SHIFT_MODES:  # rows b_k = <beta, v_k> v_k; gated shifts the poisoned side only
             m = V @ beta
@@ -214,9 +267,9 @@ class LayerStats:
                             score_scale=proj.std(0).clamp_min(1e-12).float(), beta=beta.reshape(fs),
                             channel_dim=channel_dim)
 
-    def directions(self, k: int, source: str) -> torch.Tensor:
+    def directions(self, k: int, source: str, paired_beta: str = "mean") -> torch.Tensor:
         """(k, D) orthonormal rows; the first is beta / |beta|."""
-        beta = self.beta(source)
+        beta = self.beta(source, paired_beta)
         norm = beta.norm()
         if norm == 0:
             raise ValueError("the clean and poisoned activations have the same mean: no direction to estimate")
@@ -326,10 +379,7 @@ class PositionStats(LayerStats):
         d = (h_poisoned.detach().double() - h_clean.detach().double()).cpu()  # (N, P, C)
         norms = d.norm(dim=2)
         touched = (norms >= self.touched * norms.amax(dim=1, keepdim=True)) & (norms > 0)
-        rows = d[touched]
-        self.n_pairs += rows.shape[0]
-        self.sum_diff += rows.sum(0)
-        self.diff_sketch.update(rows)
+        self._add_differences(h_clean.detach().cpu().double()[touched], d[touched])
         super().add_clean(self._flat(h_clean))
         super().add_poisoned(h_poisoned.detach().cpu()[touched])
 
@@ -357,16 +407,22 @@ class PositionStats(LayerStats):
         out.add_poisoned(picked.float())
         return out
 
-    def calibrate(self, name, mode, alpha, k, source, tau_quantile, channel_dim=None) -> LayerProfile:
+    def calibrate(self, name, mode, alpha, k, source, tau_quantile, channel_dim=None,
+                  paired_beta="mean") -> LayerProfile:
         # unpaired: select the triggered positions once for both the directions and beta
         stats = self._triggered() if source == "unpaired" else super()
-        return stats.calibrate(name, mode, alpha, k, source, tau_quantile, channel_dim)
+        return stats.calibrate(name, mode, alpha, k, source, tau_quantile, channel_dim, paired_beta)
 
-    def beta(self, source: str) -> torch.Tensor:
-        return self._triggered().beta(source) if source == "unpaired" else super().beta(source)
+    def beta(self, source: str, paired_beta: str = "mean") -> torch.Tensor:
+        return self._triggered().beta(source) if source == "unpaired" else super().beta(source, paired_beta)
 
-    def directions(self, k: int, source: str) -> torch.Tensor:
-        return self._triggered().directions(k, source) if source == "unpaired" else super().directions(k, source)
+    def directions(self, k: int, source: str, paired_beta: str = "mean") -> torch.Tensor:
+        if source == "unpaired":
+            return self._triggered().directions(k, source)
+        return super().directions(k, source, paired_beta)
+
+
+PAIRED_BETAS = ("mean", "control_variate")
 
 
 def _check_k(k: int, sketch_rows: int) -> None:
@@ -408,12 +464,16 @@ class Estimator:
     for transformers. `touched` is the share of a pair's largest per-position difference that
     marks a position as touched by the trigger (see PositionStats); `reservoir` then counts
     positions, not samples (default 16 x 512).
+
+    `paired_beta` is how paired observations give beta: "mean" (the mean difference, the
+    paper's rule) or "control_variate" (corrected for the pairs' own sample of images; exact
+    for blending triggers, see `LayerStats._control_variate_beta`).
     """
 
     def __init__(self, model: torch.nn.Module, layers: Sequence[str], k: int = 1,
                  augment: Optional[Callable] = None, n_augment: int = 1, sketch_rows: int = 32,
                  reservoir: Optional[int] = None, seed: int = 0, per_position: bool = False,
-                 channel_dim: int = 1, touched: float = 0.5):
+                 channel_dim: int = 1, touched: float = 0.5, paired_beta: str = "mean"):
         if isinstance(layers, str):
             layers = [layers]
         if not layers:
@@ -430,6 +490,9 @@ class Estimator:
                              f"got {channel_dim!r}")
         if not 0.0 < touched <= 1.0:
             raise ValueError(f"touched must be in (0, 1], got {touched}")
+        if paired_beta not in PAIRED_BETAS:
+            raise ValueError(f"paired_beta must be one of {PAIRED_BETAS}, got {paired_beta!r}")
+        self.paired_beta = paired_beta
         self.model, self.layers, self.k = model, list(layers), k
         self.augment, self.n_augment = augment, n_augment
         self.per_position, self.channel_dim, self.touched = bool(per_position), channel_dim, touched
@@ -569,7 +632,8 @@ class Estimator:
         """An estimator on the same model and settings with a copy of these statistics (what
         selection extends with the pairs of each fold)."""
         out = Estimator(self.model, self.layers, self.k, self.augment, self.n_augment, self.sketch_rows,
-                        self.reservoir, self.seed, self.per_position, self.channel_dim, self.touched)
+                        self.reservoir, self.seed, self.per_position, self.channel_dim, self.touched,
+                        self.paired_beta)
         return out.merge(self)
 
     def all_reduce(self, group=None) -> "Estimator":
@@ -615,12 +679,15 @@ class Estimator:
             st = self.stats[name]
             src = st.source(source)
             layer = st.calibrate(name, mode, a, k, src, tau_quantile,
-                                 channel_dim=self.channel_dim if self.per_position else None)
+                                 channel_dim=self.channel_dim if self.per_position else None,
+                                 paired_beta=self.paired_beta)
             out.append(layer)
             # per position, the counts are of rows (positions), not of samples
             info["layers"][name] = {"source": src, "form": self.form, "n_clean": st.n_clean,
                                     "n_poisoned": st.n_poison, "n_pairs": st.n_pairs,
                                     "beta_norm": float(layer.beta.norm())}
+            if src == "paired":
+                info["layers"][name]["paired_beta"] = self.paired_beta
         return Profile(layers=out, fingerprint=fingerprint(self.model) if with_fingerprint else None, info=info)
 
 

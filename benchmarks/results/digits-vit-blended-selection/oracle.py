@@ -8,9 +8,10 @@ Blended makes x' = 0.8 x + 0.2 p. A constant shift s * 0.2 (p - mu) (mu the defe
 mean) is the best FIRE's gated repair at the input could estimate; it leaves 0.8 x + 0.2 mu at
 s = 1, the image at 80 % contrast. Printed: PA of that oracle shift over s; PA and CA of FIRE
 (input, flattened, gated, clean quantile 0.999, all 16 pairs) over alpha, with the paired mean
-difference as beta and with a control-variate beta: the pairs' mean difference corrected for
-how far their clean images' mean lies from the clean mean, by the one scalar regression of the
-differences on the clean images (d_i = beta + g (x_i - mu): g = -0.2 for a blend); then the
+difference as beta and with the control-variate beta (`paired_beta="control_variate"`: the
+pairs' mean difference corrected for how far their clean images' mean lies from the clean mean,
+by one scalar regression of the differences on the clean images, d_i = beta + g (x_i - mu);
+g = -0.2 for this blend); then the
 out-of-fold twin agreement that the label-free selection sees over the same alphas."""
 import torch
 
@@ -42,26 +43,13 @@ for s in (1.0, 1.25, 1.5, 1.75, 2.0):
     print(f"| {s} | {accuracy(eval_poison - s * 0.2 * (p - mu), eval_poison_y):.1f} |")
 
 
-def control_variate_beta(est, x_clean, x_poisoned):
-    """The pairs' mean difference at the input, corrected to the clean mean (see the docstring)."""
-    h = est.activations(x_clean)["input"].double().flatten(1)
-    d = est.activations(x_poisoned)["input"].double().flatten(1) - h
-    hc, dc = h - h.mean(0), d - d.mean(0)
-    g = float((dc * hc).sum() / (hc * hc).sum())
-    stats = est.stats["input"]
-    return d.mean(0) - g * (h.mean(0) - stats.clean_mean()), g
-
-
 print("\n| beta | alpha | PA | CA |\n|---|---:|---:|---:|")
-for form in ("paired mean", "control variate"):
-    est = harness.estimator(model, ["input"], cfg, "flattened")
+for form in ("mean", "control_variate"):
+    est = harness.estimator(model, ["input"], harness.RunConfig(**{**cfg.__dict__, "paired_beta": form}), "flattened")
     est.observe(held.clean, poisoned=False)
     est.observe_pairs(*held.pairs)
-    if form == "control variate":
-        stats = est.stats["input"]
-        beta, g = control_variate_beta(est, *held.pairs)
-        stats.sum_diff = beta * stats.n_pairs  # k = 1: the direction and the shift come from beta alone
-        form = f"control variate (g = {g:.3f})"
+    if form == "control_variate":
+        form += f" (g = {est.stats['input'].pair_slope():.3f})"
     for alpha in (1.0, 1.25, 1.5, 1.75, 2.0):
         fr.attach(model, est.profile(mode="gated", alpha=alpha, tau_quantile=0.999))
         try:

@@ -67,6 +67,7 @@ class RunConfig:
     clean_cost: str = "expected_drop"
     tie_break: str = "twin_kl"  # paired selection: "twin_kl" or "margin" (see fr.select)
     agreement_slack: int = 1  # paired selection: agreements this many twins apart are ties (fr.select)
+    paired_beta: str = "mean"  # paired estimation: "mean" or "control_variate" (fr.Estimator)
     online: bool = True
     ablations: bool = True
     cache_dir: Optional[str] = ".fire-cache"
@@ -224,7 +225,7 @@ def estimator(model, layers, cfg: RunConfig, form: str, **kwargs) -> "fr.Estimat
         raise ValueError(f"form must be 'flattened' or 'per_position', got {form!r}")
     per_position = form == "per_position"
     return fr.Estimator(model, layers, k=cfg.k, seed=cfg.seed, per_position=per_position,
-                        channel_dim=models_mod.channel_dim(model), **kwargs)
+                        channel_dim=models_mod.channel_dim(model), paired_beta=cfg.paired_beta, **kwargs)
 
 
 def estimators(model, layers, cfg: RunConfig, probe) -> list:
