@@ -87,7 +87,7 @@ def test_an_older_checkpoint_keeps_the_mean_and_refuses_the_control_variate():
     est = estimator("mean")
     est.observe(clean, poisoned=False)
     est.observe_pairs(twins, blended)
-    old = {k: v for k, v in est.state_dict().items() if "sum_pair_" not in k}  # written before 0.5
+    old = {k: v for k, v in est.state_dict().items() if "sum_pair_" not in k}  # an earlier release's
     mean = estimator("mean").load_state_dict(old)
     assert torch.equal(mean.profile(mode="gated").layer("feat").beta, est.profile(mode="gated").layer("feat").beta)
     with pytest.raises(ValueError, match="checkpoint without the pairs' moments"):

@@ -40,7 +40,7 @@ from .sketch import FrequentDirections, Reservoir
 class LayerStats:
     COUNTS = ("n_clean", "n_poison", "n_pairs")
     # sum_pair_*: the pairs' clean rows c, and d * c, c * c elementwise (d the difference), for
-    # the control-variate beta; checkpoints written before 0.5 lack them (see from_state_dict)
+    # the control-variate beta; an earlier release's checkpoints lack them (see from_state_dict)
     PAIR_MOMENTS = ("sum_pair_clean", "sum_pair_dc", "sum_pair_cc")
     SUMS = ("sum_clean", "sum_poison", "sum_diff") + PAIR_MOMENTS
     SKETCHES = ("clean_sketch", "poison_sketch", "diff_sketch")
@@ -203,8 +203,8 @@ class LayerStats:
         """g of the control-variate beta: the least-squares slope of the pairs' differences on
         their clean rows, d_i - mean(d) = g (c_i - mean(c)) (0 with fewer than two pairs)."""
         if not self.pair_moments:
-            raise ValueError("these statistics come from a checkpoint without the pairs' moments (written before "
-                             "0.5): the control-variate beta needs the pairs observed again")
+            raise ValueError("these statistics come from a checkpoint without the pairs' moments (an earlier "
+                             "release's): the control-variate beta needs the pairs observed again")
         n = self.n_pairs
         if n < 2:
             return 0.0
