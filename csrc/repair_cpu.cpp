@@ -5,8 +5,9 @@
 // <v_k, x - mu>, not <v_k, x> - <v_k, mu>, which cancels catastrophically when |mu| >> |x - mu|)
 // and accumulates the K projections (each V chunk is loaded once for four rows at a time; at
 // K <= 4 in registers, above through an fp32 buffer read once per four directions); pass 2
-// re-reads the block (from L2, not memory) and writes it with the K directions subtracted. So x is read from memory once and written once, and V is streamed once per
-// block rather than once per row. At K > 4 streaming V costs more than x (K x D fp32 per block
+// re-reads the block (from L2, not memory) and writes it with the K directions subtracted. So
+// x is read from memory once and written once, and V is streamed once per block rather than
+// once per row. At K > 4 streaming V costs more than x (K x D fp32 per block
 // against R x D elements): blocks of 32 rows, read again from L3 in pass 2.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -222,6 +223,21 @@ inline void store_cast(const float* __restrict src, scalar_t* __restrict dst, in
   for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
 }
 
+// y[0, 8U) = x - sum_j wr[j] v_j over the na applied directions, in U independent 8-lane
+// accumulators (v_j = vpack + act[j] * chunk): one load and one store of y per 8 elements.
+template <int U, typename scalar_t>
+inline void subtract_directions(const scalar_t* __restrict xr, scalar_t* __restrict yr, int64_t na,
+                                const int64_t* act, const float* wr, const float* vpack, int64_t chunk) {
+  vec8 a[U];
+  for (int u = 0; u < U; ++u) a[u] = load8x(xr + 8 * u);
+  for (int64_t j = 0; j < na; ++j) {
+    const float* vj = vpack + act[j] * chunk;
+    const float wj = wr[j];
+    for (int u = 0; u < U; ++u) a[u] -= wj * load8(vj + 8 * u);
+  }
+  for (int u = 0; u < U; ++u) store8x(yr + 8 * u, a[u]);
+}
+
 // Rows whose elements are contiguous (sxd == sod == 1).
 template <typename scalar_t>
 void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V, const float* alpha,
@@ -334,39 +350,12 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
             continue;
           }
           int64_t i = 0;
-          // eight independent accumulators: one chain of K dependent multiply-adds per 8
-          // elements would run at the FMA latency, not its throughput (two FMA units x 4
-          // cycles need 8 chains)
-          for (; i + 64 <= len; i += 64) {
-            vec8 a[8];
-            for (int u = 0; u < 8; ++u) a[u] = load8x(xr + i + 8 * u);
-            for (int64_t j = 0; j < na; ++j) {
-              const float* vj = vpack.data() + act[j] * chunk + i;
-              const float wj = wr[j];
-              for (int u = 0; u < 8; ++u) a[u] -= wj * load8(vj + 8 * u);
-            }
-            for (int u = 0; u < 8; ++u) store8x(yr + i + 8 * u, a[u]);
-          }
-          for (; i + 32 <= len; i += 32) {
-            vec8 a0 = load8x(xr + i), a1 = load8x(xr + i + 8), a2 = load8x(xr + i + 16), a3 = load8x(xr + i + 24);
-            for (int64_t j = 0; j < na; ++j) {
-              const float* vj = vpack.data() + act[j] * chunk + i;
-              const float wj = wr[j];
-              a0 -= wj * load8(vj);
-              a1 -= wj * load8(vj + 8);
-              a2 -= wj * load8(vj + 16);
-              a3 -= wj * load8(vj + 24);
-            }
-            store8x(yr + i, a0);
-            store8x(yr + i + 8, a1);
-            store8x(yr + i + 16, a2);
-            store8x(yr + i + 24, a3);
-          }
-          for (; i + 8 <= len; i += 8) {
-            vec8 acc = load8x(xr + i);
-            for (int64_t j = 0; j < na; ++j) acc -= wr[j] * load8(vpack.data() + act[j] * chunk + i);
-            store8x(yr + i, acc);
-          }
+          // eight independent accumulators over 64 elements, then four, then one: one chain of
+          // K dependent multiply-adds per 8 elements would run at the FMA latency, not its
+          // throughput (two FMA units x 4 cycles need 8 chains)
+          for (; i + 64 <= len; i += 64) subtract_directions<8>(xr + i, yr + i, na, act, wr, vpack.data() + i, chunk);
+          for (; i + 32 <= len; i += 32) subtract_directions<4>(xr + i, yr + i, na, act, wr, vpack.data() + i, chunk);
+          for (; i + 8 <= len; i += 8) subtract_directions<1>(xr + i, yr + i, na, act, wr, vpack.data() + i, chunk);
           for (; i < len; ++i) {
             float y = static_cast<float>(xr[i]);
             for (int64_t j = 0; j < na; ++j) y -= wr[j] * vpack[act[j] * chunk + i];

@@ -195,8 +195,7 @@ class LayerStats:
         and the repair matches the one built from the true pattern to 0.4 points of PA at every
         alpha (the mean difference: 0.8-5.9 points below it;
         benchmarks/results/digits-vit-blended-selection/)."""
-        n = self.n_pairs
-        c_mean, d_mean = self.sum_pair_clean / n, self.sum_diff / n
+        c_mean, d_mean = self.sum_pair_clean / self.n_pairs, self.sum_diff / self.n_pairs
         return d_mean - self.pair_slope() * (c_mean - self.clean_mean())
 
     def pair_slope(self) -> float:
@@ -376,10 +375,11 @@ class PositionStats(LayerStats):
         super().add_poisoned(self._flat(h))
 
     def add_pairs(self, h_clean: torch.Tensor, h_poisoned: torch.Tensor) -> None:
-        d = (h_poisoned.detach().double() - h_clean.detach().double()).cpu()  # (N, P, C)
+        c = h_clean.detach().cpu().double()
+        d = h_poisoned.detach().cpu().double() - c  # (N, P, C)
         norms = d.norm(dim=2)
         touched = (norms >= self.touched * norms.amax(dim=1, keepdim=True)) & (norms > 0)
-        self._add_differences(h_clean.detach().cpu().double()[touched], d[touched])
+        self._add_differences(c[touched], d[touched])
         super().add_clean(self._flat(h_clean))
         super().add_poisoned(h_poisoned.detach().cpu()[touched])
 
