@@ -35,6 +35,7 @@ def _extension():
     extra = {"cxx": _cpu_flags()}
     if _want_cuda():
         sources.append("csrc/cuda/repair_cuda.cu")
+        extra["cxx"].append("-DFIRE_WITH_CUDA")  # repair_op.cpp registers the op's CUDA keys too
         extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
         return CUDAExtension("fire_repair._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
                              py_limited_api=True)

@@ -20,7 +20,7 @@ TORCH_CUDA_ARCH_LIST=$cap MAX_JOBS=16 python3 setup.py -q build_ext --inplace \
     > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 mv python/_C*.so python/fire_repair/ 2>/dev/null || true
 export PYTHONPATH=$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}
-python3 -c "import fire_repair._ext as e, torch; print('extension', e.AVAILABLE, e.LOAD_ERROR, torch._C._dispatch_has_kernel_for_dispatch_key('fire::_repair_native', 'CUDA'))"
+python3 -c "import fire_repair._ext as e, torch; print('extension', e.AVAILABLE, e.LOAD_ERROR, *(torch._C._dispatch_has_kernel_for_dispatch_key(op, 'CUDA') for op in ('fire::_repair_native', 'fire::repair')))"
 echo "build: $(( $(date +%s) - start )) s"
 name=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 for step in $steps; do

@@ -95,4 +95,16 @@ std::tuple<at::Tensor, at::Tensor> repair_native_cpu(const at::Tensor& x, const 
                                                      const c10::optional<at::Tensor>& tau, int64_t mode,
                                                      bool want_scores);
 
+// The CUDA kernel on prepared rows (csrc/cuda/repair_cuda.cu; only in builds with CUDA, which
+// define FIRE_WITH_CUDA for the C++ sources too).
+std::tuple<at::Tensor, at::Tensor> repair_native_cuda(const at::Tensor& x, const at::Tensor& directions,
+                                                      const at::Tensor& alpha,
+                                                      const c10::optional<at::Tensor>& center,
+                                                      const c10::optional<at::Tensor>& tau, int64_t mode,
+                                                      bool want_scores);
+
+// Whether Triton serves CUDA tensors under FIRE_BACKEND=auto (fire_repair.ops says so at import);
+// where it does not, the C++ op takes eager CUDA calls itself (csrc/repair_op.cpp).
+void set_triton_serves_cuda(bool serves);
+
 }  // namespace fire

@@ -473,10 +473,25 @@ TORCH_LIBRARY_IMPL(fire, CPU, m) { m.impl("_repair_native", &repair_native_cpu);
 
 }  // namespace fire
 
-// An importable module with no Python bindings: importing it runs the registrations above.
+// The importable module: importing it runs the registrations above; its one function tells the
+// C++ op whether Triton serves CUDA tensors (fire_repair._ext.set_triton_serves_cuda).
+namespace {
+PyObject* set_triton_serves_cuda_py(PyObject*, PyObject* flag) {
+  const int serves = PyObject_IsTrue(flag);
+  if (serves < 0) return nullptr;
+  fire::set_triton_serves_cuda(serves != 0);
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"set_triton_serves_cuda", set_triton_serves_cuda_py, METH_O,
+     "Whether Triton serves CUDA tensors under FIRE_BACKEND=auto (else the C++ op takes them)."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -1,15 +1,16 @@
-// The eager CPU path of torch.ops.fire.repair and fire::repair_with_scores, in C++.
+// The eager native path of torch.ops.fire.repair and fire::repair_with_scores, in C++.
 //
-// The ops are defined in Python (fire_repair/ops.py: schema, fake, autograd, the Triton and
-// CUDA paths). A served model calls them on every request, and on the CPU the Python body
-// (validation, layout, the custom-op wrapper) cost about 100 us a call, 15x the kernel at
-// batch 1. These kernels, registered at the CPU and AutogradCPU keys, take that call with no
-// Python on the way:
+// The ops are defined in Python (fire_repair/ops.py: schema, fake, autograd, the Triton path).
+// A served model calls them on every request, and on the CPU the Python body (validation,
+// layout, the custom-op wrapper) cost about 100 us a call, 15x the kernel at batch 1. These
+// kernels, registered at the CPU and AutogradCPU keys (and CUDA and AutogradCUDA in builds with
+// CUDA, for the calls the CUDA C++ kernel serves: FIRE_BACKEND=cuda, or no Triton), take that
+// call with no Python on the way:
 // - AutogradCPU: an input that needs a gradient goes to the Python twin (`fire::_repair_py`,
 //   the same body with its autograd formula); otherwise the call is redispatched below
 //   autograd (to the CPU kernel, or to a tensor subclass or dispatch mode, e.g. FakeTensor
 //   under torch.compile and export, which then sees fire::repair itself).
-// - CPU: the inputs the production path prepares (fp32 contiguous directions and centre laid
+// - CPU / CUDA: the inputs the production path prepares (fp32 contiguous directions and centre laid
 //   out in x's memory order, as RepairModule keeps them; x dense in some order) are checked,
 //   laid out as rows without a copy and sent to the kernel. Anything else (FIRE_BACKEND=triton,
 //   a layout that needs a copy, other dtypes, any argument these checks do not accept) goes to
@@ -19,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
@@ -57,14 +59,25 @@ std::optional<int64_t> mode_of(c10::string_view mode) {
   return std::nullopt;
 }
 
-bool native_backend_selected() {
+// Whether Triton serves CUDA tensors when FIRE_BACKEND is auto (set by fire_repair.ops at import;
+// until then CUDA calls go to Python, which decides).
+std::atomic<bool> triton_serves_cuda{true};
+
+// Whether the C++ kernel serves tensors on `device` (fire_repair.ops.backend_for's choice);
+// otherwise the Python twin runs Triton or raises the error that names the setting.
+bool native_backend_selected(const c10::Device& device) {
   const char* choice = std::getenv("FIRE_BACKEND");
-  if (choice == nullptr) return true;
-  return !std::strcmp(choice, "auto") || !std::strcmp(choice, "cpu") || !std::strcmp(choice, "cuda");
+  const bool automatic = choice == nullptr || !std::strcmp(choice, "auto") || !std::strcmp(choice, "cpu");
+  const bool cuda = choice != nullptr && !std::strcmp(choice, "cuda");
+  if (device.is_cpu()) return automatic || cuda;
+#ifdef FIRE_WITH_CUDA
+  if (device.is_cuda()) return cuda || (automatic && !triton_serves_cuda.load(std::memory_order_relaxed));
+#endif
+  return false;
 }
 
-bool f32_contiguous_cpu(const at::Tensor& t) {
-  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.layout() == at::kStrided;
+bool f32_contiguous_on(const at::Tensor& t, const c10::Device& device) {
+  return t.device() == device && t.scalar_type() == at::kFloat && t.is_contiguous() && t.layout() == at::kStrided;
 }
 
 // x's feature dims in memory order (outermost first) if each row is dense in that order.
@@ -92,9 +105,9 @@ bool mergeable(const at::Tensor& t, int64_t start, int64_t end) {
 }
 
 // t (lead dims, then x's feature dims) as fp32 rows in x's memory order, without a copy.
-std::optional<at::Tensor> rows_in_order(const at::Tensor& t, int64_t lead, at::IntArrayRef feat,
-                                        const std::vector<int64_t>& perm, int64_t D) {
-  if (!t.device().is_cpu() || t.scalar_type() != at::kFloat) return std::nullopt;
+std::optional<at::Tensor> rows_in_order(const at::Tensor& t, const c10::Device& device, int64_t lead,
+                                        at::IntArrayRef feat, const std::vector<int64_t>& perm, int64_t D) {
+  if (t.device() != device || t.scalar_type() != at::kFloat) return std::nullopt;
   const bool identity = std::is_sorted(perm.begin(), perm.end());
   if (t.dim() == lead + 1 && t.size(lead) == D) {  // already flat: only in logical order
     if (!identity || !t.is_contiguous()) return std::nullopt;
@@ -112,17 +125,19 @@ std::optional<at::Tensor> rows_in_order(const at::Tensor& t, int64_t lead, at::I
   return u.view(flat_shape);
 }
 
-// The no-copy row layout of a valid call, or nothing (the Python path decides).
+// The no-copy row layout of a valid call (every tensor on x's device), or nothing (the Python
+// path decides).
 std::optional<Rows3> prepare(const at::Tensor& x, const at::Tensor& directions, const at::Tensor& alpha,
                              const OptTensor& center, const OptTensor& tau, int64_t mode, OptInt channel_dim) {
   const auto dt = x.scalar_type();
-  if (!x.device().is_cpu() || x.layout() != at::kStrided || x.dim() < 1 ||
-      (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16))
+  const c10::Device dev = x.device();
+  if (x.layout() != at::kStrided || x.dim() < 1 || (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16))
     return std::nullopt;
-  if (directions.dim() < 2 || !directions.device().is_cpu()) return std::nullopt;
+  if (directions.dim() < 2 || directions.device() != dev) return std::nullopt;
   const int64_t K = directions.size(0);
-  if (K < 1 || K > kMaxK || !f32_contiguous_cpu(alpha) || alpha.dim() != 1 || alpha.size(0) != K) return std::nullopt;
-  if (tau.has_value() && (!uses_tau(mode) || !f32_contiguous_cpu(*tau) || tau->dim() != 1 || tau->size(0) != K))
+  if (K < 1 || K > kMaxK || !f32_contiguous_on(alpha, dev) || alpha.dim() != 1 || alpha.size(0) != K)
+    return std::nullopt;
+  if (tau.has_value() && (!uses_tau(mode) || !f32_contiguous_on(*tau, dev) || tau->dim() != 1 || tau->size(0) != K))
     return std::nullopt;
   Rows3 r;
   if (!channel_dim.has_value()) {  // flattened: one row per sample
@@ -134,10 +149,10 @@ std::optional<Rows3> prepare(const at::Tensor& x, const at::Tensor& directions, 
     std::vector<int64_t> order{0};
     order.insert(order.end(), perm->begin(), perm->end());
     const at::Tensor xp = identity ? x : x.permute(order);
-    auto V = rows_in_order(directions, 1, feat, *perm, D);
+    auto V = rows_in_order(directions, dev, 1, feat, *perm, D);
     if (!V) return std::nullopt;
     if (center.has_value()) {
-      auto mu = rows_in_order(*center, 0, feat, *perm, D);
+      auto mu = rows_in_order(*center, dev, 0, feat, *perm, D);
       if (!mu) return std::nullopt;
       r.center = *mu;
     }
@@ -156,9 +171,9 @@ std::optional<Rows3> prepare(const at::Tensor& x, const at::Tensor& directions, 
   const at::Tensor xm = x.movedim(cd, -1);
   const int64_t N = xm.size(0), C = xm.size(-1);
   const int64_t P = c10::multiply_integers(xm.sizes().slice(1, ndim - 2));
-  if (directions.dim() != 2 || directions.size(1) != C || !f32_contiguous_cpu(directions)) return std::nullopt;
+  if (directions.dim() != 2 || directions.size(1) != C || !f32_contiguous_on(directions, dev)) return std::nullopt;
   if (center.has_value()) {
-    if (!f32_contiguous_cpu(*center) || center->dim() != 1 || center->size(0) != C) return std::nullopt;
+    if (!f32_contiguous_on(*center, dev) || center->dim() != 1 || center->size(0) != C) return std::nullopt;
     r.center = *center;
   }
   if (mergeable(xm, 0, ndim - 1)) {
@@ -190,11 +205,15 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> try_native(const at::Tensor& x
                                                              const OptTensor& tau, c10::string_view mode_name,
                                                              OptInt channel_dim, bool want_scores) {
   const auto mode = mode_of(mode_name);
-  if (!mode || !native_backend_selected()) return std::nullopt;
+  if (!mode || !native_backend_selected(x.device())) return std::nullopt;
   auto r = prepare(x, directions, alpha, center, tau, *mode, channel_dim);
   if (!r) return std::nullopt;
-  auto [out3, scores] = repair_native_cpu(r->x3, r->V, alpha, r->center.defined() ? OptTensor(r->center) : OptTensor(),
-                                          tau, *mode, want_scores);
+  auto kernel = &repair_native_cpu;
+#ifdef FIRE_WITH_CUDA
+  if (x.is_cuda()) kernel = &repair_native_cuda;
+#endif
+  auto [out3, scores] = kernel(r->x3, r->V, alpha, r->center.defined() ? OptTensor(r->center) : OptTensor(), tau,
+                               *mode, want_scores);
   if (want_scores) {
     auto shape = r->lead;
     shape.push_back(directions.size(0));
@@ -233,7 +252,7 @@ struct RepairWithScores {
 };
 
 template <typename Op>
-typename Op::Ret cpu_kernel(const at::Tensor& x, const at::Tensor& directions, const at::Tensor& alpha,
+typename Op::Ret native_kernel(const at::Tensor& x, const at::Tensor& directions, const at::Tensor& alpha,
                             const OptTensor& center, const OptTensor& tau, c10::string_view mode, OptInt channel_dim) {
   if (auto res = try_native(x, directions, alpha, center, tau, mode, channel_dim, Op::scores)) {
     if constexpr (Op::scores) {
@@ -260,14 +279,28 @@ typename Op::Ret autograd_kernel(const at::Tensor& x, const at::Tensor& directio
 
 }  // namespace
 
+void set_triton_serves_cuda(bool serves) { triton_serves_cuda.store(serves, std::memory_order_relaxed); }
+
 TORCH_LIBRARY_IMPL(fire, CPU, m) {
-  m.impl("repair", &cpu_kernel<Repair>);
-  m.impl("repair_with_scores", &cpu_kernel<RepairWithScores>);
+  m.impl("repair", &native_kernel<Repair>);
+  m.impl("repair_with_scores", &native_kernel<RepairWithScores>);
 }
 
 TORCH_LIBRARY_IMPL(fire, AutogradCPU, m) {
   m.impl("repair", &autograd_kernel<Repair>);
   m.impl("repair_with_scores", &autograd_kernel<RepairWithScores>);
 }
+
+#ifdef FIRE_WITH_CUDA
+TORCH_LIBRARY_IMPL(fire, CUDA, m) {
+  m.impl("repair", &native_kernel<Repair>);
+  m.impl("repair_with_scores", &native_kernel<RepairWithScores>);
+}
+
+TORCH_LIBRARY_IMPL(fire, AutogradCUDA, m) {
+  m.impl("repair", &autograd_kernel<Repair>);
+  m.impl("repair_with_scores", &autograd_kernel<RepairWithScores>);
+}
+#endif
 
 }  // namespace fire

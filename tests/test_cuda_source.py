@@ -37,3 +37,15 @@ def test_cuda_fallback_compiles(tmp_path):
     registers = [int(n) for n in re.findall(r"Used (\d+) registers", log)]
     assert registers and spills, "ptxas -v printed no resource usage"
     assert not any(spills), [line for line in log.splitlines() if re.search(r"[1-9]\d* bytes spill", line)]
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_op_cuda_registration_compiles(tmp_path):
+    """csrc/repair_op.cpp as a CUDA build compiles it (FIRE_WITH_CUDA: the CUDA and AutogradCUDA
+    keys and the call of the CUDA kernel), which a CPU build never does."""
+    from torch.utils.cpp_extension import include_paths
+
+    cmd = ["c++", "-fsyntax-only", "-std=c++20", "-DFIRE_WITH_CUDA", str(ROOT / "csrc/repair_op.cpp"),
+           *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]

@@ -115,3 +115,52 @@ def test_opcheck_cuda_per_position():
         V, a = torch.randn(3, 8, device="cuda"), torch.rand(3, device="cuda")
         mu, tau = torch.randn(8, device="cuda"), torch.rand(3, device="cuda") if mode == "clamp" else None
         torch.library.opcheck(torch.ops.fire.repair_with_scores.default, (x, V, a, mu, tau, mode, 1))
+
+
+def _cpp_cuda_path_registered() -> bool:
+    return _cuda_native_available() and torch._C._dispatch_has_kernel_for_dispatch_key("fire::repair", "CUDA")
+
+
+@pytest.mark.parametrize("serves", ["cuda", "auto-without-triton"])
+@pytest.mark.parametrize("mode", fr.MODES)
+@pytest.mark.parametrize("layout", ["flat", "nchw", "channels_last", "per_position_nchw", "tokens", "empty"])
+def test_cuda_native_calls_stay_in_cpp_and_match_python(monkeypatch, layout, mode, serves):
+    """Eager CUDA calls that the CUDA C++ kernel serves (FIRE_BACKEND=cuda, or auto where Triton
+    is missing) go from the C++ op straight to the kernel, with the Python twin's result bit for bit."""
+    from test_op_fast_path import _prepared, fire_ops_called
+
+    import fire_kernels
+    from fire_repair import _ext
+    if not _cpp_cuda_path_registered():
+        pytest.skip("the extension was built without CUDA")
+    x, V, mu, cd = _prepared(layout)
+    x, V, mu = x.cuda(), V.cuda(), None if mu is None else mu.cuda()  # .cuda() keeps the strides
+    a = torch.tensor([1.0, 0.5], device="cuda")
+    tau = torch.tensor([0.1, -0.2], device="cuda") if mode in ("clamp", "gated") else None
+    if serves == "cuda":
+        monkeypatch.setenv("FIRE_BACKEND", "cuda")
+    else:
+        monkeypatch.delenv("FIRE_BACKEND", raising=False)
+        _ext.set_triton_serves_cuda(False)
+        monkeypatch.setattr("fire_repair.ops.HAVE_TRITON", False)  # the Python twin decides alike
+    try:
+        called = fire_ops_called(lambda: torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd))
+        out, sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd)
+        py_out, py_sc = torch.ops.fire._repair_with_scores_py(x, V, a, mu, tau, mode, cd)
+    finally:
+        _ext.set_triton_serves_cuda(fire_kernels.HAVE_TRITON)
+    assert called == {"fire::repair_with_scores"}, called
+    assert torch.equal(out, py_out) and torch.equal(sc, py_sc)
+
+
+def test_cuda_calls_go_to_triton_where_it_serves(monkeypatch):
+    from test_op_fast_path import fire_ops_called
+
+    import fire_kernels
+    if not (_cpp_cuda_path_registered() and fire_kernels.HAVE_TRITON):
+        pytest.skip("needs the CUDA build and Triton")
+    monkeypatch.delenv("FIRE_BACKEND", raising=False)
+    x = torch.randn(3, 40, device="cuda")
+    V, a = torch.randn(2, 40, device="cuda"), torch.ones(2, device="cuda")
+    called = fire_ops_called(lambda: torch.ops.fire.repair(x, V, a, None, None, "project"))
+    assert "fire::_repair_py" in called, called

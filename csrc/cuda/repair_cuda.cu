@@ -131,6 +131,8 @@ __global__ void repair_tiles_kernel(const scalar_t* __restrict__ x, scalar_t* __
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> repair_native_cuda(const at::Tensor& x, const at::Tensor& directions,
                                                       const at::Tensor& alpha,
                                                       const c10::optional<at::Tensor>& center,
@@ -176,8 +178,6 @@ std::tuple<at::Tensor, at::Tensor> repair_native_cuda(const at::Tensor& x, const
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, scores};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fire, CUDA, m) { m.impl("_repair_native", &repair_native_cuda); }
 

@@ -24,6 +24,14 @@ class NativeUnavailable(RuntimeError):
     pass
 
 
+def set_triton_serves_cuda(serves: bool) -> None:
+    """Tells the C++ op whether Triton serves CUDA tensors under FIRE_BACKEND=auto; where it does
+    not, eager CUDA calls of prepared inputs run the CUDA C++ kernel without entering Python
+    (builds with CUDA only; a no-op otherwise)."""
+    if AVAILABLE:
+        _C.set_triton_serves_cuda(bool(serves))
+
+
 def require_native() -> None:
     if not AVAILABLE:
         raise NativeUnavailable(f"fire_repair._C is not loaded ({LOAD_ERROR}); {BUILD_HINT}")

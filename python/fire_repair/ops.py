@@ -122,7 +122,8 @@ def _validate(x, directions, alpha, center, tau, mode, channel_dim):
 # ----------------------------------------------------------------------------- backends
 
 def backend_for(device: torch.device) -> str:
-    """'triton' or 'native' for tensors on `device`, per FIRE_BACKEND (auto|triton|cuda|cpu)."""
+    """'triton' or 'native' for tensors on `device`, per FIRE_BACKEND (auto|triton|cuda|cpu).
+    csrc/repair_op.cpp (native_backend_selected) makes the same choice for eager calls."""
     choice = os.environ.get("FIRE_BACKEND", "auto")
     if choice not in BACKENDS:
         raise ValueError(f"FIRE_BACKEND must be one of {BACKENDS}, got {choice!r}")
@@ -333,6 +334,9 @@ def _repair_grad(
     out, p = _run(grad, directions, weights, None, None, fire_kernels.PROJECT, True, cd)
     return out, p
 
+
+# Where Triton is missing, the C++ op takes eager CUDA calls itself (builds with CUDA).
+_ext.set_triton_serves_cuda(HAVE_TRITON)
 
 if _ext.AVAILABLE:
 
