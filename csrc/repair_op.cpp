@@ -253,7 +253,8 @@ struct RepairWithScores {
 
 template <typename Op>
 typename Op::Ret native_kernel(const at::Tensor& x, const at::Tensor& directions, const at::Tensor& alpha,
-                            const OptTensor& center, const OptTensor& tau, c10::string_view mode, OptInt channel_dim) {
+                               const OptTensor& center, const OptTensor& tau, c10::string_view mode,
+                               OptInt channel_dim) {
   if (auto res = try_native(x, directions, alpha, center, tau, mode, channel_dim, Op::scores)) {
     if constexpr (Op::scores) {
       return *res;
@@ -277,30 +278,26 @@ typename Op::Ret autograd_kernel(const at::Tensor& x, const at::Tensor& directio
   return self.call(x, directions, alpha, center, tau, mode, channel_dim);
 }
 
+// The same kernels for each device's dispatch keys (CPU, and CUDA in builds with CUDA).
+void register_native(torch::Library& m) {
+  m.impl("repair", &native_kernel<Repair>);
+  m.impl("repair_with_scores", &native_kernel<RepairWithScores>);
+}
+
+void register_autograd(torch::Library& m) {
+  m.impl("repair", &autograd_kernel<Repair>);
+  m.impl("repair_with_scores", &autograd_kernel<RepairWithScores>);
+}
+
 }  // namespace
 
 void set_triton_serves_cuda(bool serves) { triton_serves_cuda.store(serves, std::memory_order_relaxed); }
 
-TORCH_LIBRARY_IMPL(fire, CPU, m) {
-  m.impl("repair", &native_kernel<Repair>);
-  m.impl("repair_with_scores", &native_kernel<RepairWithScores>);
-}
-
-TORCH_LIBRARY_IMPL(fire, AutogradCPU, m) {
-  m.impl("repair", &autograd_kernel<Repair>);
-  m.impl("repair_with_scores", &autograd_kernel<RepairWithScores>);
-}
-
+TORCH_LIBRARY_IMPL(fire, CPU, m) { register_native(m); }
+TORCH_LIBRARY_IMPL(fire, AutogradCPU, m) { register_autograd(m); }
 #ifdef FIRE_WITH_CUDA
-TORCH_LIBRARY_IMPL(fire, CUDA, m) {
-  m.impl("repair", &native_kernel<Repair>);
-  m.impl("repair_with_scores", &native_kernel<RepairWithScores>);
-}
-
-TORCH_LIBRARY_IMPL(fire, AutogradCUDA, m) {
-  m.impl("repair", &autograd_kernel<Repair>);
-  m.impl("repair_with_scores", &autograd_kernel<RepairWithScores>);
-}
+TORCH_LIBRARY_IMPL(fire, CUDA, m) { register_native(m); }
+TORCH_LIBRARY_IMPL(fire, AutogradCUDA, m) { register_autograd(m); }
 #endif
 
 }  // namespace fire
