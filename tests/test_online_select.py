@@ -1,4 +1,6 @@
 """Online repair and the label-free layer/alpha selection on the trained backdoored model."""
+import warnings
+
 import pytest
 import torch
 
@@ -287,6 +289,7 @@ def test_unpaired_selection_needs_no_twins_and_no_labels(backdoored):
     flagged = backdoored["hold_pairs"][1][:32]
     sel = fr.select_unpaired(est, flagged, backdoored["hold_clean"], alphas=[1.0])
     assert sel.profile.info["selection"]["inferred_target"] == backdoored["attack"].target
+    assert sel.profile.info["selection"]["target_share"] > 0.9  # the backdoor shows
     assert len(sel.evidence) == 3
     assert _pa_with(model, sel.profile, backdoored) > 0.85
     # by default agreements within 2 flagged samples of the best are ties, and the candidate whose
@@ -310,6 +313,24 @@ def test_unpaired_selection_needs_no_twins_and_no_labels(backdoored):
         fr.select_unpaired(est, flagged, backdoored["hold_clean"], agreement_slack=-1)
     with pytest.raises(ValueError, match="tie_break"):
         fr.select_unpaired(est, flagged, backdoored["hold_clean"], tie_break="twin_kl")
+
+
+def test_unpaired_selection_warns_where_the_flagged_samples_show_no_backdoor(backdoored):
+    """Flagged samples the model reads as their own classes (an attack that did not implant,
+    or samples that are not triggered) give "moved off the inferred target" nothing to measure."""
+    model = backdoored["model"]
+    est = fr.Estimator(model, ["block1"])
+    est.observe(backdoored["hold_clean"], poisoned=False)
+    not_triggered = backdoored["hold_pairs"][0][:32]  # the twins: clean images of many classes
+    with pytest.warns(UserWarning, match=r"flagged samples are predicted as the inferred target"):
+        sel = fr.select_unpaired(est, not_triggered, backdoored["hold_clean"], alphas=[1.0])
+    pred = predict(model, not_triggered)
+    info = sel.profile.info["selection"]
+    share = (pred == info["inferred_target"]).double().mean().item()
+    assert info["target_share"] == pytest.approx(share) and share < 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # triggered samples: no warning
+        fr.select_unpaired(est, backdoored["hold_pairs"][1][:32], backdoored["hold_clean"], alphas=[1.0])
 
 
 @pytest.mark.parametrize("flags", [[True, False, True, False], "numpy", True])

@@ -433,7 +433,16 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
     if tie_break not in ("margin_gap", "margin"):
         raise ValueError(f"tie_break must be 'margin_gap' or 'margin', got {tie_break!r}")
     model = _model_of(estimator)
-    target = int(predict(model, x_flagged).mode().values) if len(x_flagged) else 0
+    flagged_pred = predict(model, x_flagged)
+    target = int(flagged_pred.mode().values) if len(x_flagged) else 0
+    target_share = (flagged_pred == target).double().mean().item() if len(x_flagged) else 0.0
+    if len(x_flagged) and target_share < 0.5:
+        # "moved off the target" then scores moving correctly read images: no evidence of a repair
+        # (the digits' SIG and WaNet, not implanted: 16 and 14 %, against 98-100 % where implanted; on SIG
+        # the fine alpha grid took 2.5 there, PA 95.0 -> 85.4 %)
+        warnings.warn(f"only {100 * target_share:.0f}% of the flagged samples are predicted as the inferred "
+                      f"target {target}: they show no backdoor for unpaired selection to measure a repair by "
+                      "(is the attack implanted, are the samples triggered?)", stacklevel=3)
     clean_logits = logits(model, x_clean_reference)
     clean_pred = clean_logits.argmax(1) if len(clean_logits) else torch.zeros(0, dtype=torch.int64)
     clean_margin = _margin_for(clean_logits, clean_pred).mean().item() if len(clean_logits) else 0.0
@@ -466,5 +475,6 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
                tie=tie_break, clean_cost=clean_cost, slack=agreement_slack,
                derive=lambda e: e.update(margin_gap=abs(e["margin"] - clean_margin)))
     sel.profile.info["selection"]["inferred_target"] = target
+    sel.profile.info["selection"]["target_share"] = target_share
     sel.profile.info["selection"]["clean_margin"] = clean_margin
     return sel
