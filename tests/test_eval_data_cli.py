@@ -95,6 +95,17 @@ def test_split_is_random_and_disjoint_on_a_class_ordered_test_set():
     assert len(set(y[sorted(ids(held.pairs[0]))].tolist())) > 3  # pairs from many classes, not the first
     assert len(held.pairs[0]) == 16 and len(held.flagged) == 64 and torch.equal(stream[:64], held.flagged)
     assert len(ep) == len(epy) == int((ey != 0).sum())
+    # the pool of pairs the harness draws from: its first n_pairs are the pairs; other draws are
+    # other rows of it, twin and triggered image still together
+    twins, triggered = held.pool
+    assert torch.equal(twins[:16], held.pairs[0]) and torch.equal(triggered[:16], held.pairs[1])
+    assert held.drawn(0, 16) is held
+    other = held.drawn(1, 16)
+    assert torch.equal(other.drawn(0, 16).pairs[0], other.pairs[0]) and other.flagged is held.flagged
+    where = [next(i for i in range(len(twins)) if torch.equal(twins[i], t)) for t in other.pairs[0]]
+    assert len(set(where)) == 16 and set(where) != set(range(16))
+    assert all(torch.equal(triggered[i], p) for i, p in zip(where, other.pairs[1], strict=True))
+    assert torch.equal(held.drawn(1, 16).pairs[1], other.pairs[1])  # seeded by the draw
 
 
 @pytest.mark.slow
@@ -130,17 +141,41 @@ def test_harness_small_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_pair_draws_refit_the_headline_on_other_pairs(tmp_path, capsys):
+    """--pair-draws N: the paired headline fitted on N - 1 other draws of the defender's pairs,
+    draw 0 being its row; the spread in the JSON and in the table."""
+    out = tmp_path / "out"
+    cli.main(["eval", "--attack", "badnets", "--defenses", "none", "fire-clamp", "fire-clamp-unpaired",
+              "--epochs", "6", "--out", str(out), "--cache", str(tmp_path / "cache"), "--no-ablations",
+              "--no-online", "--quiet", "--pair-draws", "3"])
+    res = json.loads((out / "results.json").read_text())["runs"][0]
+    draws = res["pair_draws"]
+    rows = {r["defense"]: r for r in res["rows"]}
+    assert draws["defense"] == "fire-clamp" and [d["draw"] for d in draws["draws"]] == [0, 1, 2]
+    assert draws["draws"][0]["PA"] == rows["fire-clamp"]["PA"]
+    assert all(d["PA"] > 0.8 and d["mode"] == "clamp" for d in draws["draws"])
+    table = (out / "table.md").read_text()
+    pa = [100 * d["PA"] for d in draws["draws"]]
+    line = next(x for x in table.splitlines() if x.startswith("| badnets | fire-clamp | 3 |"))
+    assert f"| {sum(pa) / 3:.1f} | {min(pa):.1f} | {max(pa):.1f} |" in line
+    ca = rows["none"]["CA"]
+    assert line.endswith(f"| {sum(d['PA'] >= 0.95 * ca for d in draws['draws'])} / 3 |")
+    with pytest.raises(ValueError, match="pair_draws"):
+        harness.run(harness.RunConfig(pair_draws=0), log=lambda *a: None)
+
+
+@pytest.mark.slow
 def test_cli_eval_writes_table_json_and_plot(tmp_path, capsys):
     out = tmp_path / "out"
     cli.main(["eval", "--attack", "trojan", "--defenses", "none", "fire-clamp", "blur", "--epochs", "6",
               "--out", str(out), "--cache", str(tmp_path / "cache"), "--no-ablations", "--quiet",
-              "--agreement-slack", "0", "--paired-beta", "control_variate"])
+              "--agreement-slack", "0", "--paired-beta", "mean"])
     printed = capsys.readouterr().out
     assert "| trojan | fire-clamp |" in printed
     results = json.loads((out / "results.json").read_text())["runs"]
     assert [r["defense"] for r in results[0]["rows"]] == ["none", "fire-clamp", "blur"]
     assert results[0]["config"]["agreement_slack"] == 0  # the options reach the run's config
-    assert results[0]["config"]["paired_beta"] == "control_variate"
+    assert results[0]["config"]["paired_beta"] == "mean"  # not the default (control_variate)
     for row in results[0]["rows"]:  # every number of the table is in the JSON
         assert f"{100 * row['PA']:.1f}" in printed and f"{100 * row['CA']:.1f}" in printed
     png = (out / "results.png").read_bytes()

@@ -13,6 +13,9 @@ from fire_repair.eval import harness
 
 torch.set_num_threads(1)
 FINE = [0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0]
+# The harness's rule when this sweep was recorded (before the switch to steps of 0.25 and the
+# control-variate beta, ../selection-draws/); each variant changes it
+RECORDED = {"alphas": [0.5, 1.0, 1.5, 2.0, 3.0], "paired_beta": "mean"}
 VARIANTS = {
     "default (16 pairs)": {},
     "8 pairs": {"n_pairs": 8},
@@ -28,7 +31,7 @@ VARIANTS = {
 print("| variant | CA | ASR | PA | chosen | seconds |\n|---|---:|---:|---:|---|---:|")
 for name in sys.argv[1:] or VARIANTS:
     cfg = harness.RunConfig(attack="blended", model="vit", defenses=["fire"], online=False, ablations=False,
-                            **VARIANTS[name])
+                            **{**RECORDED, **VARIANTS[name]})
     t = time.perf_counter()
     row = harness.run(cfg, progress=False, log=lambda s: None)["rows"][0]
     chosen = (f"{'+'.join(row['layers'])}, {row['form']}, {row['mode']}, alpha {row['alpha']}, "

@@ -32,7 +32,7 @@ from fire_repair.eval import harness
 from fire_repair.eval import models as models_mod
 
 torch.set_num_threads(1)
-DEFAULT = [0.5, 1.0, 1.5, 2.0, 3.0]  # harness.RunConfig.alphas
+DEFAULT = [0.5, 1.0, 1.5, 2.0, 3.0]  # harness.RunConfig.alphas when this study ran (now FINE)
 FINE = [0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0]
 RULES = {f"{grid} grid, {tie}, slack {slack}": (alphas, tie, slack)
          for grid, alphas in (("default", DEFAULT), ("fine", FINE))

@@ -9,7 +9,8 @@ Steps of `run`: `backdoored_model` -> `split` -> each defence's `fit` / `predict
 `detection_auroc`, `online_curve`, `ablations`.
 """
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -44,8 +45,11 @@ class RunConfig:
     layer_pairs: bool = True  # also try each two consecutive candidate layers together
     # the repair forms selection chooses between; per position only at layers with positions
     forms: list = field(default_factory=lambda: ["flattened", "per_position"])
-    # 3.0: global triggers on the ViT need more than 2 (measured: Blended PA 47% with alphas up to 2, 67% with 3)
-    alphas: list = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 3.0])
+    # 3.0: global triggers on the ViT need more than 2 (measured: Blended PA 47% with alphas up to 2, 67% with 3);
+    # steps of 0.25 between 1 and 2: over 20 draws of the pairs, ViT Blended's best alpha is 1.25, with
+    # the control-variate beta 16/20 draws meet PA >= 0.95 x CA against 0/20 on steps of 0.5
+    # (benchmarks/results/selection-draws/); it costs 8/5 of selection's passes
+    alphas: list = field(default_factory=lambda: [0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0])
     k: int = 1
     # clamp's tau: candidate clean quantiles, chosen per layer set by selection (like alpha)
     tau_quantile: list = field(default_factory=lambda: [0.9, 0.99])
@@ -67,7 +71,14 @@ class RunConfig:
     clean_cost: str = "expected_drop"
     tie_break: str = "twin_kl"  # paired selection: "twin_kl" or "margin" (see fr.select)
     agreement_slack: int = 1  # paired selection: agreements this many twins apart are ties (fr.select)
-    paired_beta: str = "mean"  # paired estimation: "mean" or "control_variate" (fr.Estimator)
+    # paired estimation: "mean" or "control_variate" (fr.Estimator): the latter corrects beta for which
+    # images the 16 pairs are (selection-draws: ViT Blended 87.6 -> 93.0% mean PA with the fine grid,
+    # CIFAR-10 Blended 73.8 -> 75.5%, every other case within 0.2 point)
+    paired_beta: str = "control_variate"
+    # paired FIRE's headline fitted again on this many draws of the defender's pairs (draw 0: the
+    # rows' own pairs): with 16 twins one twin is 6 % of the agreement, so one draw is one sample
+    # of what the label-free choice does (selection-draws: ViT Blended 77.8-94.6 % PA over 20)
+    pair_draws: int = 1
     online: bool = True
     ablations: bool = True
     cache_dir: Optional[str] = ".fire-cache"
@@ -79,6 +90,18 @@ class Held:
     clean: torch.Tensor
     pairs: tuple  # (clean twins, triggered)
     flagged: torch.Tensor  # triggered, no twins
+    # every (clean twin, triggered) pair the defender's half can make; `pairs` is its first n_pairs
+    pool: Optional[tuple] = None
+
+    def drawn(self, draw: int, n: int) -> "Held":
+        """The same clean and flagged images with n other pairs from the pool (draw 0: these)."""
+        if draw == 0:
+            return self
+        if self.pool is None:
+            raise ValueError("this Held has no pool of pairs to draw from")
+        idx = torch.randperm(len(self.pool[0]), generator=torch.Generator().manual_seed(draw))[:n]
+        return Held(clean=self.clean, pairs=(self.pool[0][idx], self.pool[1][idx]), flagged=self.flagged,
+                    pool=self.pool)
 
 
 @dataclass
@@ -284,7 +307,7 @@ def split(cfg: RunConfig, ds, attack):
     n_hold = h if cfg.n_clean_holdout is None else min(h, cfg.n_clean_holdout)
     n_eval, n_pairs = cfg.n_eval, min(cfg.n_pairs, len(px) // 2)
     held = Held(clean=ds.x_test[mine[:n_hold]], pairs=(cx[:n_pairs], px[:n_pairs]),
-                flagged=px[n_pairs:n_pairs + min(cfg.n_poison_seen, len(px) - n_pairs)])
+                flagged=px[n_pairs:n_pairs + min(cfg.n_poison_seen, len(px) - n_pairs)], pool=(cx, px))
     return (held, (ds.x_test[theirs[:n_eval]], ds.y_test[theirs[:n_eval]]), (eval_px[:n_eval], eval_ty[:n_eval]),
             px[n_pairs:])
 
@@ -294,6 +317,8 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
     unknown = [d for d in cfg.defenses if d not in DEFENSES]
     if unknown:
         raise ValueError(f"unknown defence(s) {unknown}; choose from {sorted(DEFENSES)}")
+    if cfg.pair_draws < 1:
+        raise ValueError(f"pair_draws must be at least 1 (the harness's own pairs), got {cfg.pair_draws}")
     ds = dataset or data_mod.load(cfg.data, cfg.data_path, seed=cfg.seed)
     attack = attacks_mod.build(cfg.attack, target=cfg.target, seed=cfg.seed, **cfg.attack_params)
     model, cached, n_poisoned = backdoored_model(cfg, ds, attack, progress)
@@ -311,7 +336,11 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
     for name in cfg.defenses:
         t = time.perf_counter()
         defence = DEFENSES[name]()
-        defence.fit_run(here)
+        with warnings.catch_warnings(record=True) as caught:  # into run.log, beside the row they concern
+            warnings.simplefilter("default")
+            defence.fit_run(here)
+        for w in caught:
+            log(f"  {cfg.attack:>9} {name}: {w.category.__name__}: {w.message}")
         fitted[name] = defence
         row = {"defense": name, **score(defence), "seconds": time.perf_counter() - t}
         if defence.reference:
@@ -336,8 +365,32 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
             result["ablations"] = ablations(model, chosen.selection, cfg, held, layers, score)
             log(f"  {cfg.attack:>9} ablations: " + ", ".join(
                 f"{r['ablation']} PA {100 * r['PA']:.1f}" for r in result["ablations"] if "PA" in r))
+        if cfg.pair_draws > 1 and chosen.paired:
+            name = headline_name(fire)
+            first = next(r for r in result["rows"] if r["defense"] == name)
+            result["pair_draws"] = pair_draws(here, name, first, score, log)
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def pair_draws(run: Run, name: str, first: dict, score, log=print) -> dict:
+    """The paired FIRE defence `name` fitted again on `run.cfg.pair_draws - 1` other draws of the
+    defender's pairs (estimator and fold seed changed with the draw, the evaluation half the
+    same); `first` is its row on the harness's own pairs (draw 0). Every draw's choice, PA, CA
+    and ASR."""
+    cfg, n = run.cfg, len(run.held.pairs[0])
+    kept = ("CA", "ASR", "PA", "layers", "form", "mode", "tau_quantile", "alpha")
+    draws = [{"draw": 0, **{k: first[k] for k in kept}}]
+    for d in range(1, cfg.pair_draws):
+        t = time.perf_counter()
+        cfg_d = replace(cfg, seed=cfg.seed + d)  # the estimators' and the folds' seed only
+        defence = DEFENSES[name]()
+        defence.fit(run.model, run.held.clean, run.held.drawn(d, n), cfg_d, run.layers)
+        row = {**score(defence), **defence.report()}
+        draws.append({"draw": d, **{k: row[k] for k in kept}})
+        log(f"  {cfg.attack:>9} {name} pair draw {d}/{cfg.pair_draws - 1}: PA {100 * draws[-1]['PA']:.1f}  "
+            f"({time.perf_counter() - t:.0f} s)")
+    return {"defense": name, "n_pairs": n, "draws": draws}
 
 
 def tau_quantiles(cfg: RunConfig, modes) -> dict:

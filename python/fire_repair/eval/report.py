@@ -52,6 +52,24 @@ def table(results: list) -> str:
     return "\n".join(lines + extra)
 
 
+def draws_table(results: list) -> str:
+    """Paired FIRE's headline over draws of the defender's pairs (`RunConfig.pair_draws`): PA's
+    spread, and how many draws reach 0.95 x the undefended model's CA."""
+    lines = ["| attack | defence | draws | PA mean % | PA worst % | PA best % | CA mean % | "
+             "draws with PA >= 0.95 x CA |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for res in results:
+        if "pair_draws" not in res:
+            continue
+        draws = res["pair_draws"]["draws"]
+        pa, ca = [d["PA"] for d in draws], [d["CA"] for d in draws]
+        ca_none = next((r["CA"] for r in res["rows"] if r["defense"] == "none"), None)
+        meets = sum(p >= 0.95 * (ca_none if ca_none is not None else c) for p, c in zip(pa, ca, strict=True))
+        lines.append(f"| {label(res, results)} | {res['pair_draws']['defense']} | {len(draws)} | "
+                     f"{100 * sum(pa) / len(pa):.1f} | {100 * min(pa):.1f} | {100 * max(pa):.1f} | "
+                     f"{100 * sum(ca) / len(ca):.1f} | {meets} / {len(draws)} |")
+    return "\n".join(lines)
+
+
 def ablation_table(results: list) -> str:
     lines = ["| attack | ablation | CA % | ASR % | PA % |", "|---|---|---:|---:|---:|"]
     for res in results:
@@ -157,6 +175,15 @@ def plot(results: list, path) -> None:
             ax.bar([i + j * width for i in range(len(attacks))], vals, width, label=d,
                    color=colours[j % len(colours)], hatch="///" if d in references else None,
                    edgecolor="black" if d in references else None, linewidth=0.3)
+        if metric == "PA":  # the headline over draws of the defender's pairs: mean, worst to best
+            drawn = [(i, r["pair_draws"]) for i, r in enumerate(results)
+                     if "pair_draws" in r and r["pair_draws"]["defense"] in defences]
+            for n, (i, draws) in enumerate(drawn):
+                pa = [100 * d["PA"] for d in draws["draws"]]
+                mean = sum(pa) / len(pa)
+                ax.errorbar(i + defences.index(draws["defense"]) * width, mean,
+                            yerr=[[mean - min(pa)], [max(pa) - mean]], fmt="o", ms=3, color="black", capsize=2,
+                            lw=1, label="headline over draws of the pairs" if n == 0 else None)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(attacks))], attacks)
         ax.set_ylabel(f"{metric} %")
         ax.set_ylim(0, 100)

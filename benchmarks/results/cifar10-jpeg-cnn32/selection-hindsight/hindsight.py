@@ -27,13 +27,16 @@ from fire_repair.selection import logits, predict
 
 attack_name, rate, params = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
 vit = sys.argv[4:] == ["vit"]  # the digits ViT instead (every candidate kept: see below)
+# The harness's rule when these files were recorded (before the switch to steps of 0.25 and the
+# control-variate beta, ../../selection-draws/), so that a re-run reproduces them
+recorded = dict(alphas=[0.5, 1.0, 1.5, 2.0, 3.0], paired_beta="mean")
 if vit:
     cfg = harness.RunConfig(attack=attack_name, model="vit", rate=rate, attack_params=params,
-                            defenses=["none", "fire"], ablations=False, online=False)
+                            defenses=["none", "fire"], ablations=False, online=False, **recorded)
 else:
     cfg = harness.RunConfig(attack=attack_name, model="cnn", data="cifar10", data_path="/tmp/data", width=32,
                             epochs=6, rate=rate, attack_params=params, n_eval=2000, n_clean_holdout=2000,
-                            defenses=["none", "fire"], ablations=False, online=False)
+                            defenses=["none", "fire"], ablations=False, online=False, **recorded)
 ds = data_mod.load(cfg.data, cfg.data_path, seed=cfg.seed)
 attack = attacks_mod.build(cfg.attack, target=cfg.target, seed=cfg.seed, **cfg.attack_params)
 model, _, _ = harness.backdoored_model(cfg, ds, attack, False)
