@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fire_repair import cli
-from fire_repair.eval import attacks, data, harness, models
+from fire_repair.eval import attacks, data, harness, models, report
 
 
 def test_digits_is_embedded_and_seeded():
@@ -473,6 +473,19 @@ def test_report_update_lays_a_rerun_over_the_same_experiment(tmp_path, capsys):
         ("none", 0.02), ("fire", 0.8), ("fire-gated", 0.77), ("fire-clamp", 0.72), ("jpeg", 0.1)]
     assert twice["auroc"] == 0.97 and len(twice["updates"]) == 2
     assert set(twice["fire"]) == {"fire-clamp", "fire", "fire-gated"}
+    # the draws of the pairs follow their headline's row: an update brings its own, or makes the
+    # base's stale where it refits that defence without them; a dropped defence takes them along
+    def draws(pa):
+        return {"defense": "fire-clamp", "n_pairs": 16, "draws": [{"draw": 0, "CA": 0.8, "ASR": 1 - pa, "PA": pa}]}
+
+    def merge(b, u, drop=()):
+        return report.update_runs([b], [u], drop)[0]
+
+    with_draws = {**base, "pair_draws": draws(0.7)}
+    assert merge(with_draws, run([("none", 0.02), ("fire", 0.75)]))["pair_draws"] == draws(0.7)
+    assert "pair_draws" not in merge(with_draws, update)  # fire-clamp refitted, no draws
+    assert merge(with_draws, {**update, "pair_draws": draws(0.72)})["pair_draws"] == draws(0.72)
+    assert "pair_draws" not in merge(with_draws, run([("none", 0.02), ("fire", 0.75)]), drop=["fire-clamp"])
     other_model = run([("none", 0.5), ("fire", 0.75)])  # another undefended model: never mixed
     (tmp_path / "bad.json").write_text(json.dumps({"runs": [other_model]}))
     with pytest.raises(ValueError, match="not the same experiment"):

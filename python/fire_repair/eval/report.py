@@ -111,7 +111,8 @@ def update_runs(base: list, updates: list, drop=()) -> list:
     """`base` runs with the rows of same-experiment `updates` laid over them: a defence in both
     takes the update's row (and evidence), a new defence is added after the row the update lists
     before it (at the end where the base has none such); the update's detection AUROC,
-    online curve and ablations (which follow its headline FIRE defence) replace the base's. An
+    online curve, ablations and draws of the pairs (which follow its headline FIRE defence) replace
+    the base's; the base's draws go where the update refits their defence without them. An
     update must find its experiment in `base` with the same undefended row (the same cached
     model, split and seed), else it is an error: rows of different models are never mixed.
     Defences named in `drop` leave the merged runs (e.g. a defence the code no longer has)."""
@@ -141,11 +142,18 @@ def update_runs(base: list, updates: list, drop=()) -> list:
         for key in ("auroc", "online", "ablations"):
             if key in new:
                 run[key] = new[key]
+        # the draws of the pairs belong to their headline's row: refitted without them, they are stale
+        if "pair_draws" in new:
+            run["pair_draws"] = new["pair_draws"]
+        elif run.get("pair_draws", {}).get("defense") in {r["defense"] for r in new["rows"]}:
+            del run["pair_draws"]
         run["updates"] = run.get("updates", []) + [sorted(r["defense"] for r in new["rows"])]
     for run in out:
         if any(r["defense"] in drop for r in run["rows"]):
             run["rows"] = [r for r in run["rows"] if r["defense"] not in drop]
             run["fire"] = {k: v for k, v in run.get("fire", {}).items() if k not in drop}
+            if run.get("pair_draws", {}).get("defense") in drop:
+                del run["pair_draws"]
             run["dropped"] = sorted(set(run.get("dropped", [])) | set(drop))
     return out
 
@@ -184,7 +192,9 @@ def plot(results: list, path) -> None:
                 ax.errorbar(i + defences.index(draws["defense"]) * width, mean,
                             yerr=[[mean - min(pa)], [max(pa) - mean]], fmt="o", ms=3, color="black", capsize=2,
                             lw=1, label="headline over draws of the pairs" if n == 0 else None)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(attacks))], attacks)
+        # labels like "adaptive / cnn" overlap side by side past a few attacks: slanted
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(attacks))], attacks,
+                      rotation=30 if len(attacks) > 4 else 0, ha="right" if len(attacks) > 4 else "center")
         ax.set_ylabel(f"{metric} %")
         ax.set_ylim(0, 100)
         ax.set_title({"PA": "Poisoned accuracy (higher is better)",
@@ -202,7 +212,7 @@ def plot(results: list, path) -> None:
     axes[2].set_title("Online FIRE (the headline defence's mode)")
     if any(r.get("online") for r in results):
         axes[2].legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0.1 if len(defences) > 6 else 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.1 if len(defences) > 6 else 0.06, 1, 1))  # room for the legend below
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
