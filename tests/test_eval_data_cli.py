@@ -112,7 +112,7 @@ def test_split_is_random_and_disjoint_on_a_class_ordered_test_set():
 def test_harness_small_run(tmp_path):
     cfg = harness.RunConfig(attack="badnets", epochs=6, cache_dir=str(tmp_path / "cache"),
                             defenses=["none", "clean-model", "fire-clamp", "fire", "fire-gated", "fire-clamp-unpaired",
-                                      "shrinkpad", "strip"], alphas=[1.0], ablations=False)
+                                      "shrinkpad", "strip"], alphas=[1.0], unpaired_alphas=[1.0, 2.0], ablations=False)
     res = harness.run(cfg, progress=False, log=lambda *a: None)
     rows = {r["defense"]: r for r in res["rows"]}
     assert rows["none"]["ASR"] > 0.9
@@ -131,6 +131,9 @@ def test_harness_small_run(tmp_path):
     # paired: clamp's tau among the candidate quantiles; unpaired: the most conservative only
     assert {e["tau_quantile"] for e in chosen["evidence"] if e["mode"] == "clamp"} == {0.9, 0.99}
     assert {e["tau_quantile"] for e in res["fire"]["fire-clamp-unpaired"]["evidence"]} == {0.99}
+    # each selection tries its own alphas
+    assert {e["alpha"] for e in chosen["evidence"]} == {1.0}
+    assert {e["alpha"] for e in res["fire"]["fire-clamp-unpaired"]["evidence"]} == {1.0, 2.0}
     assert rows["fire"]["tau_quantile"] == chosen["tau_quantile"]
     assert rows["strip"]["reject_poison"] > 0.5
     assert res["auroc"] > 0.95
@@ -486,6 +489,8 @@ def test_report_update_lays_a_rerun_over_the_same_experiment(tmp_path, capsys):
     assert "pair_draws" not in merge(with_draws, update)  # fire-clamp refitted, no draws
     assert merge(with_draws, {**update, "pair_draws": draws(0.72)})["pair_draws"] == draws(0.72)
     assert "pair_draws" not in merge(with_draws, run([("none", 0.02), ("fire", 0.75)]), drop=["fire-clamp"])
+    # an update of another defence than the headline leaves the headline's AUROC
+    assert merge(update, run([("none", 0.02), ("fire-clamp-unpaired", 0.6)], auroc=0.5))["auroc"] == 0.95
     other_model = run([("none", 0.5), ("fire", 0.75)])  # another undefended model: never mixed
     (tmp_path / "bad.json").write_text(json.dumps({"runs": [other_model]}))
     with pytest.raises(ValueError, match="not the same experiment"):

@@ -439,7 +439,7 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
     if len(x_flagged) and target_share < 0.5:
         # "moved off the target" then scores moving correctly read images: no evidence of a repair
         # (the digits' SIG and WaNet, not implanted: 16 and 14 %, against 98-100 % where implanted; on SIG
-        # the fine alpha grid took 2.5 there, PA 95.0 -> 85.4 %)
+        # alphas in steps of 0.25 let it take 2.5 there, PA 95.0 -> 85.4 %)
         warnings.warn(f"only {100 * target_share:.0f}% of the flagged samples are predicted as the inferred "
                       f"target {target}: they show no backdoor for unpaired selection to measure a repair by "
                       "(is the attack implanted, are the samples triggered?)", stacklevel=3)

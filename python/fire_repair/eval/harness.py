@@ -45,11 +45,15 @@ class RunConfig:
     layer_pairs: bool = True  # also try each two consecutive candidate layers together
     # the repair forms selection chooses between; per position only at layers with positions
     forms: list = field(default_factory=lambda: ["flattened", "per_position"])
-    # 3.0: global triggers on the ViT need more than 2 (measured: Blended PA 47% with alphas up to 2, 67% with 3);
-    # steps of 0.25 between 1 and 2: over 20 draws of the pairs, ViT Blended's best alpha is 1.25, with
-    # the control-variate beta 16/20 draws meet PA >= 0.95 x CA against 0/20 on steps of 0.5
-    # (benchmarks/results/selection-draws/); it costs 8/5 of selection's passes
+    # paired selection's alphas. 3.0: global triggers on the ViT need more than 2 (measured: Blended PA 47%
+    # with alphas up to 2, 67% with 3); steps of 0.25 between 1 and 2: over 20 draws of the pairs, ViT
+    # Blended's best alpha is 1.25, with the control-variate beta 16/20 draws meet PA >= 0.95 x CA against
+    # 0/20 on steps of 0.5 (benchmarks/results/selection-draws/); it costs 8/5 of selection's passes
     alphas: list = field(default_factory=lambda: [0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0])
+    # unpaired selection's: its criterion (flagged samples moved off the inferred target, ties within 2
+    # of 64 by margin gap) is weaker than agreement with twins, and more candidates give it more to
+    # pick wrongly: with the paired grid, CIFAR-10 Blended fell from 73.4 to 63.3% (block3, alpha 1.75)
+    unpaired_alphas: list = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 3.0])
     k: int = 1
     # clamp's tau: candidate clean quantiles, chosen per layer set by selection (like alpha)
     tau_quantile: list = field(default_factory=lambda: [0.9, 0.99])
@@ -148,7 +152,8 @@ class FireDefense(Defense):
         if cfg.layer_pairs:
             layer_sets += [list(p) for p in zip(layers[:-1], layers[1:], strict=True)]
         ests = estimators(model, layers, cfg, held.clean[:2])
-        grid = dict(layer_sets=layer_sets, modes=list(self.modes), alphas=cfg.alphas,
+        grid = dict(layer_sets=layer_sets, modes=list(self.modes),
+                    alphas=cfg.alphas if self.paired else cfg.unpaired_alphas,
                     max_clean_change=cfg.max_clean_change, clean_cost=cfg.clean_cost,
                     tau_quantile=tau_quantiles(cfg, self.modes), folds=cfg.folds, seed=cfg.seed)
         if self.paired:

@@ -110,11 +110,12 @@ def run_key(run: dict) -> tuple:
 def update_runs(base: list, updates: list, drop=()) -> list:
     """`base` runs with the rows of same-experiment `updates` laid over them: a defence in both
     takes the update's row (and evidence), a new defence is added after the row the update lists
-    before it (at the end where the base has none such); the update's detection AUROC,
-    online curve, ablations and draws of the pairs (which follow its headline FIRE defence) replace
-    the base's; the base's draws go where the update refits their defence without them. An
-    update must find its experiment in `base` with the same undefended row (the same cached
-    model, split and seed), else it is an error: rows of different models are never mixed.
+    before it (at the end where the base has none such). The update's detection AUROC, online
+    curve and ablations replace the base's where its headline FIRE defence is the merged run's
+    (they follow it); its draws of the pairs replace the base's, which go where the update
+    refits their defence without them. An update must find its experiment in `base` with the
+    same undefended row (the same cached model, split and seed), else it is an error: rows of
+    different models are never mixed.
     Defences named in `drop` leave the merged runs (e.g. a defence the code no longer has)."""
     index = {run_key(r): r for r in base}
     out = [dict(r) for r in base]
@@ -139,9 +140,13 @@ def update_runs(base: list, updates: list, drop=()) -> list:
                 merged.insert(at, rows.pop(row["defense"]))
         run["rows"] = merged
         run["fire"] = {**run.get("fire", {}), **new.get("fire", {})}
-        for key in ("auroc", "online", "ablations"):
-            if key in new:
-                run[key] = new[key]
+        # they follow the headline: an update whose own headline is not the merged run's (it refits
+        # only fire-clamp-unpaired, say) leaves the base's in place
+        fire_rows = [r["defense"] for r in merged if "layers" in r]
+        if headline_name(fire_rows) == headline_name([r["defense"] for r in new["rows"] if "layers" in r]):
+            for key in ("auroc", "online", "ablations"):
+                if key in new:
+                    run[key] = new[key]
         # the draws of the pairs belong to their headline's row: refitted without them, they are stale
         if "pair_draws" in new:
             run["pair_draws"] = new["pair_draws"]
