@@ -132,10 +132,24 @@ class CleanModel(Defense):
 
 # ----------------------------------------------------------------------------- FIRE as defences
 
-class FireDefense(Defense):
+class ProfileDefense(Defense):
+    """A fixed FIRE profile (ablations)."""
+
+    def __init__(self, model, profile):
+        self.model, self.profile = model, profile
+
+    def predict(self, x):
+        fr.attach(self.model, self.profile)
+        try:
+            return predict(self.model, x)
+        finally:
+            fr.detach(self.model)
+
+
+class FireDefense(ProfileDefense):
     """A FIRE variant with the baselines' fit/predict: `fit` estimates and selects (label-free,
-    out of fold) on what the defender holds, the mode among `modes` included; `predict` runs the
-    model with the profile attached."""
+    out of fold) on what the defender holds, the mode among `modes` included, and so chooses the
+    profile that `predict` attaches."""
 
     def __init__(self, modes=("clamp",), paired: bool = True, name: Optional[str] = None):
         self.modes, self.paired = tuple(modes), paired
@@ -177,27 +191,6 @@ class FireDefense(Defense):
         sel = self.selection
         return {"layers": sel.layers, "form": sel.form, "mode": sel.mode, "tau_quantile": sel.tau_quantile,
                 "alpha": sel.alpha, "evidence": sel.evidence}
-
-    def predict(self, x):
-        fr.attach(self.model, self.profile)
-        try:
-            return predict(self.model, x)
-        finally:
-            fr.detach(self.model)
-
-
-class ProfileDefense(Defense):
-    """A fixed FIRE profile (ablations)."""
-
-    def __init__(self, model, profile):
-        self.model, self.profile = model, profile
-
-    def predict(self, x):
-        fr.attach(self.model, self.profile)
-        try:
-            return predict(self.model, x)
-        finally:
-            fr.detach(self.model)
 
 
 # `fire` and `fire-unpaired` choose the mode too (label-free, with the layer and alpha): clamp
