@@ -442,6 +442,17 @@ def test_report_merges_runs_into_one_table_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "out" / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_plot_has_an_online_panel_only_where_a_run_measured_online(tmp_path):
+    rows = [{"defense": d, "CA": 0.8, "ASR": 0.1, "PA": 0.7} for d in ("none", "fire")]
+    run = {"config": {"attack": "badnets"}, "rows": rows}
+    widths = []
+    for name, runs in (("offline", [run]), ("online", [{**run, "online": {"curve": [[0, 0.1], [8, 0.7]]}}])):
+        report.plot(runs, tmp_path / f"{name}.png")
+        png = (tmp_path / f"{name}.png").read_bytes()
+        widths.append(int.from_bytes(png[16:20], "big"))  # the IHDR chunk's width in pixels
+    assert widths[0] < 0.75 * widths[1]  # two panels against three
+
+
 def test_report_update_lays_a_rerun_over_the_same_experiment(tmp_path, capsys):
     def run(rows, **extra):
         full = [{"defense": d, "CA": 0.8, "ASR": 1 - p, "PA": p, "reject_clean": 0.0, "reject_poison": 0.0}

@@ -177,7 +177,9 @@ def plot(results: list, path) -> None:
     attacks = [label(r, results) for r in results]
     defences = [row["defense"] for row in results[0]["rows"]]
     references = {row["defense"] for r in results for row in r["rows"] if row.get("reference")}
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.6))
+    online = [r for r in results if r.get("online")]
+    # the online panel only where a run measured online FIRE: an empty third panel reads as a failure
+    fig, axes = plt.subplots(1, 3 if online else 2, figsize=(18 if online else 12.5, 5.6))
     width = 0.8 / max(len(defences), 1)
     # a colour per defence (tab10 repeats after ten); reference rows (a clean model) hatched
     colours = plt.get_cmap("tab10" if len(defences) <= 10 else "tab20").colors
@@ -207,15 +209,14 @@ def plot(results: list, path) -> None:
     # one legend for both bar charts, below them: never over the bars
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
-    for r in results:
-        if r.get("online"):
-            c = r["online"]["curve"]
-            axes[2].plot([s for s, _ in c], [100 * pa for _, pa in c], marker="o", ms=3, label=label(r, results))
-    axes[2].set_xlabel("poisoned samples seen (online)")
-    axes[2].set_ylabel("PA %")
-    axes[2].set_ylim(0, 100)
-    axes[2].set_title("Online FIRE (the headline defence's mode)")
-    if any(r.get("online") for r in results):
+    for r in online:
+        c = r["online"]["curve"]
+        axes[2].plot([s for s, _ in c], [100 * pa for _, pa in c], marker="o", ms=3, label=label(r, results))
+    if online:
+        axes[2].set_xlabel("poisoned samples seen (online)")
+        axes[2].set_ylabel("PA %")
+        axes[2].set_ylim(0, 100)
+        axes[2].set_title("Online FIRE (the headline defence's mode)")
         axes[2].legend(fontsize=7)
     fig.tight_layout(rect=(0, 0.1 if len(defences) > 6 else 0.06, 1, 1))  # room for the legend below
     Path(path).parent.mkdir(parents=True, exist_ok=True)
