@@ -293,16 +293,29 @@ def test_unpaired_selection_needs_no_twins_and_no_labels(backdoored):
     assert len(sel.evidence) == 3
     assert _pa_with(model, sel.profile, backdoored) > 0.85
     # by default agreements within 2 flagged samples of the best are ties, and the candidate whose
-    # repaired samples' mean margin lies closest to the clean reference's mean margin wins
+    # repaired samples' mean margin lies closest to the clean reference's mean margin, plus half
+    # its alpha, wins
     info = sel.profile.info["selection"]
-    top = max(round(32 * e["agreement"]) for e in sel.evidence)
-    near = [e for e in sel.evidence if round(32 * e["agreement"]) >= top - 2]
     logits = fr.selection.logits(model, backdoored["hold_clean"])
     clean_margin = (logits.topk(2, 1).values[:, 0] - logits.topk(2, 1).values[:, 1]).mean().item()
     assert info["clean_margin"] == pytest.approx(clean_margin, rel=1e-5)
-    assert all(e["margin_gap"] == pytest.approx(abs(e["margin"] - clean_margin)) for e in sel.evidence)
-    assert info["chosen"]["margin_gap"] == min(e["margin_gap"] for e in near)
-    assert "ties: margin_gap (agreements within 2 sample(s)" in info["criterion"]
+    assert "ties: margin_gap_alpha (agreements within 2 sample(s)" in info["criterion"]
+    # over alphas: the tie-break weighs the gap against the alpha
+    grid = fr.select_unpaired(est, flagged, backdoored["hold_clean"], alphas=[0.5, 1.0, 2.0, 3.0])
+    top = max(round(32 * e["agreement"]) for e in grid.evidence)
+    near = [e for e in grid.evidence if round(32 * e["agreement"]) >= top - 2]
+    for e in grid.evidence:
+        assert e["margin_gap"] == pytest.approx(abs(e["margin"] - clean_margin), rel=1e-5)
+        assert e["margin_gap_alpha"] == pytest.approx(e["margin_gap"] + 0.5 * e["alpha"])
+    chosen = grid.profile.info["selection"]["chosen"]
+    assert chosen["margin_gap_alpha"] == min(e["margin_gap_alpha"] for e in near)
+    # the pure gap, and a weight that lets alpha decide alone among the near-ties
+    gap = fr.select_unpaired(est, flagged, backdoored["hold_clean"], alphas=[0.5, 1.0, 2.0, 3.0],
+                             tie_break="margin_gap")
+    assert gap.profile.info["selection"]["chosen"]["margin_gap"] == min(e["margin_gap"] for e in near)
+    gentle = fr.select_unpaired(est, flagged, backdoored["hold_clean"], alphas=[0.5, 1.0, 2.0, 3.0],
+                                alpha_weight=1e6)
+    assert gentle.alpha == min(e["alpha"] for e in near)
     # the largest mean margin instead, and no slack
     margin = fr.select_unpaired(est, flagged, backdoored["hold_clean"], alphas=[1.0], agreement_slack=0,
                                 tie_break="margin")
@@ -313,6 +326,9 @@ def test_unpaired_selection_needs_no_twins_and_no_labels(backdoored):
         fr.select_unpaired(est, flagged, backdoored["hold_clean"], agreement_slack=-1)
     with pytest.raises(ValueError, match="tie_break"):
         fr.select_unpaired(est, flagged, backdoored["hold_clean"], tie_break="twin_kl")
+    for bad in (-0.5, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match="alpha_weight"):
+            fr.select_unpaired(est, flagged, backdoored["hold_clean"], alpha_weight=bad)
 
 
 def test_unpaired_selection_warns_where_the_flagged_samples_show_no_backdoor(backdoored):

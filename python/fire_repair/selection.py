@@ -119,8 +119,8 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (lp.exp() * (lp - lq)).sum(1)
 
 
-# evidence key -> sign (twin_kl and margin_gap: smaller wins)
-TIE_BREAKS = {"twin_kl": -1.0, "margin": 1.0, "margin_gap": -1.0}
+# evidence key -> sign (twin_kl, margin_gap and margin_gap_alpha: smaller wins)
+TIE_BREAKS = {"twin_kl": -1.0, "margin": 1.0, "margin_gap": -1.0, "margin_gap_alpha": -1.0}
 
 
 def _folds(n: int, folds: int, seed: int) -> list:
@@ -408,7 +408,8 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
                     modes: Sequence[str] = ("clamp",), alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 3.0),
                     max_clean_change: float = 0.01, tau_quantile: Quantiles = 0.99,
                     folds: int = 4, seed: int = 0, clean_cost: str = "expected_drop",
-                    agreement_slack: int = 2, tie_break: str = "margin_gap") -> Selection:
+                    agreement_slack: int = 2, tie_break: str = "margin_gap_alpha",
+                    alpha_weight: float = 0.5) -> Selection:
     """Unpaired selection: `estimator` holds clean statistics; the flagged (triggered) samples
     are observed here, fold by fold. The target is inferred as the model's majority prediction
     on them; a repair is scored by how often it moves held-out flagged samples off that target
@@ -419,19 +420,28 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
     (measured: CIFAR-10 SIG 68.3 % PA at 0.9 against 76.9 % at 0.99; the harness passes the
     highest of its candidates). `agreement_slack` as in `select`: candidates within this many
     flagged samples of the best (among those within the clean limit) are ties, ordered by
-    `tie_break`. "margin_gap" (default): how far the mean margin of the repaired flagged samples
-    (largest logit minus the next) lies from the unrepaired model's mean margin on the clean
-    reference set; a repaired trigger image should be read as confidently as a clean one, not
-    left between classes (too weak a repair, or the wrong layer) nor pushed past (too strong an
-    alpha). "margin": the larger mean margin, which rewards the second. Replayed in hindsight on
-    the seven CIFAR-10 cases (64 flagged, clamp; every candidate scored on the evaluation half):
-    slack 2 with margin_gap picks `input+block1` on Blended (73.4 % PA against 65.6 % with slack
-    0) and keeps BadNets, SIG, WaNet, adaptive and the moving patch; Trojan 75.0 % against
-    76.7 %; mean over the seven 74.1 % against 73.2 %. Slack 2 with "margin" also fixes Blended
-    but loses 4.8 points on adaptive, 1.7 on Trojan and 0.8 on BadNets."""
+    `tie_break`. "margin_gap": how far the mean margin of the repaired flagged samples (largest
+    logit minus the next) lies from the unrepaired model's mean margin on the clean reference
+    set; a repaired trigger image should be read as confidently as a clean one, not left between
+    classes (too weak a repair, or the wrong layer) nor pushed past (too strong an alpha).
+    "margin_gap_alpha" (default): that gap plus `alpha_weight` x alpha, so that among near-ties
+    the gentler repair wins (the criterion itself rewards any stronger repair). "margin": the
+    larger mean margin, which rewards the second. Replayed in hindsight on the seven CIFAR-10
+    cases (64 flagged, clamp; every candidate scored on the evaluation half): slack 2 with
+    margin_gap picks `input+block1` on Blended (73.4 % PA against 65.6 % with slack 0) and keeps
+    BadNets, SIG, WaNet, adaptive and the moving patch; Trojan 75.0 % against 76.7 %; mean over
+    the seven 74.1 % against 73.2 %. Slack 2 with "margin" also fixes Blended but loses 4.8
+    points on adaptive, 1.7 on Trojan and 0.8 on BadNets. On the same seven attacks' retrained
+    models margin_gap chose `block2+block3` at alpha 1.5 on the moving patch (66.0 %, against
+    74.9 % at `block1+block2`, alpha 1); margin_gap_alpha with a weight of 0.5 picks that on
+    both sets of models, and Trojan's 76.7 % and BadNets' 76.7 % (against 76.0 %) on the
+    first, and loses 0.4 point once (adaptive, second set); any weight from 0.2 to 2 fixes the
+    moving patch, above 0.5 it loses the first set's SIG (74.7 % against 76.9 %)."""
     _check_slack(agreement_slack)
-    if tie_break not in ("margin_gap", "margin"):
-        raise ValueError(f"tie_break must be 'margin_gap' or 'margin', got {tie_break!r}")
+    if tie_break not in ("margin_gap_alpha", "margin_gap", "margin"):
+        raise ValueError(f"tie_break must be 'margin_gap_alpha', 'margin_gap' or 'margin', got {tie_break!r}")
+    if not (isinstance(alpha_weight, (int, float)) and math.isfinite(alpha_weight) and alpha_weight >= 0):
+        raise ValueError(f"alpha_weight must be a finite number >= 0, got {alpha_weight!r}")
     model = _model_of(estimator)
     flagged_pred = predict(model, x_flagged)
     target = int(flagged_pred.mode().values) if len(x_flagged) else 0
@@ -473,7 +483,8 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
                f"max share of flagged samples moved off the inferred target {target} minus the total variation "
                "between their repaired class histogram and the clean one", adjust, reference=clean_logits,
                tie=tie_break, clean_cost=clean_cost, slack=agreement_slack,
-               derive=lambda e: e.update(margin_gap=abs(e["margin"] - clean_margin)))
+               derive=lambda e: e.update(margin_gap=abs(e["margin"] - clean_margin),
+                                         margin_gap_alpha=abs(e["margin"] - clean_margin) + alpha_weight * e["alpha"]))
     sel.profile.info["selection"]["inferred_target"] = target
     sel.profile.info["selection"]["target_share"] = target_share
     sel.profile.info["selection"]["clean_margin"] = clean_margin

@@ -51,7 +51,7 @@ class RunConfig:
     # 0/20 on steps of 0.5 (benchmarks/results/selection-draws/); it costs 8/5 of selection's passes
     alphas: list = field(default_factory=lambda: [0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0])
     # unpaired selection's: its criterion (flagged samples moved off the inferred target, ties within 2
-    # of 64 by margin gap) is weaker than agreement with twins, and more candidates give it more to
+    # of 64 by margin gap plus half the alpha) is weaker than agreement with twins, and more candidates give it more to
     # pick wrongly: with the paired grid, CIFAR-10 Blended fell from 73.4 to 63.3% (block3, alpha 1.75)
     unpaired_alphas: list = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 3.0])
     k: int = 1

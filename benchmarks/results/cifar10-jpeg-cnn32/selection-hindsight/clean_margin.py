@@ -4,12 +4,15 @@ set, for the margin-gap rule in rules.py. Run from the repository root (the mode
     python benchmarks/results/cifar10-jpeg-cnn32/selection-hindsight/clean_margin.py
 """
 import json
+import os
 from pathlib import Path
 
 from fire_repair.eval import attacks as attacks_mod
 from fire_repair.eval import data as data_mod
 from fire_repair.eval import harness
 from fire_repair.selection import _margin_for, logits
+
+HERE = Path(os.environ.get("HINDSIGHT_DIR", Path(__file__).parent))  # where the JSON files are
 
 ds = data_mod.load("cifar10", "/tmp/data", seed=0)
 out = {}
@@ -26,4 +29,4 @@ for spec in ["badnets", "blended", "sig:0.05", "wanet::s=2.0", "trojan", "adapti
     m = _margin_for(lg, lg.argmax(1))
     out[name] = {"mean": m.mean().item(), "median": m.median().item()}
     print(name, out[name], flush=True)
-Path(__file__).with_name("clean-margin.json").write_text(json.dumps(out, indent=1))
+HERE.joinpath("clean-margin.json").write_text(json.dumps(out, indent=1))

@@ -4,14 +4,16 @@ selection rules (not part of the library). Run from the repository root:
     python benchmarks/results/cifar10-jpeg-cnn32/selection-hindsight/hindsight.py ATTACK RATE PARAMS_JSON [unpaired]
 
 e.g. `adaptive 0.1 '{}'`, `sig 0.05 '{}'`, `wanet 0.1 '{"s": 2.0}'`. Writes ATTACK.json beside this
-file: the harness's `fire` choice and, for each candidate within 0.2 of the best out-of-fold
-agreement, its evidence with PA and CA on the evaluation half and its clean costs on the
-defender's clean set (the repair estimated from all 16 pairs, as selection measures them).
+file (or in the folder that the environment variable HINDSIGHT_DIR names): the harness's `fire`
+choice and, for each candidate within 0.2 of the best out-of-fold agreement, its evidence with
+PA and CA on the evaluation half and its clean costs on the defender's clean set (the repair
+estimated from all 16 pairs, as selection measures them).
 With `unpaired`: `fire-clamp-unpaired` (64 flagged images, no twins), candidates within 0.3,
 written to ATTACK-unpaired.json. With `vit` instead: the embedded digits' ViT (the demo's recipe),
 every candidate, written to ../../digits-vit-blended-selection/ATTACK.json.
 """
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -80,7 +82,7 @@ for e in sorted(evidence, key=lambda e: -e["agreement"]):
                 "expected_drop_all": (ref_prob[rows, ref] - ref_prob[rows, new]).mean().item()})
 report = {k: v for k, v in chosen.report().items() if k != "evidence"}
 folder = Path(__file__).parents[1 if vit else 0]
-folder = folder.with_name("digits-vit-blended-selection") if vit else folder
+folder = folder.with_name("digits-vit-blended-selection") if vit else Path(os.environ.get("HINDSIGHT_DIR", folder))
 path = folder / f"{attack_name}{'-unpaired' if unpaired else ''}.json"
 path.write_text(json.dumps({"chosen": report, "candidates": out}, default=float))
 print("done", time.time() - t)
