@@ -14,7 +14,10 @@ repository root:
 
 MODEL is `cnn`, `vit` (the embedded digits, the demo's recipes) or `cifar` (CIFAR-10 cnn32, the
 recipe of `../cifar10-jpeg-cnn32/`, images in /tmp/data). Writes MODEL-ATTACK.json beside this
-file (MODEL-ATTACK-cv.json with the control-variate beta).
+file (MODEL-ATTACK-cv.json with the control-variate beta), or in `--out`. With `--candidates S`,
+every candidate of the fine grid within S twins of the best agreement that keeps the clean limit
+is scored too (its evidence, clean costs, PA and CA in the draw's "candidates"), so that other
+tie-breaks can be replayed offline.
 """
 import argparse
 import dataclasses
@@ -97,6 +100,9 @@ def main():
     p.add_argument("--rate", type=float, default=0.1)
     p.add_argument("--params", type=json.loads, default={}, help="the attack's parameters, as JSON")
     p.add_argument("--paired-beta", default="mean", choices=["mean", "control_variate"])
+    p.add_argument("--out", type=Path, default=Path(__file__).parent, help="the folder to write the JSON in")
+    p.add_argument("--candidates", type=int, default=None, metavar="S",
+                   help="also score every candidate within S twins of the best agreement")
     args = p.parse_args()
     model_name, attack_name, draws, rate, params = args.model, args.attack, args.draws, args.rate, args.params
     cfg = config(model_name, attack_name, rate, params, args.paired_beta)
@@ -118,7 +124,8 @@ def main():
            "paired_beta": args.paired_beta,
            "n_eval_poison": len(eval_poison_y), "n_eval_clean": len(eval_y), "draws": []}
     cv = "-cv" if args.paired_beta == "control_variate" else ""
-    path = Path(__file__).with_name(f"{model_name}-{attack_name}{cv}.json")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{model_name}-{attack_name}{cv}.json"
     for d in range(draws):
         t = time.time()
         idx = torch.arange(n) if d == 0 else torch.randperm(len(all_px), generator=torch.Generator().manual_seed(d))[:n]
@@ -140,6 +147,16 @@ def main():
             e = sel._choose(pool, cfg.max_clean_change, replay.measure, n, tie, cfg.clean_cost, slack)
             row["rules"][name] = {"choice": list(key(e)), "agreement": e["agreement"], "twin_kl": e["twin_kl"],
                                   "margin": e["margin"], **replay.score(e)}
+        if args.candidates is not None:
+            row["candidates"], top = [], None  # top: the best agreement that keeps the clean limit
+            for e in sorted(({**e} for e in evidence if e["alpha"] in FINE), key=lambda e: -e["agreement"]):
+                if top is not None and round(e["agreement"] * n) < top - args.candidates:
+                    break
+                replay.measure(e)
+                if e[cfg.clean_cost] <= cfg.max_clean_change:
+                    top = round(e["agreement"] * n) if top is None else top
+                    row["candidates"].append({"choice": list(key(e)), **{k: e[k] for k in (
+                        "agreement", "twin_kl", "margin", "clean_change", "expected_drop")}, **replay.score(e)})
         out["draws"].append(row)
         path.write_text(json.dumps(out, indent=1))
         r = row["rules"]
