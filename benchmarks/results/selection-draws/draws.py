@@ -17,7 +17,9 @@ recipe of `../cifar10-jpeg-cnn32/`, images in /tmp/data). Writes MODEL-ATTACK.js
 file (MODEL-ATTACK-cv.json with the control-variate beta), or in `--out`. With `--candidates S`,
 every candidate of the fine grid within S twins of the best agreement that keeps the clean limit
 is scored too (its evidence, clean costs, PA and CA in the draw's "candidates"), so that other
-tie-breaks can be replayed offline.
+tie-breaks can be replayed offline. `--pairs N` gives the defender N pairs instead of 16 (a
+draw's first 16 are then the 16-pair run's draw; the JSON is MODEL-ATTACK[-cv]-Npairs.json).
+`--resume` keeps the draws an earlier, interrupted run wrote (same settings) and runs the rest.
 """
 import argparse
 import dataclasses
@@ -43,9 +45,10 @@ RULES = {f"{grid} grid, {tie}, slack {slack}": (alphas, tie, slack)
 HARNESS_RULE = "default grid, twin_kl, slack 1"
 
 
-def config(model: str, attack: str, rate: float, params: dict, paired_beta: str) -> harness.RunConfig:
+def config(model: str, attack: str, rate: float, params: dict, paired_beta: str,
+           n_pairs: int = 16) -> harness.RunConfig:
     common = dict(attack=attack, rate=rate, attack_params=params, defenses=["fire"], ablations=False, online=False,
-                  alphas=FINE, paired_beta=paired_beta)
+                  alphas=FINE, paired_beta=paired_beta, n_pairs=n_pairs)
     if model == "cifar":
         return harness.RunConfig(model="cnn", data="cifar10", data_path="/tmp/data", width=32, epochs=6, n_eval=2000,
                                  n_clean_holdout=2000, **common)
@@ -103,9 +106,13 @@ def main():
     p.add_argument("--out", type=Path, default=Path(__file__).parent, help="the folder to write the JSON in")
     p.add_argument("--candidates", type=int, default=None, metavar="S",
                    help="also score every candidate within S twins of the best agreement")
+    p.add_argument("--pairs", type=int, default=16, metavar="N",
+                   help="the defender's pairs per draw (a draw's first 16 are the 16-pair study's draw)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the draws already in the output JSON (same settings) and run the rest")
     args = p.parse_args()
     model_name, attack_name, draws, rate, params = args.model, args.attack, args.draws, args.rate, args.params
-    cfg = config(model_name, attack_name, rate, params, args.paired_beta)
+    cfg = config(model_name, attack_name, rate, params, args.paired_beta, args.pairs)
     ds = data_mod.load(cfg.data, cfg.data_path, seed=cfg.seed)
     attack = attacks_mod.build(cfg.attack, target=cfg.target, seed=cfg.seed, **cfg.attack_params)
     model, _, _ = harness.backdoored_model(cfg, ds, attack, False)
@@ -125,8 +132,15 @@ def main():
            "n_eval_poison": len(eval_poison_y), "n_eval_clean": len(eval_y), "draws": []}
     cv = "-cv" if args.paired_beta == "control_variate" else ""
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{model_name}-{attack_name}{cv}.json"
-    for d in range(draws):
+    path = args.out / f"{model_name}-{attack_name}{cv}{'' if n == 16 else f'-{n}pairs'}.json"
+    if args.resume and path.exists():  # a draw depends on its index alone, so the rest can follow
+        done = json.loads(path.read_text())
+        if {k: v for k, v in done.items() if k != "draws"} != {k: v for k, v in out.items() if k != "draws"}:
+            raise SystemExit(f"{path} was written with other settings; not resuming it")
+        if args.candidates is not None and any("candidates" not in r for r in done["draws"]):
+            raise SystemExit(f"{path}'s draws were run without --candidates; not resuming it")
+        out["draws"] = done["draws"]
+    for d in range(len(out["draws"]), draws):
         t = time.time()
         idx = torch.arange(n) if d == 0 else torch.randperm(len(all_px), generator=torch.Generator().manual_seed(d))[:n]
         cfg_d = dataclasses.replace(cfg, seed=cfg.seed + d)  # the estimators' and folds' seed only
@@ -160,7 +174,7 @@ def main():
         out["draws"].append(row)
         path.write_text(json.dumps(out, indent=1))
         r = row["rules"]
-        print(f"{model_name} {attack_name}{cv} draw {d}: " + ", ".join(
+        print(f"{model_name} {attack_name}{cv} ({n} pairs) draw {d}: " + ", ".join(
             f"{name}: {100 * r[name]['PA']:.1f}" for name in (HARNESS_RULE, "fine grid, margin, slack 1")) +
               f" ({time.time() - t:.0f} s)", flush=True)
 

@@ -6,14 +6,15 @@ with its PA and CA on the evaluation half) and, for each rule, picks one candida
 Prints, per attack and rule, PA's mean and worst over the draws, the mean CA, and how many draws
 reach the attack's target against the undefended CA of `../results.json`. Run from anywhere:
 
-    python replay.py adaptive badnets moving trojan
+    python replay.py adaptive badnets moving trojan adaptive-32pairs
+
+(`ATTACK-32pairs`: the run with `--pairs 32`, cifar-ATTACK-cv-32pairs.json.)
 """
 import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-N = 16  # pairs
 ORDER = ["input", "block1", "block2", "block3", "fc"]  # the small CNN's repairable layers
 TARGET = {"badnets": 0.97, "trojan": 0.97, "adaptive": 0.97, "moving": 0.95}  # x CA, global: 0.90
 
@@ -37,10 +38,10 @@ RULES = {
 }
 
 
-def pick(candidates, slack, tie):
-    top = max(round(c["agreement"] * N) for c in candidates)
+def pick(candidates, n, slack, tie):
+    top = max(round(c["agreement"] * n) for c in candidates)
     # exact ties (a layer whose repair changes nothing) go to the smaller clean change, as in fr.select
-    return min((c for c in candidates if round(c["agreement"] * N) >= top - slack),
+    return min((c for c in candidates if round(c["agreement"] * n) >= top - slack),
                key=lambda c: (tie(c), c["clean_change"]))
 
 
@@ -53,17 +54,19 @@ def undefended_ca(attack):
 def main(attacks):
     print("| attack | rule | PA mean % | PA worst % | CA mean % | draws at target |")
     print("|---|---|---:|---:|---:|---:|")
-    for attack in attacks:
-        d = json.loads((HERE / f"cifar-{attack}-cv.json").read_text())
+    for name_arg in attacks:
+        attack, _, pairs = name_arg.partition("-")  # "adaptive" or "adaptive-32pairs"
+        d = json.loads((HERE / f"cifar-{attack}-cv{'-' + pairs if pairs else ''}.json").read_text())
         ca0, target = undefended_ca(attack), TARGET.get(attack, 0.90)
         for name, (slack, tie) in RULES.items():
-            chosen = [pick(draw["candidates"], slack, tie) for draw in d["draws"]]
+            chosen = [pick(draw["candidates"], d["n_pairs"], slack, tie) for draw in d["draws"]]
             if name.endswith("(the harness)"):  # the replay must reproduce the study's own choice
                 for draw, c in zip(d["draws"], chosen, strict=True):
-                    assert c["choice"] == draw["rules"]["fine grid, twin_kl, slack 1"]["choice"], (attack, draw["draw"])
+                    harness_choice = draw["rules"]["fine grid, twin_kl, slack 1"]["choice"]
+                    assert c["choice"] == harness_choice, (name_arg, draw["draw"])
             pa = [c["PA"] for c in chosen]
             meets = sum(p >= target * ca0 for p in pa)
-            print(f"| {attack} | {name} | {100 * sum(pa) / len(pa):.1f} | {100 * min(pa):.1f} | "
+            print(f"| {name_arg} | {name} | {100 * sum(pa) / len(pa):.1f} | {100 * min(pa):.1f} | "
                   f"{100 * sum(c['CA'] for c in chosen) / len(chosen):.1f} | {meets} / {len(pa)} |")
 
 
