@@ -478,13 +478,16 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
             return off_target - 1.0
         return off_target - 0.5 * float((h - clean_hist[: len(h)]).abs().sum() + clean_hist[len(h):].sum())
 
+    def derive_gaps(e):  # the tie-break keys: the margin gap, alone and with the alpha weighed in
+        e["margin_gap"] = abs(e["margin"] - clean_margin)
+        e["margin_gap_alpha"] = e["margin_gap"] + alpha_weight * e["alpha"]
+
     sel = _run(model, estimator, observe, len(x_flagged), score, x_clean_reference, layer_sets, modes, alphas,
                max_clean_change, tau_quantile, "unpaired", folds, seed,
                f"max share of flagged samples moved off the inferred target {target} minus the total variation "
                "between their repaired class histogram and the clean one", adjust, reference=clean_logits,
                tie=tie_break, clean_cost=clean_cost, slack=agreement_slack,
-               derive=lambda e: e.update(margin_gap=abs(e["margin"] - clean_margin),
-                                         margin_gap_alpha=abs(e["margin"] - clean_margin) + alpha_weight * e["alpha"]))
+               derive=derive_gaps)
     sel.profile.info["selection"]["inferred_target"] = target
     sel.profile.info["selection"]["target_share"] = target_share
     sel.profile.info["selection"]["clean_margin"] = clean_margin
