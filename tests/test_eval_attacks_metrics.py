@@ -140,6 +140,44 @@ def test_moving_patch_is_a_checkerboard_at_a_random_seeded_position():
     assert not torch.equal(a.apply_train(x, gen), out)  # training draws its own positions
 
 
+def test_trigger_token_fills_one_cell_of_the_patch_grid():
+    """The trigger token: the checkerboard fills exactly one 4x4 cell of the ViT's patch grid, a
+    different cell per image, seeded; the grid must hold the patch."""
+    a = attacks.build("token")
+    x = torch.full((32, 3, 32, 32), 0.25)
+    out = a.apply(x)
+    torch.testing.assert_close(a.apply(x), out)
+    ij = torch.arange(4)
+    expected = ((ij[:, None] + ij[None, :]) % 2 == 0).float().expand(3, 4, 4)
+    cells = set()
+    for n in range(32):
+        changed = (out[n] != x[n]).any(0)
+        r, c = torch.nonzero(changed).min(0).values.tolist()
+        assert r % 4 == 0 and c % 4 == 0  # on the grid: one token of the ViT
+        torch.testing.assert_close(out[n, :, r:r + 4, c:c + 4], expected)
+        assert int(changed.sum()) == 16
+        cells.add((r, c))
+    assert len(cells) > 16  # it moves over the 64 cells
+    assert {(r, c) for r, c in cells} <= {(r, c) for r in range(0, 29, 4) for c in range(0, 29, 4)}
+    off_grid = attacks.build("token", size=3, grid=8).apply(x)  # a smaller patch at the cells' corners
+    rows = [torch.nonzero((off_grid[n] != x[n]).any(0)).min(0).values.tolist() for n in range(32)]
+    assert all(r % 8 == 0 and c % 8 == 0 for r, c in rows)
+    with pytest.raises(ValueError, match="size <= grid"):
+        attacks.build("token", size=5, grid=4)
+
+
+def test_moving_patch_positions_unchanged_by_the_grid_step():
+    """The moving patch (step 1) draws the positions it always drew: cached models stay valid."""
+    a = attacks.build("moving")
+    x = torch.zeros(8, 3, 32, 32)
+    gen = a.rng(4)
+    rows = torch.randint(0, 30, (8,), generator=gen).tolist()
+    cols = torch.randint(0, 30, (8,), generator=gen).tolist()
+    out = a.apply(x)
+    for n, (r, c) in enumerate(zip(rows, cols, strict=True)):
+        assert out[n, 0, r, c] == 1.0 and out[n].sum() == 3 * 5  # 5 white cells of the 3x3 checkerboard
+
+
 def test_attack_parameters_can_be_overridden_by_name():
     a = attacks.build("wanet", target=3, seed=1, s=1.0, k=8)
     assert (a.s, a.k, a.target, a.seed) == (1.0, 8, 3, 1) and a.params()["s"] == 1.0

@@ -214,12 +214,24 @@ def test_moving_patch_is_repaired_per_position(tmp_path):
     assert rows["fire-clamp"]["PA"] > other["PA"] + 0.1
 
 
+def test_cli_names_every_model_attack_and_data_set():
+    """The command line lists the choices without importing torch; they must stay the library's."""
+    assert set(cli.MODELS) == set(models.MODELS) and set(cli.DATASETS) == set(data.DATASETS)
+    assert set(cli.DEMO_ATTACKS) | set(cli.DEMO_VIT_ATTACKS) <= set(attacks.ATTACKS)
+
+
 def test_vit_tokens_and_positional_layers():
     model = models.build("vit").eval()
     x = torch.rand(3, 3, 32, 32)
     assert model(x).shape == (3, 10) and models.channel_dim(model) == -1
     assert harness.positional_layers(model, model.REPAIRABLE, x) == model.BLOCKS  # input: pixels, flattened only
     assert isinstance(model.input, torch.nn.Identity)
+    gap = models.build("vit-gap").eval()  # no class token: 64 patch tokens, classified from their mean
+    feats = {}
+    gap.block1.register_forward_hook(lambda m, i, o: feats.__setitem__("block1", o))
+    assert gap(x).shape == (3, 10) and feats["block1"].shape == (3, 64, 64) and not hasattr(gap, "cls")
+    assert harness.positional_layers(gap, gap.REPAIRABLE, x) == gap.BLOCKS
+    torch.testing.assert_close(gap.pool(feats["block1"]), feats["block1"].mean(1))
     cnn = models.build("cnn").eval()
     assert harness.positional_layers(cnn, cnn.REPAIRABLE, x) == ["input", "block1", "block2", "block3"]
     assert models.channel_dim(cnn) == 1
@@ -278,6 +290,23 @@ def test_harness_vit_badnets(tmp_path):
     assert rows["none"]["ASR"] > 0.9
     assert rows["fire-clamp"]["PA"] > 0.9 and rows["fire-clamp"]["CA"] >= rows["none"]["CA"] - 0.01
     assert {e["form"] for e in res["fire"]["fire-clamp"]["evidence"]} == {"flattened", "per_position"}
+
+
+@pytest.mark.slow
+def test_harness_vit_trigger_token_is_repaired_per_position():
+    """A trigger token at a random position on the ViT: a (K, C) profile over the token
+    features after the first encoder block, applied at every token, repairs it (measured with
+    the harness's defaults: 96.2 % PA, CA 96.7 %, the same 16 pairs)."""
+    cfg = harness.RunConfig(attack="token", model="vit", cache_dir=None, alphas=[1.0, 1.5, 2.0], layers=["block1"],
+                            layer_pairs=False, forms=["per_position"], defenses=["none", "fire-clamp"],
+                            ablations=False, online=False)
+    res = harness.run(cfg, progress=False, log=lambda *a: None)
+    rows = {r["defense"]: r for r in res["rows"]}
+    assert rows["none"]["ASR"] > 0.9
+    fire = rows["fire-clamp"]
+    assert fire["form"] == "per_position" and fire["PA"] > 0.9 and fire["CA"] >= rows["none"]["CA"] - 0.01
+    profile = res["fire"]["fire-clamp"]["evidence"][0]
+    assert profile["layers"] == ["block1"] and profile["form"] == "per_position"
 
 
 def test_clean_reference_leaves_out_the_inferred_target(backdoored):

@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 DEMO_ATTACKS = ["badnets", "blended", "sig", "wanet", "trojan", "adaptive", "moving"]
-DEMO_VIT_ATTACKS = ["badnets", "blended"]  # the transformer rows: token features repaired per position
+DEMO_VIT_ATTACKS = ["badnets", "blended", "token"]  # the transformer rows (token: a trigger token at a random position)
 DEMO_PAIR_DRAWS = 5  # the headline's spread over draws of the defender's 16 pairs (about 1 minute an attack)
-MODELS = ("cnn", "preact18", "vgg", "vit")  # fire_repair.eval.models.MODELS, without importing torch
+MODELS = ("cnn", "preact18", "vgg", "vit", "vit-gap")  # fire_repair.eval.models.MODELS, without importing torch
 DATASETS = ("digits", "cifar10", "gtsrb", "folder")  # fire_repair.eval.data.DATASETS, without importing torch
 
 
@@ -16,7 +16,7 @@ def _common(p):
     p.add_argument("--out", default="fire-demo-out", help="folder for results.json, the table and the plot")
     p.add_argument("--json", default=None, help="where to write the JSON results (default: OUT/results.json)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 8; 30 for vit)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 8; 30 for vit and vit-gap)")
     p.add_argument("--rate", type=float, default=0.1, help="poison rate")
     p.add_argument("--target", type=int, default=0, help="target class")
     p.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",

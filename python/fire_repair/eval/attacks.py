@@ -14,11 +14,15 @@ labels unchanged).
 | trojan   | 5x5 fixed random-colour square, bottom-right (not optimised)             | Liu et al. 2018 (style)  |
 | adaptive | 4 corner patches; training uses random 2-of-4 subsets, test uses all 4    | Qi et al. 2023 (style)   |
 | moving   | 3x3 checkerboard (BadNets' pattern) at a random position per image       | Gu et al. 2017 (moving)  |
+| token    | 4x4 checkerboard filling one 4x4 cell of the grid, a random cell per image | Gu et al. 2017 (moving)  |
 
 The adaptive attack spreads the backdoor over several feature directions (each subset of
 patches is its own trigger during training), which a single mean direction does not capture:
 it is where K > 1 directions earn their keep. The moving patch lands somewhere else on every
-image: a flattened direction cannot describe it, a per-position one can.
+image: a flattened direction cannot describe it, a per-position one can. The trigger token is the
+moving patch for a transformer: it fills exactly one of the ViT's 4x4 patches, so it enters as one
+token at a random place in the sequence (the sub-patch moving patch lands in 16 different
+alignments within a patch, and did not implant on the small ViT).
 """
 import dataclasses
 import math
@@ -172,11 +176,16 @@ class MovingPatch(Attack):
     name: str = "moving"
     size: int = 3
 
+    def _step(self) -> int:
+        """Positions are multiples of this (1: any pixel)."""
+        return 1
+
     def _stamp(self, x, gen):
         x = x.clone()
         H, W = x.shape[-2:]
-        rows = torch.randint(0, H - self.size + 1, (x.shape[0],), generator=gen).tolist()
-        cols = torch.randint(0, W - self.size + 1, (x.shape[0],), generator=gen).tolist()
+        step = self._step()
+        rows = (step * torch.randint(0, (H - self.size) // step + 1, (x.shape[0],), generator=gen)).tolist()
+        cols = (step * torch.randint(0, (W - self.size) // step + 1, (x.shape[0],), generator=gen)).tolist()
         ij = torch.arange(self.size)
         pattern = ((ij[:, None] + ij[None, :]) % 2 == 0).to(x.dtype)
         for n, (r, c) in enumerate(zip(rows, cols, strict=True)):
@@ -190,9 +199,28 @@ class MovingPatch(Attack):
         return self._stamp(x, gen)
 
 
+@dataclass
+class TriggerToken(MovingPatch):
+    """The moving patch aligned to a transformer's patch grid: the checkerboard fills one
+    `size` x `size` cell of the `grid`-pixel grid, a random cell per image (64 on 32x32 with the
+    ViT's 4x4 patches). A ViT sees it as one trigger token at a random position in the sequence:
+    the case per-position repair of token features is for."""
+
+    name: str = "token"
+    size: int = 4
+    grid: int = 4
+
+    def __post_init__(self):
+        if self.grid < 1 or self.size < 1 or self.size > self.grid:
+            raise ValueError(f"token needs 1 <= size <= grid, got size {self.size}, grid {self.grid}")
+
+    def _step(self) -> int:
+        return self.grid
+
+
 ATTACKS = {"badnets": BadNets, "blended": Blended, "sig": SIG, "wanet": WaNet, "trojan": Trojan,
            "adaptive": AdaptivePatch,
-           "moving": MovingPatch}
+           "moving": MovingPatch, "token": TriggerToken}
 
 
 def build(name: str, target: int = 0, seed: int = 0, **params) -> Attack:

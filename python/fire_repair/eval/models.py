@@ -125,12 +125,15 @@ class ViT(nn.Module):
     CHANNEL_DIM = -1
     NOT_POSITIONAL = ["input"]  # pixels (N, 3, H, W), not tokens: repaired flattened only
 
+    CLASS_TOKEN = True
+
     def __init__(self, num_classes: int = 10, width: int = 64, heads: int = 4, patch: int = 4):
         super().__init__()
-        tokens = (32 // patch) ** 2 + 1
+        tokens = (32 // patch) ** 2 + int(self.CLASS_TOKEN)
         self.input = nn.Identity()
         self.embed = nn.Conv2d(3, width, patch, patch)
-        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        if self.CLASS_TOKEN:
+            self.cls = nn.Parameter(torch.zeros(1, 1, width))
         self.pos = nn.Parameter(0.02 * torch.randn(1, tokens, width))
         for name in self.BLOCKS:
             self.add_module(name, EncoderBlock(width, heads))
@@ -139,16 +142,33 @@ class ViT(nn.Module):
 
     def forward(self, x):
         t = self.embed(self.input(x)).flatten(2).transpose(1, 2)  # (N, 64, C)
-        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+        if self.CLASS_TOKEN:
+            t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1)
+        t = t + self.pos
         for name in self.BLOCKS:
             t = getattr(self, name)(t)
-        return self.head(self.norm(t[:, 0]))
+        return self.head(self.pool(self.norm(t)))
+
+    def pool(self, t):
+        return t[:, 0]
 
 
-MODELS = {"cnn": SmallCNN, "preact18": PreActResNet18, "vgg": VGG, "vit": ViT}
+class ViTMeanPool(ViT):
+    """The small ViT without a class token: classification from the mean of the 64 patch
+    tokens (global average pooling, as in many later vision transformers). With a class token,
+    a trigger's effect gathers at one fixed position (the class token attends to it), which a
+    flattened direction describes; here it stays at the trigger's own token, wherever it is."""
+
+    CLASS_TOKEN = False
+
+    def pool(self, t):
+        return t.mean(1)
+
+
+MODELS = {"cnn": SmallCNN, "preact18": PreActResNet18, "vgg": VGG, "vit": ViT, "vit-gap": ViTMeanPool}
 # training epochs by default (the transformer learns more slowly: 30 epochs, about 50 s on the
 # digits on 2 cores, CA 97-98%)
-EPOCHS = {"vit": 30}
+EPOCHS = {"vit": 30, "vit-gap": 30}
 
 
 def channel_dim(model: nn.Module) -> int:
