@@ -156,8 +156,10 @@ class ViT(nn.Module):
 class ViTMeanPool(ViT):
     """The small ViT without a class token: classification from the mean of the 64 patch
     tokens (global average pooling, as in many later vision transformers). With a class token,
-    a trigger's effect gathers at one fixed position (the class token attends to it), which a
-    flattened direction describes; here it stays at the trigger's own token, wherever it is."""
+    a trigger token's effect gathers at one fixed position within a block (the class token
+    attends to it); without one it spreads to every token (measured on the digits' trigger
+    token after block1: median shift 5.8 at the other tokens against 8.0 at the trigger's own,
+    benchmarks/results/digits-vit-trigger-token/)."""
 
     CLASS_TOKEN = False
 
