@@ -4,7 +4,9 @@ on the trigger token, with 6 draws of the defender's pairs. The harness's `form=
 the other form's mode, tau and alpha, which is no fair test of a form; this is.
 
     OMP_NUM_THREADS=1 python benchmarks/results/digits-vit-trigger-token/forms.py vit      # or vit-gap
-Writes forms-<model>.json here (rows and draws per form) and prints a table.
+    OMP_NUM_THREADS=1 python benchmarks/results/digits-vit-trigger-token/forms.py vit cifar10  # images in /tmp/data
+Writes forms-<model>.json here, or forms-vit-cifar10.json in ../cifar10-vit-trigger-token/ (rows
+and draws per form), and prints a table.
 """
 import json
 import statistics
@@ -15,16 +17,20 @@ from pathlib import Path
 from fire_repair.eval import harness
 
 model = sys.argv[1] if len(sys.argv) > 1 else "vit"
+data = sys.argv[2] if len(sys.argv) > 2 else "digits"
+# CIFAR-10: the recipe of ../cifar10-vit-trigger-token/ (20 epochs, 2000 + 2000 images)
+recipe = dict(data="cifar10", data_path="/tmp/data", epochs=20, n_eval=2000, n_clean_holdout=2000) \
+    if data == "cifar10" else {}
 draws = 6
 out, t0 = {}, time.perf_counter()
 for form in ("flattened", "per_position"):
     cfg = harness.RunConfig(attack="token", model=model, forms=[form], defenses=["none", "fire"],
-                            ablations=False, online=False, pair_draws=draws)
+                            ablations=False, online=False, pair_draws=draws, **recipe)
     res = harness.run(cfg, progress=False, log=print)
     keep = ("CA", "ASR", "PA", "layers", "form", "mode", "tau_quantile", "alpha")
     out[form] = {"rows": [{"defense": r["defense"], **{k: r.get(k) for k in keep}} for r in res["rows"]],
                  "draws": res["pair_draws"]["draws"]}
-print(f"\n{model}, trigger token, each form chosen on its own ({time.perf_counter() - t0:.0f} s):\n")
+print(f"\n{model} on {data}, trigger token, each form chosen on its own ({time.perf_counter() - t0:.0f} s):\n")
 print("| form | PA % (draw 0) | chosen (draw 0) | PA mean % over 6 draws | worst | best | CA % |")
 print("|---|---:|---|---:|---:|---:|---:|")
 for form, r in out.items():
@@ -34,4 +40,6 @@ for form, r in out.items():
     chosen = f"{'+'.join(fire['layers'])}, {fire['mode']}{q}, alpha {fire['alpha']:g}"
     print(f"| {form} | {100 * fire['PA']:.1f} | {chosen} | {statistics.mean(pa):.1f} | {min(pa):.1f} | {max(pa):.1f} | "
           f"{100 * fire['CA']:.1f} |")
-Path(__file__).with_name(f"forms-{model}.json").write_text(json.dumps(out, indent=1))
+here = Path(__file__).parent
+where = here if data == "digits" else here.parent / "cifar10-vit-trigger-token"
+(where / f"forms-{model}{'' if data == 'digits' else '-' + data}.json").write_text(json.dumps(out, indent=1))
