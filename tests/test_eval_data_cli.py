@@ -224,17 +224,36 @@ def test_vit_tokens_and_positional_layers():
     model = models.build("vit").eval()
     x = torch.rand(3, 3, 32, 32)
     assert model(x).shape == (3, 10) and models.channel_dim(model) == -1
-    assert harness.positional_layers(model, model.REPAIRABLE, x) == model.BLOCKS  # input: pixels, flattened only
-    assert isinstance(model.input, torch.nn.Identity)
+    # input: pixels, flattened only; tokens: the embedded tokens before block1
+    assert harness.positional_layers(model, model.REPAIRABLE, x) == ["tokens", *model.BLOCKS]
+    assert isinstance(model.input, torch.nn.Identity) and isinstance(model.tokens, torch.nn.Identity)
     gap = models.build("vit-gap").eval()  # no class token: 64 patch tokens, classified from their mean
     feats = {}
     gap.block1.register_forward_hook(lambda m, i, o: feats.__setitem__("block1", o))
     assert gap(x).shape == (3, 10) and feats["block1"].shape == (3, 64, 64) and not hasattr(gap, "cls")
-    assert harness.positional_layers(gap, gap.REPAIRABLE, x) == gap.BLOCKS
+    assert harness.positional_layers(gap, gap.REPAIRABLE, x) == ["tokens", *gap.BLOCKS]
     torch.testing.assert_close(gap.pool(feats["block1"]), feats["block1"].mean(1))
     cnn = models.build("cnn").eval()
     assert harness.positional_layers(cnn, cnn.REPAIRABLE, x) == ["input", "block1", "block2", "block3"]
     assert models.channel_dim(cnn) == 1
+
+
+@pytest.mark.parametrize("arch", ["vit", "vit-gap"])
+def test_vit_tokens_layer_sees_a_trigger_token_at_one_position(arch):
+    """`tokens` (the embedded tokens before block1) holds no weights, so checkpoints saved before it
+    existed load; there a trigger token filling one patch cell moves that one token and no other:
+    the local shift a per-position direction describes, before attention spreads it."""
+    torch.manual_seed(0)
+    model = models.build(arch).eval()
+    assert not any(k.startswith("tokens") for k in model.state_dict())
+    token = attacks.build("token")
+    x = torch.rand(4, 3, 32, 32)
+    feats = []
+    model.tokens.register_forward_hook(lambda m, i, o: feats.append(o))
+    with torch.no_grad():
+        model(x), model(token.apply(x))
+    moved = (feats[1] - feats[0]).abs().amax(-1) > 1e-5  # (N, tokens)
+    assert moved.sum(1).tolist() == [1, 1, 1, 1]
 
 
 @pytest.mark.parametrize("arch", ["cnn", "preact18", "vgg"])

@@ -116,12 +116,14 @@ class EncoderBlock(nn.Module):
 
 class ViT(nn.Module):
     """A small vision transformer for 32x32 inputs: 4x4 patches (64 tokens) and a class token,
-    four encoder blocks, classification from the class token. Block outputs are (N, 65, C)
-    tokens: FIRE repairs them per position (`CHANNEL_DIM = -1`), wherever a trigger token lands;
-    `input` (the pixels) flattened."""
+    four encoder blocks, classification from the class token. `tokens` (the embedded tokens
+    with their position embedding, before block1) and the block outputs are (N, 65, C) tokens:
+    FIRE repairs them per position (`CHANNEL_DIM = -1`), wherever a trigger token lands;
+    `input` (the pixels) flattened. At `tokens` a trigger filling one patch moves that one token
+    only; from block1 on, attention has spread it to others."""
 
     BLOCKS = ["block1", "block2", "block3", "block4"]
-    REPAIRABLE = ["input", *BLOCKS]
+    REPAIRABLE = ["input", "tokens", *BLOCKS]
     CHANNEL_DIM = -1
     NOT_POSITIONAL = ["input"]  # pixels (N, 3, H, W), not tokens: repaired flattened only
 
@@ -135,6 +137,7 @@ class ViT(nn.Module):
         if self.CLASS_TOKEN:
             self.cls = nn.Parameter(torch.zeros(1, 1, width))
         self.pos = nn.Parameter(0.02 * torch.randn(1, tokens, width))
+        self.tokens = nn.Identity()  # the embedded tokens before block1: a hook point, no weights
         for name in self.BLOCKS:
             self.add_module(name, EncoderBlock(width, heads))
         self.norm = nn.LayerNorm(width)
@@ -144,7 +147,7 @@ class ViT(nn.Module):
         t = self.embed(self.input(x)).flatten(2).transpose(1, 2)  # (N, 64, C)
         if self.CLASS_TOKEN:
             t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1)
-        t = t + self.pos
+        t = self.tokens(t + self.pos)
         for name in self.BLOCKS:
             t = getattr(self, name)(t)
         return self.head(self.pool(self.norm(t)))
