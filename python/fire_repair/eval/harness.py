@@ -158,13 +158,18 @@ class FireDefense(ProfileDefense):
     def fit_run(self, run):
         return self.fit(run.model, run.held.clean, run.held, run.cfg, run.layers)
 
-    def fit(self, model, x_clean, held: Held = None, cfg: RunConfig = None, layers=None):
+    def fit(self, model, x_clean, held: Held = None, cfg: RunConfig = None, layers=None, layer_sets=None):
+        """`layer_sets` (default: each of `layers`, and neighbouring pairs where cfg.layer_pairs)
+        are the candidates selection chooses among."""
         if held is None or cfg is None:
             raise ValueError(f"{self.name} needs the defender's held-out data and the run's config")
         self.model = model
-        layer_sets = [[name] for name in layers]
-        if cfg.layer_pairs:
-            layer_sets += [list(p) for p in zip(layers[:-1], layers[1:], strict=True)]
+        if layer_sets is None:
+            layer_sets = [[name] for name in layers]
+            if cfg.layer_pairs:
+                layer_sets += [list(p) for p in zip(layers[:-1], layers[1:], strict=True)]
+        else:
+            layers = list(dict.fromkeys(name for s in layer_sets for name in s))
         ests = estimators(model, layers, cfg, held.clean[:2])
         grid = dict(layer_sets=layer_sets, modes=list(self.modes),
                     alphas=cfg.alphas if self.paired else cfg.unpaired_alphas,
@@ -360,7 +365,7 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
             result["online"] = online_curve(model, chosen.selection, cfg, held.clean, stream, eval_poison,
                                             eval_poison_y)
         if cfg.ablations:
-            result["ablations"] = ablations(model, chosen.selection, cfg, held, layers, score)
+            result["ablations"] = ablations(model, chosen, cfg, held, layers, score)
             log(f"  {cfg.attack:>9} ablations: " + ", ".join(
                 f"{r['ablation']} PA {100 * r['PA']:.1f}" for r in result["ablations"] if "PA" in r))
         if cfg.pair_draws > 1 and chosen.paired:
@@ -441,11 +446,13 @@ def online_curve(model, sel, cfg, hold_clean, stream, eval_poison, eval_poison_y
     return {"curve": curve, "ms_per_sample": 1e3 * sum(step_seconds) / max(len(step_seconds), 1)}
 
 
-def ablations(model, sel, cfg, held: Held, layers, score) -> list:
+def ablations(model, chosen: FireDefense, cfg, held: Held, layers, score) -> list:
     """FIRE's choices one at a time around the selected repair, scored on the evaluation
     set: every single layer (the best layer in hindsight against the chosen one, in the chosen
-    form), the other form at the chosen layers, k, the unpaired variants and tau."""
-    rows = []
+    form), the other form at the chosen layers, k, the unpaired variants and tau. The other form
+    gets its own mode, tau and alpha, chosen as the headline chose its own (same modes, same
+    pairs or flagged set): the chosen form's would be no fair test of it."""
+    sel, rows = chosen.selection, []
     positional = positional_layers(model, layers, held.clean[:2])
     watch = positional if sel.form == "per_position" else list(layers)
     est = estimator(model, watch, cfg, sel.form)
@@ -467,11 +474,11 @@ def ablations(model, sel, cfg, held: Held, layers, score) -> list:
                                                            layers=[name]))
     other = "flattened" if sel.form == "per_position" else "per_position"
     if other == "flattened" or set(sel.layers) <= set(positional):
-        o = estimator(model, sel.layers, cfg, other)
-        o.observe(held.clean, poisoned=False)
-        o.observe_pairs(*held.pairs)
-        add(f"form={other} (selected layers)", lambda: o.profile(mode=mode, alpha=alpha,
-                                                                 tau_quantile=q))
+        fit = FireDefense(chosen.modes, chosen.paired).fit(model, held.clean, held, replace(cfg, forms=[other]),
+                                                           layers, layer_sets=[sel.layers])
+        rep = fit.report()
+        rows.append({"ablation": f"form={other} (selected layers, its own mode, tau and alpha)",
+                     **score(fit), **{k: rep[k] for k in ("mode", "tau_quantile", "alpha")}})
     for other_mode in SELECTED_MODES:  # at the other mode's most conservative candidate quantile
         if other_mode != mode:
             add(f"mode={other_mode} (selected layers)",
