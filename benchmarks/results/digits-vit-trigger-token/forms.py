@@ -6,7 +6,8 @@ the other form's mode, tau and alpha, which is no fair test of a form; this is.
     OMP_NUM_THREADS=1 python benchmarks/results/digits-vit-trigger-token/forms.py vit      # or vit-gap
     OMP_NUM_THREADS=1 python benchmarks/results/digits-vit-trigger-token/forms.py vit cifar10  # images in /tmp/data
 Writes forms-<model>.json here, or forms-vit-cifar10.json in ../cifar10-vit-trigger-token/ (rows
-and draws per form), and prints a table.
+and draws per form), and prints a table. A third argument names the JSON apart (forms-vit-TAG.json):
+the runs of 2026-12-01, with the ViT's `tokens` layer among the candidates, are tagged `tokens`.
 """
 import json
 import statistics
@@ -42,4 +43,5 @@ for form, r in out.items():
           f"{100 * fire['CA']:.1f} |")
 here = Path(__file__).parent
 where = here if data == "digits" else here.parent / "cifar10-vit-trigger-token"
-(where / f"forms-{model}{'' if data == 'digits' else '-' + data}.json").write_text(json.dumps(out, indent=1))
+tag = "".join(f"-{t}" for t in ([] if data == "digits" else [data]) + sys.argv[3:4])
+(where / f"forms-{model}{tag}.json").write_text(json.dumps(out, indent=1))
