@@ -139,6 +139,10 @@ def test_harness_small_run(tmp_path):
     assert res["auroc"] > 0.95
     curve = res["online"]["curve"]
     assert curve[0][0] == 0 and curve[-1][1] > curve[0][1]
+    # online updates are unpaired: the curve follows the unpaired selection's choice
+    assert res["online"]["follows"] == "fire-clamp-unpaired"
+    assert res["online"]["layers"] == rows["fire-clamp-unpaired"]["layers"]
+    assert res["online"]["alpha"] == rows["fire-clamp-unpaired"]["alpha"]
     again = harness.run(cfg, progress=False, log=lambda *a: None)
     assert again["model_cached"] and again["rows"][2]["PA"] == rows["fire-clamp"]["PA"]  # seeded, cached
 

@@ -192,10 +192,13 @@ class FireDefense(ProfileDefense):
         self.profile = self.selection.profile
         return self
 
-    def report(self) -> dict:
+    def report_choice(self) -> dict:
         sel = self.selection
         return {"layers": sel.layers, "form": sel.form, "mode": sel.mode, "tau_quantile": sel.tau_quantile,
-                "alpha": sel.alpha, "evidence": sel.evidence}
+                "alpha": sel.alpha}
+
+    def report(self) -> dict:
+        return {**self.report_choice(), "evidence": self.selection.evidence}
 
 
 # `fire` and `fire-unpaired` choose the mode too (label-free, with the layer and alpha): clamp
@@ -362,8 +365,13 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
     if chosen is not None:
         result["auroc"] = detection_auroc(model, chosen.profile, eval_clean, eval_poison)
         if cfg.online:
-            result["online"] = online_curve(model, chosen.selection, cfg, held.clean, stream, eval_poison,
-                                            eval_poison_y)
+            # online updates are unpaired evidence: follow the unpaired selection where one was
+            # fitted (the ViT's trigger token: its paired headline at `tokens+block1` fell to 28 %
+            # online, unpaired per position at `tokens` 38.5 %), else the headline's choice
+            name = next((n for n, d in fire.items() if not d.paired), headline_name(fire))
+            result["online"] = {"follows": name, **fire[name].report_choice(),
+                                **online_curve(model, fire[name].selection, cfg, held.clean, stream, eval_poison,
+                                               eval_poison_y)}
         if cfg.ablations:
             result["ablations"] = ablations(model, chosen, cfg, held, layers, score)
             log(f"  {cfg.attack:>9} ablations: " + ", ".join(
