@@ -143,6 +143,7 @@ def test_harness_small_run(tmp_path):
     assert res["online"]["follows"] == "fire-clamp-unpaired"
     assert res["online"]["layers"] == rows["fire-clamp-unpaired"]["layers"]
     assert res["online"]["alpha"] == rows["fire-clamp-unpaired"]["alpha"]
+    assert f"| fire-clamp-unpaired: {'+'.join(res['online']['layers'])}" in report.table([res])
     again = harness.run(cfg, progress=False, log=lambda *a: None)
     assert again["model_cached"] and again["rows"][2]["PA"] == rows["fire-clamp"]["PA"]  # seeded, cached
 

@@ -36,8 +36,8 @@ def table(results: list) -> str:
                 rej = f"{100 * row['reject_clean']:.1f} / {100 * row['reject_poison']:.1f}"
             lines.append(f"| {label(res, results)} | {row['defense']} | {100 * row['CA']:.1f} | "
                          f"{100 * row['ASR']:.1f} | {100 * row['PA']:.1f} | {rej} | {chosen} |")
-    extra = ["", "| attack | detection AUROC | online: PA after 0 / 8 / all seen | online ms per sample |",
-             "|---|---:|---|---:|"]
+    extra = ["", "| attack | detection AUROC | online: PA after 0 / 8 / all seen | online ms per sample "
+             "| online follows |", "|---|---:|---|---:|---|"]
     for res in results:
         if "auroc" not in res:
             continue
@@ -48,7 +48,11 @@ def table(results: list) -> str:
             picks = [c[0], c[min(1, len(c) - 1)], c[-1]]
             curve = " / ".join(f"{100 * pa:.0f} ({seen})" for seen, pa in picks)
         ms = f"{online['ms_per_sample']:.2f}" if online else ""
-        extra.append(f"| {label(res, results)} | {res['auroc']:.3f} | {curve} | {ms} |")
+        follows = ""
+        if online and "follows" in online:  # runs before 2026-12-01 followed the headline, unnamed
+            form = ", per position" if online.get("form") == "per_position" else ""
+            follows = f"{online['follows']}: {'+'.join(online['layers'])}{form}, alpha {online['alpha']:g}"
+        extra.append(f"| {label(res, results)} | {res['auroc']:.3f} | {curve} | {ms} | {follows} |")
     return "\n".join(lines + extra)
 
 
