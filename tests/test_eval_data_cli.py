@@ -291,7 +291,8 @@ def test_vit_repaired_per_position_compiles_and_exports():
 
     model = models.build("vit").eval()
     x = torch.rand(4, 3, 32, 32)
-    est = fr.Estimator(model, ["block2"], per_position=True, channel_dim=-1)
+    # `tokens` (an Identity before attention) and a block: the CIFAR-10 token's headline is such a pair
+    est = fr.Estimator(model, ["tokens", "block2"], per_position=True, channel_dim=-1)
     est.observe(x, poisoned=False)
     est.observe_pairs(x, attacks.build("badnets").apply(x))
     fr.attach(model, est.profile(mode="clamp"))
@@ -302,7 +303,7 @@ def test_vit_repaired_per_position_compiles_and_exports():
             ep = torch.export.export(model, (x,))
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ep.module()(x), eager, rtol=1e-5, atol=1e-5)
-        assert any("fire.repair" in str(n.target) for n in ep.graph.nodes if n.op == "call_function")
+        assert sum("fire.repair" in str(n.target) for n in ep.graph.nodes if n.op == "call_function") == 2
     finally:
         fr.detach(model)
 
