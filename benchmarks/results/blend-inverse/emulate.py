@@ -6,6 +6,8 @@ pixels, or the ViT's `tokens`). The gate: the projection on beta's direction bey
 set's 0.999 quantile. A question for the next op mode, not a defence of the harness.
 
     OMP_NUM_THREADS=1 python benchmarks/results/blend-inverse/emulate.py vit digits      # or vit cifar10
+A third argument, a JPEG quality, compresses every triggered image (the defender's and the
+evaluation's) after blending: a blend that is no longer exact.
 """
 import sys
 
@@ -14,6 +16,7 @@ import torch
 import fire_repair as fr
 from fire_repair.eval import attacks, harness
 from fire_repair.eval import data as data_mod
+from fire_repair.eval.baselines import JPEG
 from fire_repair.eval.metrics import predict
 
 model_name = sys.argv[1] if len(sys.argv) > 1 else "vit"
@@ -26,6 +29,11 @@ attack = attacks.build(cfg.attack, target=cfg.target, seed=cfg.seed)
 model, cached, _ = harness.backdoored_model(cfg, ds, attack, progress=False)
 assert cached, "train the model first (fire-repair eval with the same recipe)"
 held, (xc, yc), (xp, yp), _ = harness.split(cfg, ds, attack)
+if len(sys.argv) > 3:  # the triggered images JPEG-compressed after blending
+    jpeg = JPEG(quality=int(sys.argv[3])).transform
+    xp = jpeg(xp)
+    pool = (held.pool[0], jpeg(held.pool[1]))
+    held = harness.Held(clean=held.clean, pairs=tuple(p[:16] for p in pool), flagged=held.flagged, pool=pool)
 modules = dict(model.named_modules())
 
 
@@ -54,6 +62,8 @@ def inverse_hook(layer, pairs):
     return invert, g
 
 
+print(f"{model_name} {data} Blended, undefended: CA {100 * (predict(model, xc) == yc).float().mean().item():.1f}  "
+      f"PA {100 * (predict(model, xp) == yp).float().mean().item():.1f}", flush=True)
 for layer in ("input", "tokens"):
     pas = []
     for draw in range(6):  # draw 0: the harness's own 16 pairs; then other draws of 16
