@@ -352,10 +352,8 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
         if defence.reference:
             row["reference"] = True
         if isinstance(defence, FireDefense):
-            rep = defence.report()
-            row.update(layers=rep["layers"], form=rep["form"], mode=rep["mode"], tau_quantile=rep["tau_quantile"],
-                       alpha=rep["alpha"])
-            result["fire"][name] = rep
+            row.update(defence.report_choice())
+            result["fire"][name] = defence.report()
         result["rows"].append(row)
         log(f"  {cfg.attack:>9} {name:<20} CA {100 * row['CA']:5.1f}  ASR {100 * row['ASR']:5.1f}  "
             f"PA {100 * row['PA']:5.1f}  ({row['seconds']:.0f} s)")
@@ -482,11 +480,15 @@ def ablations(model, chosen: FireDefense, cfg, held: Held, layers, score) -> lis
                                                            layers=[name]))
     other = "flattened" if sel.form == "per_position" else "per_position"
     if other == "flattened" or set(sel.layers) <= set(positional):
-        fit = FireDefense(chosen.modes, chosen.paired).fit(model, held.clean, held, replace(cfg, forms=[other]),
-                                                           layers, layer_sets=[sel.layers])
-        rep = fit.report()
-        rows.append({"ablation": f"form={other} (selected layers, its own mode, tau and alpha)",
-                     **score(fit), **{k: rep[k] for k in ("mode", "tau_quantile", "alpha")}})
+        what = f"form={other} (selected layers, its own mode, tau and alpha)"
+        try:  # as `add`, with the other form's own choice recorded beside its scores
+            fit = FireDefense(chosen.modes, chosen.paired).fit(model, held.clean, held, replace(cfg, forms=[other]),
+                                                               layer_sets=[sel.layers])
+        except ValueError as e:
+            rows.append({"ablation": what, "error": str(e)})
+        else:
+            own = fit.report_choice()
+            rows.append({"ablation": what, **score(fit), **{k: own[k] for k in ("mode", "tau_quantile", "alpha")}})
     for other_mode in SELECTED_MODES:  # at the other mode's most conservative candidate quantile
         if other_mode != mode:
             add(f"mode={other_mode} (selected layers)",

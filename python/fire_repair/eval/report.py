@@ -17,6 +17,14 @@ def label(res: dict, results: list) -> str:
     return res["config"]["attack"] + (f" / {res['config'].get('model')}" if len(models) > 1 else "")
 
 
+def choice(d: dict) -> str:
+    """A FIRE choice (layers, form, mode, tau quantile, alpha) as the tables write it."""
+    form = ", per position" if d.get("form") == "per_position" else ""
+    mode = f", {d['mode']}" if "mode" in d else ""
+    tau = f" (tau q {d['tau_quantile']:g})" if d.get("tau_quantile") is not None else ""
+    return f"{'+'.join(d['layers'])}{form}{mode}{tau}, alpha {d['alpha']:g}"
+
+
 def table(results: list) -> str:
     lines = ["| attack | defence | CA % | ASR % | PA % | rejected (clean / poisoned) % | chosen |",
              "|---|---|---:|---:|---:|---:|---|"]
@@ -25,12 +33,7 @@ def table(results: list) -> str:
         for row in res["rows"]:
             if not implanted and row["defense"] == "none":
                 row = {**row, "defense": "none (attack not implanted: ASR < 50%)"}
-            chosen = ""
-            if "layers" in row:
-                form = ", per position" if row.get("form") == "per_position" else ""
-                mode = f", {row['mode']}" if "mode" in row else ""
-                tau = f" (tau q {row['tau_quantile']:g})" if row.get("tau_quantile") is not None else ""
-                chosen = f"{'+'.join(row['layers'])}{form}{mode}{tau}, alpha {row['alpha']:g}"
+            chosen = choice(row) if "layers" in row else ""
             rej = ""
             if row["defense"] == "strip":
                 rej = f"{100 * row['reject_clean']:.1f} / {100 * row['reject_poison']:.1f}"
@@ -48,10 +51,8 @@ def table(results: list) -> str:
             picks = [c[0], c[min(1, len(c) - 1)], c[-1]]
             curve = " / ".join(f"{100 * pa:.0f} ({seen})" for seen, pa in picks)
         ms = f"{online['ms_per_sample']:.2f}" if online else ""
-        follows = ""
-        if online and "follows" in online:  # runs before 2026-12-01 followed the headline, unnamed
-            form = ", per position" if online.get("form") == "per_position" else ""
-            follows = f"{online['follows']}: {'+'.join(online['layers'])}{form}, alpha {online['alpha']:g}"
+        # runs before 2026-12-01 followed the headline, unnamed
+        follows = f"{online['follows']}: {choice(online)}" if online and "follows" in online else ""
         extra.append(f"| {label(res, results)} | {res['auroc']:.3f} | {curve} | {ms} | {follows} |")
     return "\n".join(lines + extra)
 
