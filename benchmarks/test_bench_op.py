@@ -17,13 +17,14 @@ SHAPES = {"layer1": (64, 32, 32), "layer2": (128, 16, 16), "layer3": (256, 8, 8)
 
 def _cases():
     if SMOKE:
-        return [("layer3", 8, 4, torch.float32, "clamp"), ("linear512", 4, 1, torch.bfloat16, "project")]
+        return [("layer3", 8, 4, torch.float32, "clamp"), ("linear512", 4, 1, torch.bfloat16, "project"),
+                ("layer3", 8, 1, torch.float32, "invert")]
     batches = [1, 32, 256, 1024] if (DEVICE == "cuda" or FULL) else [1, 256]
     if os.environ.get("FIRE_BENCH_BATCHES"):  # e.g. "1,256,1024": a shorter GPU session
         batches = [int(b) for b in os.environ["FIRE_BENCH_BATCHES"].split(",")]
     cases = [(s, n, k, dt, "clamp") for s in SHAPES for n in batches for k in (1, 4, 16)
              for dt in (torch.float32, torch.bfloat16)]
-    cases += [("layer2", 256, 4, torch.float32, m) for m in ("shift", "project")]
+    cases += [("layer2", 256, 4, torch.float32, m) for m in ("shift", "project", "gated", "invert")]
     return cases
 
 
@@ -46,12 +47,15 @@ def _inputs(shape, n, k, dtype, mode):
         x = x.contiguous(memory_format=torch.channels_last)
         V = V.reshape(k, *shape).contiguous(memory_format=torch.channels_last)
         mu = mu.reshape(shape).permute(1, 2, 0).contiguous().permute(2, 0, 1)
-    tau = torch.rand(k, generator=g).to(DEVICE) if mode == "clamp" else None
-    return x, V, a, mu, tau
+    tau = torch.rand(k, generator=g).to(DEVICE) if mode in fr.TAU_MODES else None
+    # invert: a blend's slope on the first direction; tau = U(0, 1) flags about a third of these
+    # rows, far more than a served model sees (only triggered inputs), the costlier case
+    slope = torch.tensor([-0.2] + [0.0] * (k - 1), device=DEVICE) if mode == "invert" else None
+    return x, V, a, mu, tau, slope
 
 
-def _eager(x, V, a, mu, tau, mode):
-    return fr.repair_reference(x, V, a, mu, tau, mode, compute_dtype=torch.float32)[0]
+def _eager(x, V, a, mu, tau, mode, slope=None):
+    return fr.repair_reference(x, V, a, mu, tau, mode, compute_dtype=torch.float32, slope=slope)[0]
 
 
 _compiled = {}
@@ -62,19 +66,19 @@ _compiled = {}
 def test_op(benchmark, case, impl, monkeypatch):
     name, n, k, dtype, mode = case
     shape = SHAPES[name]
-    x, V, a, mu, tau = _inputs(shape, n, k, dtype, mode)
+    x, V, a, mu, tau, slope = _inputs(shape, n, k, dtype, mode)
     if impl == "fire":
-        fn = lambda: torch.ops.fire.repair(x, V, a, mu, tau, mode)  # noqa: E731
+        fn = lambda: torch.ops.fire.repair(x, V, a, mu, tau, mode, None, slope)  # noqa: E731
     elif impl == "fire-cuda-native":
         monkeypatch.setenv("FIRE_BACKEND", "cuda")
-        fn = lambda: torch.ops.fire.repair(x, V, a, mu, tau, mode)  # noqa: E731
+        fn = lambda: torch.ops.fire.repair(x, V, a, mu, tau, mode, None, slope)  # noqa: E731
     elif impl == "fire-compiled":
-        fn = compiled_call(n, (x, V, a, mu, tau, mode))
+        fn = compiled_call(n, (x, V, a, mu, tau, mode, None, slope))
     elif impl == "eager":
-        fn = lambda: _eager(x, V, a, mu, tau, mode)  # noqa: E731
+        fn = lambda: _eager(x, V, a, mu, tau, mode, slope)  # noqa: E731
     elif impl == "compile":
         compiled = torch.compile(_eager, dynamic=False)
-        fn = lambda: compiled(x, V, a, mu, tau, mode)  # noqa: E731
+        fn = lambda: compiled(x, V, a, mu, tau, mode, slope)  # noqa: E731
     else:
         fn = lambda: x.clone()  # noqa: E731
     benchmark.group = f"op {name} N={n} K={k} {dtype} {mode}"

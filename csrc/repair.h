@@ -3,7 +3,8 @@
 // The private op `fire::_repair_native` works on rows that the Python layer has already
 // laid out: x is (B, P, D), any strides, row (b, p) holding D elements (a flattened sample, or
 // the channels at one position); directions (K, D) fp32 contiguous, alpha (K,) or (B*P, K) fp32
-// (per-row weights are what the backward pass needs), center (D,) and tau (K,) fp32 or absent.
+// (per-row weights are what the backward pass needs), center (D,), tau (K,) and slope (K,, mode
+// invert) fp32 or absent.
 // It returns out (empty_like(x): x's strides where x is dense) in x's dtype and scores (B*P, K)
 // fp32 (or an empty tensor when not asked for).
 #pragma once
@@ -14,10 +15,11 @@
 namespace fire {
 
 // The values of fire_kernels.modes.Mode (tests/test_modes.py checks they agree).
-enum Mode : int64_t { kShift = 0, kProject = 1, kClamp = 2, kGated = 3 };
+enum Mode : int64_t { kShift = 0, kProject = 1, kClamp = 2, kGated = 3, kInvert = 4 };
 
 // The weight of direction k for one row, the only place the C++ kernels state the mode maths:
-// shift alpha_k; project alpha_k c_k; clamp alpha_k max(c_k - tau_k, 0); gated alpha_k [c_k > tau_k].
+// shift alpha_k; project alpha_k c_k; clamp alpha_k max(c_k - tau_k, 0); gated and invert
+// alpha_k [c_k > tau_k] (invert then rescales the row: invert_share).
 // A NaN score stays NaN (so does the row it repairs), as in the reference: written so that a
 // comparison with NaN (always false) keeps c_k - tau_k rather than 0 (fmaxf would drop the NaN).
 C10_HOST_DEVICE inline float mode_weight(int64_t mode, float alpha, float c, float tau) {
@@ -26,7 +28,7 @@ C10_HOST_DEVICE inline float mode_weight(int64_t mode, float alpha, float c, flo
     const float excess = c - tau;
     return alpha * (excess < 0.f ? 0.f : excess);
   }
-  if (mode == kGated) {
+  if (mode == kGated || mode == kInvert) {
     const float excess = c - tau;
     return alpha * (excess > 0.f ? 1.f : (excess <= 0.f ? 0.f : excess));
   }
@@ -34,7 +36,17 @@ C10_HOST_DEVICE inline float mode_weight(int64_t mode, float alpha, float c, flo
 }
 
 // The modes that compare scores with tau (fire_kernels.modes.TAU_MODES).
-C10_HOST_DEVICE inline bool uses_tau(int64_t mode) { return mode == kClamp || mode == kGated; }
+C10_HOST_DEVICE inline bool uses_tau(int64_t mode) { return mode == kClamp || mode == kGated || mode == kInvert; }
+
+// Invert: the share u = h / (1 + h), h = sum_k w_k g_k, of the centre in the repaired row,
+// y = t + u (mu - t) with t = x - sum_k w_k v_k (w row's weights, g the slope, may be null: 0).
+// The one place the C++ kernels state it; u == 0 (no flag, or no slope) leaves y = t exactly.
+C10_HOST_DEVICE inline float invert_share(const float* w, const float* slope, int64_t K, int64_t stride_w = 1) {
+  if (slope == nullptr) return 0.f;
+  float h = 0.f;
+  for (int64_t k = 0; k < K; ++k) h += w[k * stride_w] * slope[k];
+  return h / (1.f + h);
+}
 
 // Where row r = (b, p) of x and out starts, and the stride between a row's D elements: one
 // row per sample (flattened), or per sample and position (channels at stride 1 in channels-last
@@ -54,8 +66,9 @@ inline Rows rows_of(const at::Tensor& x, const at::Tensor& out) {
 inline void check_native_args(const at::Tensor& x, const at::Tensor& directions,
                               const at::Tensor& alpha,
                               const c10::optional<at::Tensor>& center,
-                              const c10::optional<at::Tensor>& tau, int64_t mode) {
-  TORCH_CHECK(mode >= kShift && mode <= kGated, "fire::_repair_native: mode must be 0, 1, 2 or 3, got ", mode);
+                              const c10::optional<at::Tensor>& tau, int64_t mode,
+                              const c10::optional<at::Tensor>& slope) {
+  TORCH_CHECK(mode >= kShift && mode <= kInvert, "fire::_repair_native: mode must be 0 to 4, got ", mode);
   TORCH_CHECK(x.dim() == 3, "fire::_repair_native: x must be (B, P, D), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
                   x.scalar_type() == at::kBFloat16,
@@ -81,6 +94,13 @@ inline void check_native_args(const at::Tensor& x, const at::Tensor& directions,
                     tau->size(0) == K,
                 "fire::_repair_native: tau must be contiguous float32 (K,)");
   }
+  if (slope.has_value()) {
+    TORCH_CHECK(mode == kInvert, "fire::_repair_native: slope is only used by mode 4 (invert)");
+    TORCH_CHECK(slope->scalar_type() == at::kFloat && slope->is_contiguous() && slope->dim() == 1 &&
+                    slope->size(0) == K,
+                "fire::_repair_native: slope must be contiguous float32 (K,)");
+    TORCH_CHECK(slope->device() == x.device(), "fire::_repair_native: slope on wrong device");
+  }
   for (const at::Tensor* t : {&directions, &alpha}) {
     TORCH_CHECK(t->device() == x.device(), "fire::_repair_native: all tensors must be on ", x.device());
   }
@@ -93,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> repair_native_cpu(const at::Tensor& x, const 
                                                      const at::Tensor& alpha,
                                                      const c10::optional<at::Tensor>& center,
                                                      const c10::optional<at::Tensor>& tau, int64_t mode,
-                                                     bool want_scores);
+                                                     bool want_scores, const c10::optional<at::Tensor>& slope);
 
 // The CUDA kernel on prepared rows (csrc/cuda/repair_cuda.cu; only in builds with CUDA, which
 // define FIRE_WITH_CUDA for the C++ sources too).
@@ -101,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> repair_native_cuda(const at::Tensor& x, const
                                                       const at::Tensor& alpha,
                                                       const c10::optional<at::Tensor>& center,
                                                       const c10::optional<at::Tensor>& tau, int64_t mode,
-                                                      bool want_scores);
+                                                      bool want_scores, const c10::optional<at::Tensor>& slope);
 
 // Whether Triton serves CUDA tensors under FIRE_BACKEND=auto (fire_repair.ops says so at import);
 // where it does not, the C++ op takes eager CUDA calls itself (csrc/repair_op.cpp).

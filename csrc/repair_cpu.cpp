@@ -242,7 +242,7 @@ inline void subtract_directions(const scalar_t* __restrict xr, scalar_t* __restr
 template <typename scalar_t>
 void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V, const float* alpha,
                  int64_t stride_alpha, const float* mu, const float* tau, float* scores, int64_t K,
-                 int64_t mode) {
+                 int64_t mode, const float* slope) {
   const int64_t N = L.B * L.P, D = L.D;
   const bool need_c = mode != kShift || scores != nullptr;
   // Rows per block: as many as keep the block in L2 between the two passes (so x is read from
@@ -261,7 +261,7 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
   // must stay in L1 together, 16 KiB of directions (512 elements up to K = 8, 256 at K = 16).
   const int64_t chunk = std::clamp<int64_t>(4096 / std::max<int64_t>(K, 1) / 32 * 32, 64, 512);
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> buf(R * chunk), vpack(K * chunk), wa(R * K), c(R * K), w(R * K);
+    std::vector<float> buf(R * chunk), vpack(K * chunk), wa(R * K), c(R * K), w(R * K), share(R);
     std::vector<vec8> acc(R * K);
     std::vector<int64_t> used(K), active(R * K), n_active(R);
     std::vector<const scalar_t*> xp(R);
@@ -305,10 +305,12 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
             for (int64_t k = 0; k < K; ++k) scores[(n0 + r) * K + k] = c[r * K + k];
       }
       // Per-row weight of each direction.
-      for (int64_t r = 0; r < rows; ++r)
+      for (int64_t r = 0; r < rows; ++r) {
         for (int64_t k = 0; k < K; ++k) {
           w[r * K + k] = mode_weight(mode, alpha[(n0 + r) * stride_alpha + k], c[r * K + k], tau ? tau[k] : 0.f);
         }
+        share[r] = mode == kInvert ? invert_share(w.data() + r * K, slope, K) : 0.f;
+      }
       // Pass 2: out = x - sum_k w_k v_k (the block is still in L2 from pass 1). Only the
       // directions with a non-zero weight are applied (clamp leaves most at zero), and all of
       // them are summed in registers, one load and one store of y per 8 elements. The chunks
@@ -349,6 +351,15 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
             copy_raw(xr, yr, len);
             continue;
           }
+          if (const float u = share[r]; u != 0.f) {  // invert, a flagged row (rare): rescaled about mu
+            for (int64_t i = 0; i < len; ++i) {
+              float y = static_cast<float>(xr[i]);
+              for (int64_t j = 0; j < na; ++j) y -= wr[j] * vpack[act[j] * chunk + i];
+              y += u * ((mu ? mu[d0 + i] : 0.f) - y);
+              yr[i] = static_cast<scalar_t>(y);
+            }
+            continue;
+          }
           int64_t i = 0;
           // eight independent accumulators over 64 elements, then four, then one: one chain of
           // K dependent multiply-adds per 8 elements would run at the FMA latency, not its
@@ -374,14 +385,15 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
 template <typename scalar_t>
 void repair_tiles(const scalar_t* x, scalar_t* out, const Rows& L, const float* V, const float* alpha,
                   int64_t stride_alpha, const float* mu, const float* tau, float* scores, int64_t K,
-                  int64_t mode) {
+                  int64_t mode, const float* slope) {
   const int64_t P = L.P, D = L.D;
   const bool need_c = mode != kShift || scores != nullptr;
   const int64_t PB = std::clamp<int64_t>((kL2Bytes / 2 / (4 * std::max<int64_t>(D, 1))) / 8 * 8, 8, 256);
   const int64_t pblocks = (P + PB - 1) / PB;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, PB * D));
   at::parallel_for(0, L.B * pblocks, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> tile(D * PB), c(K * PB), w(K * PB);
+    std::vector<float> tile(D * PB), c(K * PB), w(K * PB), share(PB);
+    const bool rescale = mode == kInvert && slope != nullptr;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / pblocks, p0 = (t % pblocks) * PB, len = std::min(PB, P - p0);
       const scalar_t* xb = x + b * L.sxb + p0 * L.sxp;
@@ -414,6 +426,8 @@ void repair_tiles(const scalar_t* x, scalar_t* out, const Rows& L, const float* 
           w[k * PB + j] = mode_weight(mode, alpha[r * stride_alpha + k], need_c ? c[k * PB + j] : 0.f,
                                       tau ? tau[k] : 0.f);
         }
+      if (rescale)
+        for (int64_t j = 0; j < len; ++j) share[j] = invert_share(w.data() + j, slope, K, PB);
       for (int64_t d = 0; d < D; ++d) {
         float* y = tile.data() + d * PB;
         for (int64_t k = 0; k < K; ++k) {
@@ -421,6 +435,11 @@ void repair_tiles(const scalar_t* x, scalar_t* out, const Rows& L, const float* 
           const float* wk = w.data() + k * PB;
 #pragma omp simd
           for (int64_t j = 0; j < len; ++j) y[j] -= wk[j] * v;
+        }
+        if (rescale) {
+          const float m = mu ? mu[d] : 0.f;
+          for (int64_t j = 0; j < len; ++j)
+            if (share[j] != 0.f) y[j] += share[j] * (m - y[j]);
         }
         if (L.sop == 1) {
           store_cast(y, ob + d * L.sod, len);
@@ -438,8 +457,8 @@ std::tuple<at::Tensor, at::Tensor> repair_native_cpu(const at::Tensor& x, const 
                                                      const at::Tensor& alpha,
                                                      const c10::optional<at::Tensor>& center,
                                                      const c10::optional<at::Tensor>& tau, int64_t mode,
-                                                     bool want_scores) {
-  check_native_args(x, directions, alpha, center, tau, mode);
+                                                     bool want_scores, const c10::optional<at::Tensor>& slope) {
+  check_native_args(x, directions, alpha, center, tau, mode, slope);
   TORCH_CHECK(x.device().is_cpu(), "fire::_repair_native (CPU): x must be on the CPU");
   const int64_t K = directions.size(0);
   at::Tensor out = at::empty_like(x);  // x's strides where x is dense: no layout change
@@ -458,7 +477,8 @@ std::tuple<at::Tensor, at::Tensor> repair_native_cpu(const at::Tensor& x, const 
     run(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), L, directions.const_data_ptr<float>(),
         alpha.const_data_ptr<float>(), stride_alpha, center.has_value() ? center->const_data_ptr<float>() : nullptr,
         tau.has_value() ? tau->const_data_ptr<float>() : nullptr,
-        want_scores ? scores.mutable_data_ptr<float>() : nullptr, K, mode);
+        want_scores ? scores.mutable_data_ptr<float>() : nullptr, K, mode,
+        slope.has_value() ? slope->const_data_ptr<float>() : nullptr);
   });
   return {out, scores};
 }
@@ -466,7 +486,7 @@ std::tuple<at::Tensor, at::Tensor> repair_native_cpu(const at::Tensor& x, const 
 TORCH_LIBRARY_FRAGMENT(fire, m) {
   m.def(
       "_repair_native(Tensor x, Tensor directions, Tensor alpha, Tensor? center, Tensor? tau, "
-      "int mode, bool want_scores) -> (Tensor, Tensor)");
+      "int mode, bool want_scores, Tensor? slope=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fire, CPU, m) { m.impl("_repair_native", &repair_native_cpu); }

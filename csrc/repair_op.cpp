@@ -36,9 +36,10 @@ namespace {
 using OptTensor = c10::optional<at::Tensor>;
 using OptInt = c10::optional<int64_t>;
 using RepairFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-                            const OptTensor&, c10::string_view, OptInt);
+                            const OptTensor&, c10::string_view, OptInt, const OptTensor&);
 using ScoresFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                    const OptTensor&, const OptTensor&, c10::string_view, OptInt);
+                                                    const OptTensor&, const OptTensor&, c10::string_view, OptInt,
+                                                    const OptTensor&);
 
 constexpr int64_t kMaxK = 64;  // fire_kernels.MAX_K
 
@@ -56,6 +57,7 @@ std::optional<int64_t> mode_of(c10::string_view mode) {
   if (mode == "project") return kProject;
   if (mode == "clamp") return kClamp;
   if (mode == "gated") return kGated;
+  if (mode == "invert") return kInvert;
   return std::nullopt;
 }
 
@@ -128,7 +130,8 @@ std::optional<at::Tensor> rows_in_order(const at::Tensor& t, const c10::Device& 
 // The no-copy row layout of a valid call (every tensor on x's device), or nothing (the Python
 // path decides).
 std::optional<Rows3> prepare(const at::Tensor& x, const at::Tensor& directions, const at::Tensor& alpha,
-                             const OptTensor& center, const OptTensor& tau, int64_t mode, OptInt channel_dim) {
+                             const OptTensor& center, const OptTensor& tau, int64_t mode, OptInt channel_dim,
+                             const OptTensor& slope) {
   const auto dt = x.scalar_type();
   const c10::Device dev = x.device();
   if (x.layout() != at::kStrided || x.dim() < 1 || (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16))
@@ -138,6 +141,9 @@ std::optional<Rows3> prepare(const at::Tensor& x, const at::Tensor& directions, 
   if (K < 1 || K > kMaxK || !f32_contiguous_on(alpha, dev) || alpha.dim() != 1 || alpha.size(0) != K)
     return std::nullopt;
   if (tau.has_value() && (!uses_tau(mode) || !f32_contiguous_on(*tau, dev) || tau->dim() != 1 || tau->size(0) != K))
+    return std::nullopt;
+  if (slope.has_value() &&
+      (mode != kInvert || !f32_contiguous_on(*slope, dev) || slope->dim() != 1 || slope->size(0) != K))
     return std::nullopt;
   Rows3 r;
   if (!channel_dim.has_value()) {  // flattened: one row per sample
@@ -203,17 +209,18 @@ at::Tensor restore(const Rows3& r, const at::Tensor& out3) {
 std::optional<std::tuple<at::Tensor, at::Tensor>> try_native(const at::Tensor& x, const at::Tensor& directions,
                                                              const at::Tensor& alpha, const OptTensor& center,
                                                              const OptTensor& tau, c10::string_view mode_name,
-                                                             OptInt channel_dim, bool want_scores) {
+                                                             OptInt channel_dim, const OptTensor& slope,
+                                                             bool want_scores) {
   const auto mode = mode_of(mode_name);
   if (!mode || !native_backend_selected(x.device())) return std::nullopt;
-  auto r = prepare(x, directions, alpha, center, tau, *mode, channel_dim);
+  auto r = prepare(x, directions, alpha, center, tau, *mode, channel_dim, slope);
   if (!r) return std::nullopt;
   auto kernel = &repair_native_cpu;
 #ifdef FIRE_WITH_CUDA
   if (x.is_cuda()) kernel = &repair_native_cuda;
 #endif
   auto [out3, scores] = kernel(r->x3, r->V, alpha, r->center.defined() ? OptTensor(r->center) : OptTensor(), tau,
-                               *mode, want_scores);
+                               *mode, want_scores, slope);
   if (want_scores) {
     auto shape = r->lead;
     shape.push_back(directions.size(0));
@@ -229,10 +236,11 @@ c10::TypedOperatorHandle<Fn> lookup(const char* name) {
 }
 
 bool needs_grad(const at::Tensor& x, const at::Tensor& directions, const at::Tensor& alpha, const OptTensor& center,
-                const OptTensor& tau) {
+                const OptTensor& tau, const OptTensor& slope) {
   if (!at::GradMode::is_enabled()) return false;
   return x.requires_grad() || directions.requires_grad() || alpha.requires_grad() ||
-         (center.has_value() && center->requires_grad()) || (tau.has_value() && tau->requires_grad());
+         (center.has_value() && center->requires_grad()) || (tau.has_value() && tau->requires_grad()) ||
+         (slope.has_value() && slope->requires_grad());
 }
 
 // The two public ops, each with its Python twin.
@@ -254,8 +262,8 @@ struct RepairWithScores {
 template <typename Op>
 typename Op::Ret native_kernel(const at::Tensor& x, const at::Tensor& directions, const at::Tensor& alpha,
                                const OptTensor& center, const OptTensor& tau, c10::string_view mode,
-                               OptInt channel_dim) {
-  if (auto res = try_native(x, directions, alpha, center, tau, mode, channel_dim, Op::scores)) {
+                               OptInt channel_dim, const OptTensor& slope) {
+  if (auto res = try_native(x, directions, alpha, center, tau, mode, channel_dim, slope, Op::scores)) {
     if constexpr (Op::scores) {
       return *res;
     } else {
@@ -263,19 +271,19 @@ typename Op::Ret native_kernel(const at::Tensor& x, const at::Tensor& directions
     }
   }
   static const auto python = lookup<typename Op::Fn>(Op::python);
-  return python.call(x, directions, alpha, center, tau, mode, channel_dim);
+  return python.call(x, directions, alpha, center, tau, mode, channel_dim, slope);
 }
 
 template <typename Op>
 typename Op::Ret autograd_kernel(const at::Tensor& x, const at::Tensor& directions, const at::Tensor& alpha,
                                  const OptTensor& center, const OptTensor& tau, c10::string_view mode,
-                                 OptInt channel_dim) {
+                                 OptInt channel_dim, const OptTensor& slope) {
   static const auto python = lookup<typename Op::Fn>(Op::python);
   static const auto self = lookup<typename Op::Fn>(Op::self);
-  if (needs_grad(x, directions, alpha, center, tau))
-    return python.call(x, directions, alpha, center, tau, mode, channel_dim);
+  if (needs_grad(x, directions, alpha, center, tau, slope))
+    return python.call(x, directions, alpha, center, tau, mode, channel_dim, slope);
   at::AutoDispatchBelowADInplaceOrView guard;
-  return self.call(x, directions, alpha, center, tau, mode, channel_dim);
+  return self.call(x, directions, alpha, center, tau, mode, channel_dim, slope);
 }
 
 // The same kernels for each device's dispatch keys (CPU, and CUDA in builds with CUDA).

@@ -5,6 +5,7 @@ launchers raise a clear error when they cannot.
 """
 from .blocks import MAX_K
 from .modes import MODES, TAU_MODES, Mode
-from .repair import CLAMP, GATED, HAVE_TRITON, PROJECT, SHIFT, repair_rows
+from .repair import CLAMP, GATED, HAVE_TRITON, INVERT, PROJECT, SHIFT, repair_rows
 
-__all__ = ["HAVE_TRITON", "MAX_K", "MODES", "TAU_MODES", "Mode", "SHIFT", "PROJECT", "CLAMP", "GATED", "repair_rows"]
+__all__ = ["HAVE_TRITON", "MAX_K", "MODES", "TAU_MODES", "Mode", "SHIFT", "PROJECT", "CLAMP", "GATED", "INVERT",
+           "repair_rows"]

@@ -9,9 +9,10 @@ import tempfile
 from dataclasses import dataclass
 
 from . import repair
-from .blocks import FUSED_MAX_D, MAX_K, fused_blocks, next_pow2, row_block_blocks
+from .blocks import MAX_K, fused_blocks, fused_max_d, next_pow2, row_block_blocks
 
-PTR_ARGS = ("x_ptr", "out_ptr", "v_ptr", "alpha_ptr", "center_ptr", "tau_ptr", "scores_ptr", "partial_ptr")
+PTR_ARGS = ("x_ptr", "out_ptr", "v_ptr", "alpha_ptr", "center_ptr", "tau_ptr", "scores_ptr", "partial_ptr",
+            "slope_ptr")
 INT64_ARGS = ("sxb", "sxp", "sxd", "sob", "sop", "sod")
 
 
@@ -28,24 +29,27 @@ class Resources:
 
 def configurations(block_ks=None):
     """(kernel name, constexprs, num_warps) for every block configuration blocks.py can choose,
-    at the heaviest flags (clamp with centre, tau and scores: the most live values) and each
-    BLOCK_K in `block_ks` (default 1, 4, 16 and MAX_K)."""
+    at the heaviest flags of each kind of call (clamp with centre, tau and scores; invert with
+    its slope too: the most live values) and each BLOCK_K in `block_ks` (default 1, 4, 16 and
+    MAX_K)."""
     block_ks = block_ks or sorted({1, 4, 16, next_pow2(MAX_K)})
-    flags = dict(MODE=2, HAS_TAU=True, NEED_C=True, WANT_SCORES=True)
-    seen = set()
-    d = 16
-    while d <= FUSED_MAX_D:
-        block_n, block_d, warps = fused_blocks(d)
-        if (block_n, block_d, warps) not in seen:
-            seen.add((block_n, block_d, warps))
-            for bk in block_ks:
-                yield "_repair_fused_kernel", dict(flags, HAS_CENTER=True, BLOCK_N=block_n, BLOCK_D=block_d,
-                                                   BLOCK_K=bk), warps
-        d *= 2
-    for block_n, block_d, block_k, span, _, warps in sorted({row_block_blocks(FUSED_MAX_D + 1, k) for k in block_ks}):
-        blocks = dict(BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, SPAN=span)
-        yield "_block_scores_kernel", dict(HAS_CENTER=True, **blocks), warps
-        yield "_block_apply_kernel", dict(flags, **blocks), warps
+    for mode, rescale in ((2, False), (4, True)):
+        flags = dict(MODE=mode, HAS_TAU=True, HAS_SLOPE=rescale, HAS_CENTER=True, NEED_C=True, WANT_SCORES=True)
+        seen = set()
+        d = 16
+        while d <= fused_max_d(rescale):
+            block_n, block_d, warps = fused_blocks(d, rescale)
+            if (block_n, block_d, warps) not in seen:
+                seen.add((block_n, block_d, warps))
+                for bk in block_ks:
+                    yield "_repair_fused_kernel", dict(flags, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=bk), warps
+            d *= 2
+        long_rows = sorted({row_block_blocks(fused_max_d(rescale) + 1, k, rescale=rescale) for k in block_ks})
+        for block_n, block_d, block_k, span, _, warps in long_rows:
+            blocks = dict(BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, SPAN=span)
+            if not rescale:  # the scores kernel has no mode
+                yield "_block_scores_kernel", dict(HAS_CENTER=True, **blocks), warps
+            yield "_block_apply_kernel", dict(flags, **blocks), warps
 
 
 def _ptxas():

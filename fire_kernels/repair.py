@@ -7,11 +7,12 @@ or token tensor), with V (K x D), per-row weights alpha, centre mu and threshold
     w_k   = alpha_k            (shift)
           = alpha_k * c_k      (project)
           = alpha_k * max(c_k - tau_k, 0)  (clamp)
-          = alpha_k * [c_k > tau_k]         (gated)
+          = alpha_k * [c_k > tau_k]         (gated, invert)
     out   = x - sum_k w_k v_k
+    invert, with slope g: out = (1 - u)(x - sum_k w_k v_k) + u mu, u = h / (1 + h), h = sum_k w_k g_k
 
 Two kernels cover all row lengths:
-- `_repair_fused_kernel`: a program owns a block of whole rows (D <= FUSED_MAX_D), reads each
+- `_repair_fused_kernel`: a program owns a block of whole rows (D <= FUSED_MAX_D, half in invert), reads each
   row once, keeps it in registers while the K scores are reduced, and writes it once.
 - `_block_scores_kernel` + `_block_apply_kernel`: longer rows are split in spans, and a
   program owns one span of a block of rows, walked in D-chunks, so each direction chunk is read
@@ -33,7 +34,7 @@ import os
 import torch
 from torch.library import wrap_triton
 
-from .blocks import FUSED_MAX_D, MAX_K, fused_blocks, next_pow2, row_block_blocks
+from .blocks import MAX_K, fused_blocks, fused_max_d, next_pow2, row_block_blocks
 
 try:
     import triton
@@ -47,6 +48,7 @@ except ImportError:  # the CPU and CUDA C++ kernels still work
 from .modes import Mode  # noqa: E402
 
 SHIFT, PROJECT, CLAMP, GATED = int(Mode.SHIFT), int(Mode.PROJECT), int(Mode.CLAMP), int(Mode.GATED)
+INVERT = int(Mode.INVERT)
 
 if HAVE_TRITON:
 
@@ -62,16 +64,21 @@ if HAVE_TRITON:
         elif MODE == 2:  # Mode.CLAMP
             excess = c_k - tau_k
             w = alpha_k * tl.where(excess < 0.0, 0.0, excess)
-        else:  # Mode.GATED: a step, NaN where the score is NaN
+        else:  # Mode.GATED and Mode.INVERT: a step, NaN where the score is NaN
             excess = c_k - tau_k
             w = alpha_k * tl.where(excess > 0.0, 1.0, tl.where(excess <= 0.0, 0.0, excess))
         return w
 
     @triton.jit
+    def _toward_center(y, u, mu):
+        # invert: the flagged rows' share u = h / (1 + h) of the centre; u = 0 leaves y exactly
+        return tl.where(u[:, None] == 0.0, y, y + u[:, None] * (mu - y))
+
+    @triton.jit
     def _repair_fused_kernel(
-        x_ptr, out_ptr, v_ptr, alpha_ptr, center_ptr, tau_ptr, scores_ptr,
+        x_ptr, out_ptr, v_ptr, alpha_ptr, center_ptr, tau_ptr, scores_ptr, slope_ptr,
         P, D, K, sxb, sxp, sxd, sob, sop, sod, stride_an,
-        MODE: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_TAU: tl.constexpr,
+        MODE: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_TAU: tl.constexpr, HAS_SLOPE: tl.constexpr,
         NEED_C: tl.constexpr, WANT_SCORES: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -106,6 +113,7 @@ if HAVE_TRITON:
                 tl.store(scores_ptr + rows64[:, None] * K + kidx[None, :], c, mask=smask)
 
         y = x
+        h = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k in range(K):
             v = tl.load(v_ptr + k * D + cols, mask=cmask, other=0.0).to(tl.float32)
             a = tl.load(alpha_ptr + rows64 * stride_an + k, mask=rmask, other=0.0).to(tl.float32)
@@ -115,6 +123,13 @@ if HAVE_TRITON:
                 t = tl.load(tau_ptr + k).to(tl.float32)
             w = _weights(c_k, a, t, MODE)
             y = y - w[:, None] * v[None, :]
+            if HAS_SLOPE:
+                h += w * tl.load(slope_ptr + k).to(tl.float32)
+        if HAS_SLOPE:  # the centre loaded again: kept from the scores, it would stay live over the loop
+            mu = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            if HAS_CENTER:
+                mu = tl.load(center_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            y = _toward_center(y, h / (1.0 + h), mu[None, :])
         o_offs = b * sob + pos64[:, None] * sop + cols64[None, :] * sod
         tl.store(out_ptr + o_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -150,9 +165,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _block_apply_kernel(
-        x_ptr, out_ptr, v_ptr, alpha_ptr, tau_ptr, partial_ptr, scores_ptr,
+        x_ptr, out_ptr, v_ptr, alpha_ptr, tau_ptr, partial_ptr, scores_ptr, center_ptr, slope_ptr,
         R, P, D, K, sxb, sxp, sxd, sob, sop, sod, stride_an, n_spans,
         MODE: tl.constexpr, HAS_TAU: tl.constexpr, NEED_C: tl.constexpr, WANT_SCORES: tl.constexpr,
+        HAS_CENTER: tl.constexpr, HAS_SLOPE: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, SPAN: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -176,6 +192,10 @@ if HAVE_TRITON:
         if HAS_TAU:
             t = tl.load(tau_ptr + kidx, mask=kmask, other=0.0).to(tl.float32)[None, :]
         w = tl.where(kmask[None, :], _weights(c, a, t, MODE), 0.0)  # padded directions move nothing
+        u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if HAS_SLOPE:
+            h = tl.sum(w * tl.load(slope_ptr + kidx, mask=kmask, other=0.0).to(tl.float32)[None, :], axis=1)
+            u = h / (1.0 + h)
         xrow = (rows64 // P) * sxb + (rows64 % P) * sxp
         orow = (rows64 // P) * sob + (rows64 % P) * sop
         for d0 in range(0, SPAN, BLOCK_D):
@@ -187,6 +207,11 @@ if HAVE_TRITON:
             v = tl.load(v_ptr + kidx[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :],
                         other=0.0).to(tl.float32)
             y = x - tl.dot(w, v, input_precision="ieee")
+            if HAS_SLOPE:
+                mu = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                if HAS_CENTER:
+                    mu = tl.load(center_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+                y = _toward_center(y, u, mu[None, :])
             tl.store(out_ptr + orow[:, None] + cols64[None, :] * sod, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -195,13 +220,13 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def repair_rows(x, directions, alpha, center, tau, mode: int, want_scores: bool):
+def repair_rows(x, directions, alpha, center, tau, mode: int, want_scores: bool, slope=None):
     """Launch the repair on prepared rows.
 
     x: (B, P, D), any strides: row (b, p) holds D elements at stride x.stride(2) (1 for
     flattened samples and channels-last positions, H*W for the channels of a contiguous NCHW
     map); directions: (K, D) fp32 contiguous; alpha: (K,) or (B*P, K) fp32 contiguous; center:
-    (D,) fp32 or None; tau: (K,) fp32 or None.
+    (D,) fp32 or None; tau: (K,) fp32 or None; slope: (K,) fp32 or None (mode invert only).
     Returns out (`empty_like(x)`: x's strides where x is dense) in x's dtype and scores
     (B*P, K) fp32 (empty if not wanted).
     Safe inside `torch.library.triton_op`: every launch is a plain `wrap_triton(kernel)[grid]`
@@ -225,22 +250,24 @@ def repair_rows(x, directions, alpha, center, tau, mode: int, want_scores: bool)
     stride_an = K if alpha.dim() == 2 else 0
     center_arg = center if center is not None else directions  # never read when absent
     tau_arg = tau if tau is not None else alpha
+    has_slope = slope is not None and mode == INVERT
+    slope_arg = slope if has_slope else alpha
     # dummies are never read (constexpr flags); the unused scores pointer is `out`, a fresh buffer, so
     # that no input can look mutated to torch.compile's analysis of the kernel
     scores_arg = scores if want_scores else out
     xs, os_ = x.stride(), out.stride()
-    if D <= FUSED_MAX_D:
-        block_n, block_d, warps = fused_blocks(D)
+    if D <= fused_max_d(has_slope):
+        block_n, block_d, warps = fused_blocks(D, has_slope)
         grid = (triton.cdiv(P, block_n), B)
         wrap_triton(_repair_fused_kernel)[grid](
-            x, out, directions, alpha, center_arg, tau_arg, scores_arg,
+            x, out, directions, alpha, center_arg, tau_arg, scores_arg, slope_arg,
             P, D, K, xs[0], xs[1], xs[2], os_[0], os_[1], os_[2], stride_an,
-            MODE=mode, HAS_CENTER=center is not None, HAS_TAU=tau is not None,
+            MODE=mode, HAS_CENTER=center is not None, HAS_TAU=tau is not None, HAS_SLOPE=has_slope,
             NEED_C=need_c, WANT_SCORES=want_scores,
             BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps,
         )
         return out, scores
-    block_n, block_d, block_k, span, n_spans, warps = row_block_blocks(D, K, one_chunk=_interpreted())
+    block_n, block_d, block_k, span, n_spans, warps = row_block_blocks(D, K, _interpreted(), has_slope)
     grid = (triton.cdiv(B * P, block_n), n_spans)
     blocks = dict(BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, SPAN=span, num_warps=warps)
     partial = torch.empty((B * P, n_spans, block_k), **f32) if need_c else torch.empty((1,), **f32)
@@ -250,8 +277,9 @@ def repair_rows(x, directions, alpha, center, tau, mode: int, want_scores: bool)
             HAS_CENTER=center is not None, **blocks,
         )
     wrap_triton(_block_apply_kernel)[grid](
-        x, out, directions, alpha, tau_arg, partial, scores_arg,
+        x, out, directions, alpha, tau_arg, partial, scores_arg, center_arg, slope_arg,
         B * P, P, D, K, xs[0], xs[1], xs[2], os_[0], os_[1], os_[2], stride_an, n_spans,
-        MODE=mode, HAS_TAU=tau is not None, NEED_C=need_c, WANT_SCORES=want_scores, **blocks,
+        MODE=mode, HAS_TAU=tau is not None, NEED_C=need_c, WANT_SCORES=want_scores,
+        HAS_CENTER=center is not None, HAS_SLOPE=has_slope, **blocks,
     )
     return out, scores

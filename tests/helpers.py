@@ -40,12 +40,21 @@ def make_params(x, k: int, mode: str, device, seed: int = 2, directions_shape: s
     V = torch.randn(k, D, generator=g) / max(D, 1) ** 0.5
     alpha = 0.5 + torch.rand(k, generator=g)
     center = 0.1 * torch.randn(D, generator=g)
-    tau = 0.2 * torch.rand(k, generator=g) if mode in ("clamp", "gated") else None
+    tau = 0.2 * torch.rand(k, generator=g) if mode in ("clamp", "gated", "invert") else None
     if directions_shape == "full":
         V = V.reshape(k, *feat)
         center = center.reshape(feat)
     to = dict(device=device)
     return V.to(**to), alpha.to(**to), center.to(**to), None if tau is None else tau.to(**to)
+
+
+def make_slope(mode: str, k: int, device, seed: int = 4):
+    """The slope of mode invert (None for the other modes): values in [-0.3 / k, 0.3], so that
+    1 + h = 1 + sum_k alpha_k [flagged] slope_k stays >= 0.55 for any alpha <= 1.5."""
+    if mode != "invert":
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return (-0.3 / k + (0.3 + 0.3 / k) * torch.rand(k, generator=g)).to(device)
 
 
 # ----------------------------------------------------------------------------- estimator tests

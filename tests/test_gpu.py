@@ -4,7 +4,7 @@ CPU-side suites also run every CUDA backend (see conftest.available_backends).""
 import pytest
 import torch
 from conftest import _cuda_native_available
-from helpers import OUT_TOL, make_params, make_x
+from helpers import OUT_TOL, make_params, make_slope, make_x
 
 import fire_repair as fr
 
@@ -21,11 +21,12 @@ def test_triton_and_cuda_fallback_agree(monkeypatch, mode, dtype, shape):
     if x.dim() == 4:
         x = x.to(memory_format=torch.channels_last)
     V, a, mu, tau = make_params(x, 16, mode, "cuda")
+    g = make_slope(mode, 16, "cuda")
     monkeypatch.setenv("FIRE_BACKEND", "triton")
-    t_out, t_sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode)
+    t_out, t_sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, slope=g)
     monkeypatch.setenv("FIRE_BACKEND", "cuda")
-    c_out, c_sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode)
-    exact, ref_sc = fr.repair_reference(x.double(), V, a, mu, tau, mode)
+    c_out, c_sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, slope=g)
+    exact, ref_sc = fr.repair_reference(x.double(), V, a, mu, tau, mode, slope=g)
     rtol, atol = OUT_TOL[dtype]
     for out, sc in ((t_out, t_sc), (c_out, c_sc)):
         torch.testing.assert_close(out.double(), exact, rtol=rtol, atol=atol)
@@ -37,7 +38,8 @@ def test_opcheck_cuda(op):
     for mode in fr.MODES:
         x = make_x("channels_last", torch.float32, "cuda").requires_grad_()
         V, a, mu, tau = make_params(x, 3, mode, "cuda")
-        torch.library.opcheck(getattr(torch.ops.fire, op).default, (x, V, a, mu, tau, mode))
+        g = make_slope(mode, 3, "cuda")
+        torch.library.opcheck(getattr(torch.ops.fire, op).default, (x, V, a, mu, tau, mode, None, g))
 
 
 def test_compile_cuda_matches_eager():
@@ -97,11 +99,12 @@ def test_per_position_backends_agree(monkeypatch, mode, dtype, shape, fmt, cd):
     V = (torch.randn(8, C, generator=g) / C**0.5).cuda()
     a, mu = torch.rand(8, generator=g).cuda(), (0.1 * torch.randn(C, generator=g)).cuda()
     tau = torch.rand(8, generator=g).cuda() if mode == "clamp" else None
-    exact, ref_sc = fr.repair_reference(x.double(), V, a, mu, tau, mode, channel_dim=cd)
+    slope = make_slope(mode, 8, "cuda")
+    exact, ref_sc = fr.repair_reference(x.double(), V, a, mu, tau, mode, channel_dim=cd, slope=slope)
     backends = ["triton"] + (["cuda"] if _cuda_native_available() else [])
     for backend in backends:
         monkeypatch.setenv("FIRE_BACKEND", backend)
-        out, sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd)
+        out, sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd, slope)
         # the same memory layout (strides of size-1 dims carry no meaning)
         assert [st for st, n in zip(out.stride(), x.shape, strict=True) if n > 1] == \
             [st for st, n in zip(x.stride(), x.shape, strict=True) if n > 1], backend
@@ -114,7 +117,8 @@ def test_opcheck_cuda_per_position():
         x = torch.randn(4, 8, 5, 7, device="cuda", requires_grad=True)
         V, a = torch.randn(3, 8, device="cuda"), torch.rand(3, device="cuda")
         mu, tau = torch.randn(8, device="cuda"), torch.rand(3, device="cuda") if mode == "clamp" else None
-        torch.library.opcheck(torch.ops.fire.repair_with_scores.default, (x, V, a, mu, tau, mode, 1))
+        slope = make_slope(mode, 3, "cuda")
+        torch.library.opcheck(torch.ops.fire.repair_with_scores.default, (x, V, a, mu, tau, mode, 1, slope))
 
 
 def _cpp_cuda_path_registered() -> bool:
@@ -136,7 +140,8 @@ def test_cuda_native_calls_stay_in_cpp_and_match_python(monkeypatch, layout, mod
     x, V, mu, cd = _prepared(layout)
     x, V, mu = x.cuda(), V.cuda(), None if mu is None else mu.cuda()  # .cuda() keeps the strides
     a = torch.tensor([1.0, 0.5], device="cuda")
-    tau = torch.tensor([0.1, -0.2], device="cuda") if mode in ("clamp", "gated") else None
+    tau = torch.tensor([0.1, -0.2], device="cuda") if mode in ("clamp", "gated", "invert") else None
+    g = torch.tensor([-0.3, 0.2], device="cuda") if mode == "invert" else None
     if serves == "cuda":
         monkeypatch.setenv("FIRE_BACKEND", "cuda")
     else:
@@ -144,9 +149,9 @@ def test_cuda_native_calls_stay_in_cpp_and_match_python(monkeypatch, layout, mod
         _ext.set_triton_serves_cuda(False)
         monkeypatch.setattr("fire_repair.ops.HAVE_TRITON", False)  # the Python twin decides alike
     try:
-        called = fire_ops_called(lambda: torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd))
-        out, sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd)
-        py_out, py_sc = torch.ops.fire._repair_with_scores_py(x, V, a, mu, tau, mode, cd)
+        called = fire_ops_called(lambda: torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd, g))
+        out, sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd, g)
+        py_out, py_sc = torch.ops.fire._repair_with_scores_py(x, V, a, mu, tau, mode, cd, g)
     finally:
         _ext.set_triton_serves_cuda(fire_kernels.HAVE_TRITON)
     assert called == {"fire::repair_with_scores"}, called

@@ -20,9 +20,10 @@ def test_python_enum_matches_the_cpp_header():
 
 
 def test_modes_names_and_ids():
-    assert fr.MODES == fire_kernels.MODES == ("shift", "project", "clamp", "gated")
-    assert MODE_IDS == {"shift": 0, "project": 1, "clamp": 2, "gated": 3}
-    assert (fire_kernels.SHIFT, fire_kernels.PROJECT, fire_kernels.CLAMP, fire_kernels.GATED) == tuple(Mode)
+    assert fr.MODES == fire_kernels.MODES == ("shift", "project", "clamp", "gated", "invert")
+    assert MODE_IDS == {"shift": 0, "project": 1, "clamp": 2, "gated": 3, "invert": 4}
+    assert (fire_kernels.SHIFT, fire_kernels.PROJECT, fire_kernels.CLAMP, fire_kernels.GATED,
+            fire_kernels.INVERT) == tuple(Mode)
     assert Mode.parse("clamp") is Mode.CLAMP
     for bad in ("CLAMP", "clip", "", None, 2):
         with pytest.raises(ValueError, match="mode must be one of"):

@@ -1,7 +1,7 @@
 """The op inside models under torch.compile(fullgraph=True, dynamic=True) and torch.export."""
 import pytest
 import torch
-from helpers import check_compiled_matches_eager, check_compiled_scores_and_grads, make_params
+from helpers import check_compiled_matches_eager, check_compiled_scores_and_grads, make_params, make_slope
 
 import fire_repair as fr
 
@@ -18,14 +18,17 @@ class Repaired(torch.nn.Module):
         self.register_buffer("alpha", a)
         self.register_buffer("center", mu)
         self.register_buffer("tau", tau if tau is not None else torch.zeros(0))
+        self.register_buffer("slope", make_slope(mode, 3, "cpu"))
 
     def forward(self, x):
         h = self.conv(x.contiguous(memory_format=self.memory_format)).relu()
         tau = self.tau if self.mode == "clamp" else None
         if self.with_scores:
-            h, s = torch.ops.fire.repair_with_scores(h, self.V, self.alpha, self.center, tau, self.mode)
+            h, s = torch.ops.fire.repair_with_scores(h, self.V, self.alpha, self.center, tau, self.mode,
+                                                     slope=self.slope)
             return self.head(h.flatten(1)), s
-        return self.head(torch.ops.fire.repair(h, self.V, self.alpha, self.center, tau, self.mode).flatten(1))
+        return self.head(torch.ops.fire.repair(h, self.V, self.alpha, self.center, tau, self.mode,
+                                               slope=self.slope).flatten(1))
 
 
 @pytest.mark.parametrize("mode", fr.MODES)
@@ -84,10 +87,12 @@ def test_small_inputs_compile_to_the_plain_maths(case, dtype, mode):
         x = x.contiguous(memory_format=fmt)
     D = shape[cd] if cd is not None else x[0].numel()
     V, a, mu, tau = make_params(torch.zeros(1, D), 3, mode, "cpu", seed=5)
+    slope = make_slope(mode, 3, "cpu")
     for op in (torch.ops.fire.repair, torch.ops.fire.repair_with_scores):
-        targets, got = _forward_graph_targets(lambda *t, op=op: op(*t, mode, cd), x, V * 4, a, mu, tau)
+        targets, got = _forward_graph_targets(lambda *t, op=op: op(*t[:5], mode, cd, t[5]), x, V * 4, a, mu, tau,
+                                              slope)
         assert "fire._repair_native.default" not in targets, targets
-        want = op(x, V * 4, a, mu, tau, mode, cd)
+        want = op(x, V * 4, a, mu, tau, mode, cd, slope)
         for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
                         strict=True):
             assert g.dtype == w.dtype and g.shape == w.shape and g.stride() == w.stride()

@@ -17,7 +17,8 @@ def _args(mode="clamp"):
 
 
 def _call(**kw):
-    return torch.ops.fire.repair(kw["x"], kw["directions"], kw["alpha"], kw["center"], kw["tau"], kw["mode"])
+    return torch.ops.fire.repair(kw["x"], kw["directions"], kw["alpha"], kw["center"], kw["tau"], kw["mode"],
+                                 slope=kw.get("slope"))
 
 
 CASES = {
@@ -36,6 +37,11 @@ CASES = {
     "center to broadcast": (dict(center=torch.zeros(3, 1, 1)), ValueError, "center must be"),
     "tau of the wrong K": (dict(tau=torch.zeros(4)), ValueError, "tau must be"),
     "tau with project": (dict(mode="project"), ValueError, "tau is only used"),
+    "slope with clamp": (dict(slope=torch.zeros(3)), ValueError, "slope is only used"),
+    "slope of the wrong K": (dict(mode="invert", slope=torch.zeros(2)), ValueError, "slope must be (K,)"),
+    "integer slope": (dict(mode="invert", slope=torch.zeros(3, dtype=torch.int32)), TypeError, "slope must be"),
+    "slope on another device": (dict(mode="invert", slope=torch.zeros(3, device="meta")), ValueError,
+                                "slope is on meta"),
     "integer directions": (dict(directions=torch.ones(3, 105, dtype=torch.int64)), TypeError, "directions must be"),
     "directions on another device": (dict(directions=torch.randn(3, 105, device="meta")), ValueError,
                                      "directions is on meta"),

@@ -56,13 +56,14 @@ def test_prepared_calls_stay_in_cpp_and_match_python_bit_for_bit(monkeypatch, la
     x = x.to(dtype)
     a = torch.tensor([1.0, 0.5])
     tau = torch.tensor([0.1, -0.2]) if mode == "clamp" else None
-    called = fire_ops_called(lambda: torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd))
+    g = torch.tensor([-0.3, 0.2]) if mode == "invert" else None
+    called = fire_ops_called(lambda: torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd, g))
     assert called == {"fire::repair_with_scores"}, called
-    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd)
-    py_out, py_scores = torch.ops.fire._repair_with_scores_py(x, V, a, mu, tau, mode, cd)
+    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd, g)
+    py_out, py_scores = torch.ops.fire._repair_with_scores_py(x, V, a, mu, tau, mode, cd, g)
     assert out.stride() == py_out.stride() and scores.shape == py_scores.shape
     assert torch.equal(out, py_out) and torch.equal(scores, py_scores)
-    assert torch.equal(torch.ops.fire.repair(x, V, a, mu, tau, mode, cd), out)
+    assert torch.equal(torch.ops.fire.repair(x, V, a, mu, tau, mode, cd, g), out)
 
 
 @pytest.mark.parametrize("case", ["needs grad", "fp16 directions", "directions in another order", "x not dense",

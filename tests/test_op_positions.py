@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from helpers import OUT_TOL, SCORE_TOL, check_compiled_matches_eager, check_compiled_scores_and_grads
+from helpers import OUT_TOL, SCORE_TOL, check_compiled_matches_eager, check_compiled_scores_and_grads, make_slope
 
 import fire_repair as fr
 
@@ -42,8 +42,8 @@ def lead_shape(x, cd):
     return tuple(s for d, s in enumerate(x.shape) if d != cd)
 
 
-def check(out, scores, x, V, a, mu, tau, mode, cd):
-    exact, ref_scores = fr.repair_reference(x.double(), V, a, mu, tau, mode, channel_dim=cd)
+def check(out, scores, x, V, a, mu, tau, mode, cd, slope=None):
+    exact, ref_scores = fr.repair_reference(x.double(), V, a, mu, tau, mode, channel_dim=cd, slope=slope)
     rtol, atol = OUT_TOL[x.dtype]
     assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
     torch.testing.assert_close(out.double(), exact, rtol=rtol, atol=atol)
@@ -62,9 +62,10 @@ K_DTYPES = [(1, torch.float32), (3, torch.float32), (16, torch.float32), (3, tor
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_matches_reference(backend, mode, k, dtype, layout):
     x, V, a, mu, tau, cd = make(layout, dtype, backend, k=k, mode=mode)
-    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd)
-    check(out, scores, x, V, a, mu, tau, mode, cd)
-    out_only = torch.ops.fire.repair(x, V, a, mu, tau, mode, channel_dim=cd)
+    slope = make_slope(mode, k, backend)
+    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd, slope)
+    check(out, scores, x, V, a, mu, tau, mode, cd, slope)
+    out_only = torch.ops.fire.repair(x, V, a, mu, tau, mode, channel_dim=cd, slope=slope)
     # the same kernel on the CPU; on a GPU the scores-writing variant is compiled separately and
     # ptxas may contract its multiply-adds differently (seen on an H100: 1 ulp at K = 16)
     tol = (0, 0) if backend == "cpu" else (2e-6, 2e-6)
@@ -104,8 +105,9 @@ def test_sizes(backend, shape, mode):
     V = torch.randn(2, 6, generator=g).to(backend) / 3
     a, mu = torch.rand(2, generator=g).to(backend), torch.randn(6, generator=g).to(backend)
     tau = torch.rand(2, generator=g).to(backend) if mode == "clamp" else None
-    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, 1)
-    check(out, scores, x, V, a, mu, tau, mode, 1)
+    slope = make_slope(mode, 2, backend)
+    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, 1, slope)
+    check(out, scores, x, V, a, mu, tau, mode, 1, slope)
 
 
 def test_a_moved_trigger_is_repaired_where_it_lands(backend):
@@ -175,18 +177,19 @@ def _leaves(*ts):
 @pytest.mark.parametrize("with_scores", [False, True])
 def test_gradients_match_reference(backend, mode, layout, with_scores):
     x, V, a, mu, tau, cd = make(layout, torch.float32, backend, mode=mode)
-    ours, theirs = _leaves(x, V, a, mu, tau), _leaves(x, V, a, mu, tau)
+    slope = make_slope(mode, 3, backend)
+    ours, theirs = _leaves(x, V, a, mu, tau, slope), _leaves(x, V, a, mu, tau, slope)
     g = torch.Generator().manual_seed(5)
     w_out = torch.randn(x.shape, generator=g).to(backend)
     w_sc = torch.randn(*lead_shape(x, cd), 3, generator=g).to(backend)
     if with_scores:
-        out, sc = torch.ops.fire.repair_with_scores(*ours, mode, cd)
+        out, sc = torch.ops.fire.repair_with_scores(*ours[:5], mode, cd, ours[5])
     else:
-        out, sc = torch.ops.fire.repair(*ours, mode, cd), None
+        out, sc = torch.ops.fire.repair(*ours[:5], mode, cd, ours[5]), None
     ((out * w_out).sum() + ((sc * w_sc).sum() if with_scores else 0)).backward()
-    ref_out, ref_sc = fr.repair_reference(theirs[0].double(), *theirs[1:], mode, channel_dim=cd)
+    ref_out, ref_sc = fr.repair_reference(theirs[0].double(), *theirs[1:5], mode, channel_dim=cd, slope=theirs[5])
     ((ref_out * w_out.double()).sum() + ((ref_sc * w_sc.double()).sum() if with_scores else 0)).backward()
-    for name, mine, ref in zip(["x", "directions", "alpha", "center", "tau"], ours, theirs, strict=True):
+    for name, mine, ref in zip(["x", "directions", "alpha", "center", "tau", "slope"], ours, theirs, strict=True):
         if mine is None:
             continue
         expected = torch.zeros_like(mine) if ref.grad is None else ref.grad.to(mine.dtype)
@@ -199,7 +202,9 @@ def test_opcheck(op):
         for mode in fr.MODES:
             x, V, a, mu, tau, cd = make(layout, torch.float32, "cpu", mode=mode)
             args = [t.requires_grad_() if t is not None else None for t in (x, V, a, mu, tau)]
-            torch.library.opcheck(getattr(torch.ops.fire, op).default, (*args, mode, cd))
+            slope = make_slope(mode, 3, "cpu")
+            slope = None if slope is None else slope.requires_grad_()
+            torch.library.opcheck(getattr(torch.ops.fire, op).default, (*args, mode, cd, slope))
     x, V, a, mu, _, cd = make("nchw", torch.float32, "cpu", n=0, mode="project")
     torch.library.opcheck(getattr(torch.ops.fire, op).default, (x, V, a, mu, None, "project", cd))
 
@@ -226,6 +231,7 @@ class PositionRepaired(torch.nn.Module):
         self.register_buffer("alpha", torch.rand(2, generator=g))
         self.register_buffer("center", 0.1 * torch.randn(8, generator=g))
         self.register_buffer("tau", 0.1 * torch.rand(2, generator=g))
+        self.register_buffer("slope", make_slope(mode, 2, "cpu"))
 
     def forward(self, x):
         h = self.conv(x.contiguous(memory_format=self.memory_format)).relu()
@@ -233,7 +239,7 @@ class PositionRepaired(torch.nn.Module):
         if self.tokens:
             h, cd = h.flatten(2).transpose(1, 2).contiguous(), -1
         tau = self.tau if self.mode == "clamp" else None
-        h, s = torch.ops.fire.repair_with_scores(h, self.V, self.alpha, self.center, tau, self.mode, cd)
+        h, s = torch.ops.fire.repair_with_scores(h, self.V, self.alpha, self.center, tau, self.mode, cd, self.slope)
         y = self.head(h.reshape(h.shape[0], -1))
         return (y, s) if self.with_scores else y
 

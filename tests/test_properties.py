@@ -6,6 +6,7 @@ import struct
 
 import pytest
 import torch
+from helpers import make_slope
 
 import fire_repair as fr
 
@@ -63,16 +64,17 @@ def _build(c, device):
     if mu is not None and cd is None and torch.rand(1, generator=g).item() < 0.5:
         mu = mu.reshape(c["feat"])  # the feature-shaped spelling
     tau = c["scale"] * 0.5 * torch.randn(c["k"], generator=g) if c["mode"] == "clamp" and c["tau"] else None
-    return x, *(None if t is None else t.to(device) for t in (V, a, mu, tau))
+    slope = make_slope(c["mode"], c["k"], device, seed=c["seed"])
+    return x, *(None if t is None else t.to(device) for t in (V, a, mu, tau)), slope
 
 
 @SETTINGS
 @given(case=op_cases())
 def test_op_matches_the_reference(backend, case):
-    x, V, a, mu, tau = _build(case, backend)
+    x, V, a, mu, tau, slope = _build(case, backend)
     mode, cd = case["mode"], case["cd"]
-    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd)
-    exact, ref_scores = fr.repair_reference(x.double(), V, a, mu, tau, mode, channel_dim=cd)
+    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd, slope)
+    exact, ref_scores = fr.repair_reference(x.double(), V, a, mu, tau, mode, channel_dim=cd, slope=slope)
     assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
     lead = x.shape[0:1] if cd is None else tuple(s for d, s in enumerate(x.shape) if d != cd % x.dim())
     assert scores.shape == (*lead, V.shape[0]) and scores.dtype == torch.float32
@@ -84,7 +86,7 @@ def test_op_matches_the_reference(backend, case):
     # fp32 dot products: error grows with the sum of |terms|
     terms = float(ref_scores.abs().max()) + big * V.abs().sum(1).max().item()
     torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-5 * terms)
-    torch.testing.assert_close(torch.ops.fire.repair(x, V, a, mu, tau, mode, cd), out,
+    torch.testing.assert_close(torch.ops.fire.repair(x, V, a, mu, tau, mode, cd, slope), out,
                                rtol=0 if x.device.type == "cpu" else 2e-6,
                                atol=0 if x.device.type == "cpu" else 2e-6 * big)
 

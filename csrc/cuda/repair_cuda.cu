@@ -30,6 +30,7 @@ struct Params {
   const float* center;  // (D,) or null
   const float* tau;     // (K,) or null
   float* scores;        // (rows, K) or null
+  const float* slope;   // (K,) or null (mode invert)
   int K, mode;
   bool need_c;          // the projections are needed (not shift without scores)
 };
@@ -74,10 +75,12 @@ __global__ void repair_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __r
       }
     }
     __syncthreads();
+    const float u = args.mode == kInvert ? invert_share(w, args.slope, args.K) : 0.f;
     scalar_t* orow = out + L.out_row(n);
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
       float y = static_cast<float>(xr[d * L.sxd]);
       for (int k = 0; k < args.K; ++k) y -= w[k] * args.V[k * D + d];
+      if (u != 0.f) y += u * ((args.center ? args.center[d] : 0.f) - y);
       orow[d * L.sod] = static_cast<scalar_t>(y);
     }
     __syncthreads();  // w is rewritten for the next row
@@ -120,10 +123,12 @@ __global__ void repair_tiles_kernel(const scalar_t* __restrict__ x, scalar_t* __
     }
     __syncthreads();
     if (live) {
+      const float u = args.mode == kInvert ? invert_share(w + lane, args.slope, args.K, kTileP) : 0.f;
       scalar_t* op = out + b * L.sob + p * L.sop;
       for (int64_t d = group; d < D; d += kTileGroups) {
         float y = static_cast<float>(xp[d * L.sxd]);
         for (int k = 0; k < args.K; ++k) y -= w[k * kTileP + lane] * args.V[k * D + d];
+        if (u != 0.f) y += u * ((args.center ? args.center[d] : 0.f) - y);
         op[d * L.sod] = static_cast<scalar_t>(y);
       }
     }
@@ -137,8 +142,8 @@ std::tuple<at::Tensor, at::Tensor> repair_native_cuda(const at::Tensor& x, const
                                                       const at::Tensor& alpha,
                                                       const c10::optional<at::Tensor>& center,
                                                       const c10::optional<at::Tensor>& tau, int64_t mode,
-                                                      bool want_scores) {
-  check_native_args(x, directions, alpha, center, tau, mode);
+                                                      bool want_scores, const c10::optional<at::Tensor>& slope) {
+  check_native_args(x, directions, alpha, center, tau, mode, slope);
   TORCH_CHECK(x.is_cuda(), "fire::_repair_native (CUDA): x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = directions.size(0);
@@ -162,7 +167,8 @@ std::tuple<at::Tensor, at::Tensor> repair_native_cuda(const at::Tensor& x, const
     const Params params{directions.const_data_ptr<float>(), alpha.const_data_ptr<float>(), stride_alpha,
                         center.has_value() ? center->const_data_ptr<float>() : nullptr,
                         tau.has_value() ? tau->const_data_ptr<float>() : nullptr,
-                        want_scores ? scores.mutable_data_ptr<float>() : nullptr, static_cast<int>(K),
+                        want_scores ? scores.mutable_data_ptr<float>() : nullptr,
+                        slope.has_value() ? slope->const_data_ptr<float>() : nullptr, static_cast<int>(K),
                         static_cast<int>(mode), need_c};
     if (tiles) {
       const int64_t n_tiles = L.B * ((L.P + kTileP - 1) / kTileP);

@@ -17,7 +17,9 @@ Two row forms, chosen by `channel_dim`:
   position (D = C), the same (K, C) directions applied at every position; scores come out per
   position, (N, *positions, K). The kernels take rows at any element stride, so contiguous NCHW
   (channels at stride H*W), channels_last and (N, T, C) tokens are all read in place.
-Either way `out` comes back in x's memory format. Only inputs whose rows cannot be addressed
+Mode invert (gated, then each flagged row rescaled about the centre by the per-direction
+`slope`, see fire_kernels.modes) is the one mode with a seventh argument, `slope` (K,); without
+it, invert is gated. Either way `out` comes back in x's memory format. Only inputs whose rows cannot be addressed
 with one stride per level (e.g. x[:, ::2] flattened) are copied first.
 
 Values. The op checks types, devices and shapes on every call and never reads a value on the
@@ -43,7 +45,7 @@ from torch import Tensor
 
 import fire_kernels
 from fire_kernels import HAVE_TRITON, MAX_K
-from fire_kernels.modes import MODES, TAU_MODES
+from fire_kernels.modes import MODES, SLOPE_MODES, TAU_MODES
 from fire_kernels.repair import repair_rows
 
 from . import _ext
@@ -70,10 +72,10 @@ def _channel_dim(x, channel_dim):
     return cd
 
 
-def _validate(x, directions, alpha, center, tau, mode, channel_dim):
+def _validate(x, directions, alpha, center, tau, mode, channel_dim, slope=None):
     """Checks the public arguments' types, devices and shapes (exact and cheap: no values are
     read, so no device sync and nothing to cache); returns (mode_id, alpha fp32, tau fp32 or
-    None, channel dim normalised). Nothing is broadcast."""
+    None, channel dim normalised, slope fp32 or None). Nothing is broadcast."""
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"fire.repair: mode must be one of {MODES}, got {mode!r}")
     if x.dim() < 1:
@@ -81,7 +83,8 @@ def _validate(x, directions, alpha, center, tau, mode, channel_dim):
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"fire.repair: x must be float32, float16 or bfloat16, got {x.dtype}")
     cd = _channel_dim(x, channel_dim)
-    for name, t in (("directions", directions), ("alpha", alpha), ("center", center), ("tau", tau)):
+    for name, t in (("directions", directions), ("alpha", alpha), ("center", center), ("tau", tau),
+                    ("slope", slope)):
         if t is None:
             continue
         if t.device != x.device:
@@ -115,8 +118,15 @@ def _validate(x, directions, alpha, center, tau, mode, channel_dim):
             raise ValueError(f"fire.repair: tau is only used by the modes {TAU_MODES}, got mode={mode!r}")
         if tuple(tau.shape) != (K,):
             raise ValueError(f"fire.repair: tau must be (K,) = ({K},), got {tuple(tau.shape)}")
+    if slope is not None:
+        if mode not in SLOPE_MODES:
+            raise ValueError(f"fire.repair: slope is only used by the modes {SLOPE_MODES}, got mode={mode!r}")
+        if tuple(slope.shape) != (K,):
+            raise ValueError(f"fire.repair: slope must be (K,) = ({K},), got {tuple(slope.shape)}")
     f32 = torch.float32
-    return MODE_IDS[mode], alpha.to(f32).contiguous(), None if tau is None else tau.to(f32).contiguous(), cd
+    t = None if tau is None else tau.to(f32).contiguous()
+    g = None if slope is None else slope.to(f32).contiguous()
+    return MODE_IDS[mode], alpha.to(f32).contiguous(), t, cd, g
 
 
 # ----------------------------------------------------------------------------- backends
@@ -214,10 +224,10 @@ def _position_rows(x: Tensor, cd: int):
     return x3, lambda out3: out3.reshape(xm.shape).movedim(-1, cd)
 
 
-def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool, cd=None):
+def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool, cd=None, slope=None):
     """The repair of x (any layout). Flattened (cd None): `directions` (K, D) or (K, *feat) and
     `center` in logical order; per position (cd the channel dim): (K, C) and (C,). Any float
-    dtype; alpha fp32 (K,) or (rows, K). Returns out (x's shape and memory format) and scores
+    dtype; alpha fp32 (K,) or (rows, K); slope fp32 (K,) or None. Returns out (x's shape and memory format) and scores
     ((N, K) or (N, *positions, K), fp32) or an empty tensor."""
     K = directions.shape[0]
     if cd is None:
@@ -235,12 +245,12 @@ def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool, cd=
         out3 = torch.empty_like(x3)
         scores = x.new_empty((x3.shape[0] * x3.shape[1], K) if want_scores else (0,), dtype=torch.float32)
     elif backend_for(x.device) == "triton":
-        out3, scores = repair_rows(x3, V, alpha, center, tau, mode_id, want_scores)
+        out3, scores = repair_rows(x3, V, alpha, center, tau, mode_id, want_scores, slope)
     elif _inline_under_compile(x3, K):
-        out3, scores = _inline_rows(x3, V, alpha, center, tau, mode_id, want_scores)
+        out3, scores = _inline_rows(x3, V, alpha, center, tau, mode_id, want_scores, slope)
     else:
         _ext.require_native()
-        out3, scores = torch.ops.fire._repair_native(x3, V, alpha, center, tau, mode_id, want_scores)
+        out3, scores = torch.ops.fire._repair_native(x3, V, alpha, center, tau, mode_id, want_scores, slope)
     if want_scores:
         scores = scores.reshape(*lead, K)
     return restore(out3), scores
@@ -264,10 +274,10 @@ def _inline_under_compile(x3: Tensor, K: int) -> bool:
     return isinstance(n, int) and n * K <= COMPILE_INLINE_WORK
 
 
-def _inline_rows(x3, V, alpha, center, tau, mode_id: int, want_scores: bool):
+def _inline_rows(x3, V, alpha, center, tau, mode_id: int, want_scores: bool, slope=None):
     """The kernel's contract in plain PyTorch (fp32 maths, out in x3's dtype and layout)."""
     D = x3.shape[-1]
-    out, c = repair_rows_reference(x3.reshape(-1, D).float(), V, alpha, center, tau, MODES[mode_id])
+    out, c = repair_rows_reference(x3.reshape(-1, D).float(), V, alpha, center, tau, MODES[mode_id], slope)
     out3 = torch.empty_like(x3)
     out3.copy_(out.reshape(x3.shape))
     return out3, (c if want_scores else c.new_empty(0))
@@ -296,9 +306,10 @@ def _repair(
     tau: Optional[Tensor] = None,
     mode: str = "project",
     channel_dim: Optional[int] = None,
+    slope: Optional[Tensor] = None,
 ) -> Tensor:
-    mode_id, a, t, cd = _validate(x, directions, alpha, center, tau, mode, channel_dim)
-    return _run(x, directions, a, center, t, mode_id, False, cd)[0]
+    mode_id, a, t, cd, g = _validate(x, directions, alpha, center, tau, mode, channel_dim, slope)
+    return _run(x, directions, a, center, t, mode_id, False, cd, g)[0]
 
 
 def _repair_with_scores(
@@ -309,9 +320,10 @@ def _repair_with_scores(
     tau: Optional[Tensor] = None,
     mode: str = "project",
     channel_dim: Optional[int] = None,
+    slope: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    mode_id, a, t, cd = _validate(x, directions, alpha, center, tau, mode, channel_dim)
-    out, scores = _run(x, directions, a, center, t, mode_id, True, cd)
+    mode_id, a, t, cd, g = _validate(x, directions, alpha, center, tau, mode, channel_dim, slope)
+    out, scores = _run(x, directions, a, center, t, mode_id, True, cd, g)
     return out, scores
 
 
@@ -341,7 +353,7 @@ _ext.set_triton_serves_cuda(HAVE_TRITON)
 if _ext.AVAILABLE:
 
     @torch.library.register_fake("fire::_repair_native")
-    def _repair_native_fake(x, directions, alpha, center, tau, mode, want_scores):
+    def _repair_native_fake(x, directions, alpha, center, tau, mode, want_scores, slope=None):
         rows, K = x.shape[0] * x.shape[1], directions.shape[0]
         out = torch.empty_like(x)
         scores = x.new_empty((rows, K) if want_scores else (0,), dtype=torch.float32)
@@ -356,14 +368,19 @@ if _ext.AVAILABLE:
 #   dV     = -(alpha * G)^T grad_out - (w * P)^T (x - mu)
 #   dalpha = -sum_n G * P,   dmu = sum_n (w * P) V,   dtau = sum_n (w * P)   (clamp)
 # plus, for repair_with_scores, the scores' own gradient (c = V (x - mu)).
+# Invert (w = alpha [c > tau], h = w g, s = 1 / (1 + h), t = x - w V, y = s t + (1 - s) mu):
+#   dx = s grad_out,  dV = -(s w)^T grad_out,  dmu = sum_n (1 - s) grad_out,
+#   dalpha_k = sum_n [c_k > tau_k] (-s P_k + s^2 g_k <grad_out, mu - t>),
+#   dslope_k = sum_n s^2 w_k <grad_out, mu - t>.
 
 def _setup(ctx, inputs, output):
     x, directions, alpha, center, tau, mode, *rest = inputs
     scores = output[1] if isinstance(output, tuple) else None
     ctx.mode = mode
     ctx.channel_dim = rest[0] if rest else None
+    slope = rest[1] if len(rest) > 1 else None
     ctx.has_center, ctx.has_tau = center is not None, tau is not None
-    ctx.save_for_backward(x, directions, alpha, center, tau, scores)
+    ctx.save_for_backward(x, directions, alpha, center, tau, scores, slope)
 
 
 def _rows(t: Tensor, cd) -> Tensor:
@@ -384,10 +401,13 @@ def _unrows(r: Tensor, shape, cd) -> Tensor:
 
 
 def _backward(ctx, grad_out, grad_scores=None):
-    x, directions, alpha, center, tau, c = ctx.saved_tensors
+    x, directions, alpha, center, tau, c, slope = ctx.saved_tensors
     n_inputs = len(ctx.needs_input_grad)  # trailing defaulted arguments may be absent
     need_x, need_v, need_a, need_mu, need_tau = (list(ctx.needs_input_grad) + [False] * 5)[:5]
     mode, cd = ctx.mode, _channel_dim(x, ctx.channel_dim)
+    if mode == "invert" and slope is not None:
+        return _invert_backward(ctx, grad_out, grad_scores, n_inputs)
+    mode = "gated" if mode == "invert" else mode  # without a slope, invert is gated
     K = directions.shape[0]
 
     # Everything below works on rows: (N, D) flattened, or (N * positions, C) per position.
@@ -444,7 +464,50 @@ def _backward(ctx, grad_out, grad_scores=None):
         dmu = dmu.reshape(center.shape).to(center.dtype)
     if need_tau:
         dtau = (torch.zeros(K, device=x.device) if w is None else (w * P).sum(0)).to(tau.dtype)
-    return (dx, dV, da, dmu, dtau, None, None)[:n_inputs]
+    return (dx, dV, da, dmu, dtau, None, None, None)[:n_inputs]
+
+
+def _invert_backward(ctx, grad_out, grad_scores, n_inputs):
+    """The gradients of mode invert with a slope (formulas above), in plain PyTorch on rows."""
+    x, directions, alpha, center, tau, c, slope = ctx.saved_tensors
+    cd = _channel_dim(x, ctx.channel_dim)
+    K = directions.shape[0]
+    xc = _rows(x, cd).float()
+    R, D = xc.shape
+    V = directions.reshape(K, D).float()
+    if center is not None:
+        xc = xc - center.reshape(1, D).float()
+    c = (xc @ V.T if c is None else c.reshape(R, K)).float()
+    t = tau.float() if tau is not None else torch.zeros(K, device=x.device)
+    gate = torch.where(c.isnan(), c, (c > t).float())
+    w = alpha.float() * gate
+    s = 1 / (1 + w @ slope.float())  # (R,)
+    g2 = _rows(grad_out, cd).float()
+    dx = _unrows(s[:, None] * g2, x.shape, cd).to(grad_out.dtype)
+    if grad_scores is not None:
+        dx = dx + _unrows(grad_scores.float().reshape(R, K) @ V, x.shape, cd).to(dx.dtype)
+    need = list(ctx.needs_input_grad) + [False] * 8
+    dV = da = dmu = dg = None
+    if need[1]:
+        dV = -(s[:, None] * w).T @ g2
+        if grad_scores is not None:
+            dV = dV + grad_scores.float().reshape(R, K).T @ xc
+        dV = dV.reshape(directions.shape).to(directions.dtype)
+    if need[2] or need[7]:
+        to_mu = (g2 * (w @ V - xc)).sum(1)  # <grad_out, mu - t> per row
+        if need[2]:
+            P = g2 @ V.T
+            da = (gate * (-s[:, None] * P + (s**2)[:, None] * slope.float() * to_mu[:, None])).sum(0)
+            da = da.to(alpha.dtype)
+        if need[7]:
+            dg = ((s**2)[:, None] * w * to_mu[:, None]).sum(0).to(slope.dtype)
+    if need[3]:
+        dmu = ((1 - s) @ g2)
+        if grad_scores is not None:
+            dmu = dmu - grad_scores.float().reshape(R, K).sum(0) @ V
+        dmu = dmu.reshape(center.shape).to(center.dtype)
+    dtau = torch.zeros_like(tau) if need[4] else None
+    return (dx, dV, da, dmu, dtau, None, None, dg)[:n_inputs]
 
 
 # Second derivatives (e.g. a gradient penalty on the input): `_repair_grad` is linear in grad,
