@@ -169,7 +169,8 @@ def test_load_layer_revalidates_a_layer_edited_after_construction():
 def test_buffers_move_devices_but_keep_fp32_under_dtype_casts():
     layer, module = _module()
     module.to(torch.bfloat16)
-    assert all(getattr(module, n).dtype == torch.float32 for n in module.BUFFERS)
+    assert module.slope is None  # clamp: no slope buffer
+    assert all(getattr(module, n).dtype == torch.float32 for n in module.BUFFERS if n != "slope")
     assert torch.equal(module.directions, layer.directions)
     module.half()
     x = torch.randn(3, 8).half()
@@ -238,8 +239,9 @@ def test_non_finite_x_gives_the_references_answer_on_every_backend(backend, mode
     a = torch.tensor([1.0, 0.5, 2.0])
     tau = torch.tensor([0.1, -0.2, 0.0]) if mode == "clamp" else None
     args = [t.to(backend) if t is not None else None for t in (V, a, mu, tau)]
-    out, scores = torch.ops.fire.repair_with_scores(x, *args, mode, cd)
-    ref, ref_scores = fr.repair_reference(x.double(), *args, mode, channel_dim=cd)
+    slope = torch.tensor([-0.2, 0.1, 0.05], device=backend) if mode == "invert" else None
+    out, scores = torch.ops.fire.repair_with_scores(x, *args, mode, cd, slope)
+    ref, ref_scores = fr.repair_reference(x.double(), *args, mode, channel_dim=cd, slope=slope)
     assert torch.equal(torch.isnan(out.double()), torch.isnan(ref)), "NaN pattern differs from the reference"
     assert torch.equal(torch.isinf(out.double()), torch.isinf(ref)), "inf pattern differs from the reference"
     tol = 1e-5 if dtype == torch.float32 else 1.6e-2

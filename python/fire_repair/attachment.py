@@ -16,7 +16,7 @@ import torch
 
 from ._deprecated import renamed_attributes
 from .ops import _physical_perm
-from .profile import LayerProfile, Profile, unusable_value
+from .profile import LayerProfile, Profile, check_slope, unusable_value
 
 CHILD = "fire_repair"
 
@@ -31,7 +31,7 @@ class RepairModule(torch.nn.Module):
     compute in fp32 anyway), and flattened directions follow the memory format of the inputs
     they meet (once, in eager mode), so the op never converts or permutes them per call."""
 
-    BUFFERS = ("directions", "alpha", "center", "tau", "score_scale")
+    BUFFERS = ("directions", "alpha", "center", "tau", "score_scale", "slope")
 
     def __init__(self, layer: LayerProfile, record_scores: bool = False):
         super().__init__()
@@ -42,6 +42,7 @@ class RepairModule(torch.nn.Module):
         self.register_buffer("alpha", layer.alpha.detach().to(**f32, copy=True))
         self.register_buffer("center", layer.center.detach().to(**f32, copy=True))
         self.register_buffer("tau", None if layer.tau is None else layer.tau.detach().to(**f32, copy=True))
+        self.register_buffer("slope", None if layer.slope is None else layer.slope.detach().to(**f32, copy=True))
         scale = layer.score_scale if layer.score_scale is not None else torch.ones(layer.k)
         self.register_buffer("score_scale", scale.detach().to(**f32, copy=True))
         self.record_scores = record_scores  # deprecated: use fire_repair.capture(model)
@@ -55,6 +56,8 @@ class RepairModule(torch.nn.Module):
         """Raises ValueError if a buffer holds a value the repair cannot use (NaN or inf; NaN
         in tau), e.g. after a write that bypassed the library (`.data`, numpy, storage)."""
         _check_values(self.layer_name, {name: getattr(self, name) for name in self.BUFFERS})
+        if self.slope is not None:
+            check_slope(self.alpha, self.slope, f"the repair at {self.layer_name!r}")
 
     def _apply(self, fn, recurse=True):
         # device moves apply; dtype casts do not (a cast to bf16 and back would round the
@@ -92,9 +95,9 @@ class RepairModule(torch.nn.Module):
         self._follow_layout(h)
         if self._capture is None and not self.record_scores:
             return torch.ops.fire.repair(h, self.directions, self.alpha, self.center, self.tau, self.mode,
-                                         self.channel_dim)
+                                         self.channel_dim, self.slope)
         out, c = torch.ops.fire.repair_with_scores(h, self.directions, self.alpha, self.center, self.tau, self.mode,
-                                                   self.channel_dim)
+                                                   self.channel_dim, self.slope)
         if self._capture is not None:
             self._capture._record(self.layer_name, h.detach(), c.detach())
         if self.record_scores:
@@ -110,7 +113,7 @@ class RepairModule(torch.nn.Module):
     def backdoor_scores(self, h: torch.Tensor) -> torch.Tensor:
         """The per-sample backdoor score of the layer outputs h (from the op's projections)."""
         _, c = torch.ops.fire.repair_with_scores(h, self.directions, self.alpha, self.center, self.tau, self.mode,
-                                                 self.channel_dim)
+                                                 self.channel_dim, self.slope)
         return self.backdoor_score(c)
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
@@ -132,6 +135,8 @@ class RepairModule(torch.nn.Module):
         self.center.copy_(layer.center)
         if self.tau is not None:
             self.tau.copy_(layer.tau)
+        if self.slope is not None:
+            self.slope.copy_(layer.slope)
         if layer.score_scale is not None:
             self.score_scale.copy_(layer.score_scale)
 
@@ -157,8 +162,11 @@ def _contiguous_state(module, state_dict, prefix, local_metadata):
 
 def _check_incoming(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """Before load_state_dict copies anything into a RepairModule: its new values must be usable."""
-    _check_values(module.layer_name, {name: state_dict[prefix + name] for name in module.BUFFERS
-                                      if isinstance(state_dict.get(prefix + name), torch.Tensor)})
+    incoming = {name: state_dict[prefix + name] for name in module.BUFFERS
+                if isinstance(state_dict.get(prefix + name), torch.Tensor)}
+    _check_values(module.layer_name, incoming)
+    if incoming.get("slope") is not None:
+        check_slope(incoming.get("alpha", module.alpha), incoming["slope"], f"the repair at {module.layer_name!r}")
 
 
 def check_repairs(model: torch.nn.Module) -> None:

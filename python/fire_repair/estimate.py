@@ -248,7 +248,18 @@ class LayerStats:
         the clean mean, tau = the `tau_quantile` of the clean projections (clamp, gated), score
         scale = their std; `alpha` (k,) as given. Shift subtracts beta's part along each direction
         (the paper's rule); gated subtracts it where the sample's score exceeds tau (the shift
-        applied to what the clean data's quantile flags), nothing elsewhere."""
+        applied to what the clean data's quantile flags), nothing elsewhere. Invert is gated plus
+        the pairs' slope g (`pair_slope`, on the first direction): a flagged row's distance to
+        the centre is divided by 1 + alpha g, which undoes a trigger that blends (x' - mu =
+        (1 + g)(x - mu) + beta); it needs pairs, and its beta is the control variate's (the
+        one consistent with g)."""
+        slope = None
+        if mode == "invert":
+            if source != "paired":
+                raise ValueError("mode 'invert' needs paired samples: its slope is the pairs' regression")
+            paired_beta = "control_variate"
+            slope = torch.zeros(k)
+            slope[0] = self.pair_slope()
         V = self.directions(k, source, paired_beta)
         center = self.clean_mean().float()
         proj = self.clean_projections(V, center)
@@ -256,7 +267,7 @@ class LayerStats:
         directions = V
         if mode in SHIFT_MODES:  # rows b_k = <beta, v_k> v_k; gated shifts the poisoned side only
             m = V @ beta
-            m = m.clamp_min(0) if mode == "gated" else m
+            m = m.clamp_min(0) if mode in ("gated", "invert") else m
             directions = m[:, None] * V
             proj = proj * m.to(proj.dtype)  # the scores of these rows (tau and the score scale in their units)
         fs = self.feature_shape
@@ -264,7 +275,7 @@ class LayerStats:
         return LayerProfile(name=name, mode=mode, directions=directions.reshape(k, *fs).contiguous(),
                             alpha=alpha.clone(), center=center.reshape(fs), tau=tau,
                             score_scale=proj.std(0).clamp_min(1e-12).float(), beta=beta.reshape(fs),
-                            channel_dim=channel_dim)
+                            channel_dim=channel_dim, slope=slope)
 
     def directions(self, k: int, source: str, paired_beta: str = "mean") -> torch.Tensor:
         """(k, D) orthonormal rows; the first is beta / |beta|."""

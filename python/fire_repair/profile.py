@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fire_kernels import MAX_K
-from fire_kernels.modes import MODES, TAU_MODES
+from fire_kernels.modes import MODES, SLOPE_MODES, TAU_MODES
 
 from ._deprecated import renamed_attributes
 
@@ -42,6 +42,16 @@ def unusable_value(tensors: dict) -> Optional[str]:
     return None
 
 
+def check_slope(alpha: torch.Tensor, slope: torch.Tensor, where: str) -> None:
+    """Invert divides a flagged row's distance to the centre by 1 + sum_k alpha_k slope_k over
+    the flagged directions: refused unless that stays above 0.05 for every set of flags (a
+    blend of strength a has slope -a: alpha 1 undoes it up to a = 0.95)."""
+    worst = 1 + float((alpha.double() * slope.double()).clamp_max(0).sum())
+    if not worst > 0.05:
+        raise ProfileError(f"{where}: 1 + sum of the negative alpha * slope is {worst:.3g}; invert needs it above "
+                           "0.05 (it divides by it)")
+
+
 @dataclass
 class LayerProfile:
     """The repair at one layer: the arguments of `torch.ops.fire.repair` plus what produced them.
@@ -53,13 +63,14 @@ class LayerProfile:
 
     name: str
     mode: str
-    directions: torch.Tensor  # (K, *feature_shape): unit rows (project/clamp) or b_k (shift/gated)
+    directions: torch.Tensor  # (K, *feature_shape): unit rows (project/clamp) or b_k (shift/gated/invert)
     alpha: torch.Tensor  # (K,)
     center: torch.Tensor  # feature_shape: the clean mean
     tau: Optional[torch.Tensor] = None  # (K,), clamp and gated only
     score_scale: Optional[torch.Tensor] = None  # (K,): clean std of the projections
     beta: Optional[torch.Tensor] = None  # feature_shape: the raw trigger direction estimate
     channel_dim: Optional[int] = None  # None: flattened; an int: per position
+    slope: Optional[torch.Tensor] = None  # (K,), invert only: the trigger's scaling of x - center
 
     def __post_init__(self):
         self.validate()
@@ -84,7 +95,7 @@ class LayerProfile:
             if self.directions.dim() != 2:
                 raise ProfileError(f"{where}: per-position directions must be (K, C)")
         fs, k = self.feature_shape, self.k
-        expect = {"alpha": (k,), "center": fs, "tau": (k,), "score_scale": (k,), "beta": fs}
+        expect = {"alpha": (k,), "center": fs, "tau": (k,), "score_scale": (k,), "beta": fs, "slope": (k,)}
         for attr, shape in expect.items():
             t = getattr(self, attr)
             if t is None:
@@ -95,12 +106,18 @@ class LayerProfile:
             raise ProfileError(f"{where}: mode {self.mode!r} needs tau")
         if self.mode not in TAU_MODES and self.tau is not None:
             raise ProfileError(f"{where}: tau is only used by the modes {TAU_MODES}")
+        if self.mode in SLOPE_MODES and self.slope is None:
+            raise ProfileError(f"{where}: mode {self.mode!r} needs slope")
+        if self.mode not in SLOPE_MODES and self.slope is not None:
+            raise ProfileError(f"{where}: slope is only used by the modes {SLOPE_MODES}")
         bad = unusable_value({attr: getattr(self, attr) for attr in
-                              ("directions", "alpha", "center", "score_scale", "beta", "tau")})
+                              ("directions", "alpha", "center", "score_scale", "beta", "tau", "slope")})
         if bad == "tau":
             raise ProfileError(f"{where}: tau has NaN")
         if bad is not None:
             raise ProfileError(f"{where}: {bad} has non-finite values")
+        if self.slope is not None:
+            check_slope(self.alpha, self.slope, where)
 
     @property
     def form(self) -> str:
@@ -108,7 +125,7 @@ class LayerProfile:
 
     def tensors(self) -> dict:
         out = {"directions": self.directions, "alpha": self.alpha, "center": self.center}
-        for attr in ("tau", "score_scale", "beta"):
+        for attr in ("tau", "score_scale", "beta", "slope"):
             if getattr(self, attr) is not None:
                 out[attr] = getattr(self, attr)
         return out
@@ -261,7 +278,7 @@ def _parse(meta: dict, tensors: dict):
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in spec["feature_shape"]):
             raise ProfileError(f"layer {spec['name']!r}: feature_shape must be positive integers")
         t = {}
-        for key in ("directions", "alpha", "center", "tau", "score_scale", "beta"):
+        for key in ("directions", "alpha", "center", "tau", "score_scale", "beta", "slope"):
             name = f"{i}.{key}"
             if name in tensors:
                 if tensors[name].dtype != torch.float32:

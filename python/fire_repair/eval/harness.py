@@ -204,13 +204,16 @@ class FireDefense(ProfileDefense):
 # `fire` and `fire-unpaired` choose the mode too (label-free, with the layer and alpha): clamp
 # moves what lies beyond the clean range, gated shifts by beta what the clean quantile flags
 # (measured on CIFAR-10: SIG 78.1 % PA gated against 77.1 % clamp; on the digits ViT, Blended
-# 90.8 % against 79.1 %). The one-mode rows are FIRE's ablations of that choice.
-SELECTED_MODES = ("clamp", "gated")
+# 90.8 % against 79.1 %), invert also undoes the scaling a blend applies (paired only: its slope
+# comes from the pairs). The one-mode rows are FIRE's ablations of that choice.
+SELECTED_MODES = ("clamp", "gated", "invert")
+UNPAIRED_MODES = ("clamp", "gated")
 FIRE_DEFENSES = {
     "fire": lambda: FireDefense(SELECTED_MODES, name="fire"),
-    "fire-unpaired": lambda: FireDefense(SELECTED_MODES, paired=False, name="fire-unpaired"),
+    "fire-unpaired": lambda: FireDefense(UNPAIRED_MODES, paired=False, name="fire-unpaired"),
     "fire-clamp": lambda: FireDefense(("clamp",)),
     "fire-gated": lambda: FireDefense(("gated",)),
+    "fire-invert": lambda: FireDefense(("invert",)),
     "fire-project": lambda: FireDefense(("project",)),
     "fire-shift": lambda: FireDefense(("shift",)),
     "fire-clamp-unpaired": lambda: FireDefense(("clamp",), paired=False),
@@ -405,7 +408,8 @@ def pair_draws(run: Run, name: str, first: dict, score, log=print) -> dict:
 def tau_quantiles(cfg: RunConfig, modes) -> dict:
     """The candidate clean quantiles of tau per mode of `modes` (None for the modes without tau),
     as fr.select reads them."""
-    return tau_candidates({"clamp": cfg.tau_quantile, "gated": cfg.gate_quantile}, modes)
+    return tau_candidates({"clamp": cfg.tau_quantile, "gated": cfg.gate_quantile, "invert": cfg.gate_quantile},
+                          modes)
 
 
 def detection_auroc(model, profile, eval_clean, eval_poison) -> float:
@@ -500,13 +504,15 @@ def ablations(model, chosen: FireDefense, cfg, held: Held, layers, score) -> lis
     variants = (("unpaired", None, cfg.match_clean), ("unpaired, clean set not matched", None, False),
                 ("unpaired+photometric", Photometric(seed=cfg.seed), cfg.match_clean),
                 ("unpaired+shift", RandomShift(seed=cfg.seed), cfg.match_clean))
+    # unpaired estimates have no slope: invert's unpaired counterpart is gated (invert without it)
+    umode = "gated" if mode == "invert" else mode
     for what, augment, match in variants:
         clean, _ = clean_reference(model, held.clean, held.flagged, match)
         u = estimator(model, sel.layers, cfg, sel.form, augment=augment, n_augment=4 if augment else 1)
         u.observe(clean, poisoned=False)
         u.observe(held.flagged, poisoned=True)
-        add(f"{what} (selected layers)", lambda u=u: u.profile(mode=mode, alpha=alpha,
-                                                               tau_quantile=q))
+        add(f"{what} (selected layers{', gated' if umode != mode else ''})",
+            lambda u=u: u.profile(mode=umode, alpha=alpha, tau_quantile=q))
     for other_q in (0.9, 0.99, 0.999):
         if mode in fr.TAU_MODES and other_q != q:
             add(f"tau_quantile={other_q}", lambda o=other_q: est.profile(mode=mode, alpha=alpha, tau_quantile=o,
