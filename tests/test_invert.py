@@ -144,3 +144,25 @@ def test_selection_offers_invert_and_records_why_it_cannot_be_estimated_unpaired
     errors = [e for e in sel.evidence if e["mode"] == "invert"]
     assert errors and all("needs paired samples" in e["error"] for e in errors)
     assert sel.mode == "clamp"
+
+
+def test_online_refuses_invert_and_the_harness_runs_it_as_gated(monkeypatch):
+    est, _, _ = fitted()
+    with pytest.raises(ValueError, match="Online: mode 'invert' needs paired samples"):
+        fr.Online(est, mode="invert")
+    from fire_repair.eval import harness
+
+    seen = {}
+
+    class Spy(fr.Online):
+        def __init__(self, estimator, mode="clamp", **kw):
+            seen["mode"] = mode
+            super().__init__(estimator, mode=mode, **kw)
+
+    monkeypatch.setattr(harness.fr, "Online", Spy)
+    clean, _, blended, p = blend_data()
+    sel = fr.Selection(profile=None, layers=["feat"], mode="invert", alpha=1.0, tau_quantile=0.99)
+    cfg = harness.RunConfig(attack="blended", match_clean=False)
+    out = harness.online_curve(est.model, sel, cfg, clean[:64], (1 - A) * clean[64:80] + A * p,
+                               (1 - A) * clean[80:96] + A * p, torch.zeros(16, dtype=torch.int64))
+    assert seen["mode"] == "gated" and out["mode"] == "gated" and len(out["curve"]) == 3

@@ -440,7 +440,8 @@ def online_curve(model, sel, cfg, hold_clean, stream, eval_poison, eval_poison_y
     clean, _ = clean_reference(model, hold_clean, stream[:batch], cfg.match_clean)
     est = estimator(model, sel.layers, cfg, sel.form)
     est.observe(clean, poisoned=False)
-    online = fr.Online(est, mode=sel.mode, alpha=sel.alpha, threshold=None,
+    mode = "gated" if sel.mode == "invert" else sel.mode  # unpaired updates have no slope: invert runs as gated
+    online = fr.Online(est, mode=mode, alpha=sel.alpha, threshold=None,
                        **({} if sel.tau_quantile is None else {"tau_quantile": sel.tau_quantile}))
     curve = [[0, (predict(model, eval_poison) == eval_poison_y).float().mean().item()]]
     step_seconds = []
@@ -453,7 +454,7 @@ def online_curve(model, sel, cfg, hold_clean, stream, eval_poison, eval_poison_y
             curve.append([online.seen_poisoned, (predict(model, eval_poison) == eval_poison_y).float().mean().item()])
     finally:
         online.close()
-    return {"curve": curve, "ms_per_sample": 1e3 * sum(step_seconds) / max(len(step_seconds), 1)}
+    return {"mode": mode, "curve": curve, "ms_per_sample": 1e3 * sum(step_seconds) / max(len(step_seconds), 1)}
 
 
 def ablations(model, chosen: FireDefense, cfg, held: Held, layers, score) -> list:
