@@ -1,17 +1,15 @@
-"""Emulation (plain PyTorch, not the op) of a repair that inverts a blend instead of shifting
-by a constant: where the gate flags a row, x -> mu + (x - mu - beta) / (1 + g), with beta the
-control-variate paired beta, g its slope (d_i = beta + g (c_i - mu); g = -a for a blend) and mu
-the clean mean, all from the defender's 16 pairs and clean set at a linear layer (`input`, the
-pixels, or the ViT's `tokens`). The gate: the projection on beta's direction beyond the clean
-set's 0.999 quantile. A question for the next op mode, not a defence of the harness.
+"""The op's mode invert at one layer, fixed (no selection): alpha 1, tau at the clean 0.999
+quantile, beta and slope g from the defender's 16 pairs and clean set (fr.Estimator,
+`profile(mode="invert")`), at `input` (the pixels) and the ViT's `tokens`, over 6 draws of the
+pairs. Where the gate flags a row: x -> mu + (x - mu - beta) / (1 + g). This script first
+emulated that map with a forward hook in plain PyTorch (the logs `vit-*.log` of 2026-12-01);
+since 2026-12-02 it attaches the op's mode (`op-*.log`).
 
-    OMP_NUM_THREADS=1 python benchmarks/results/blend-inverse/emulate.py vit digits      # or vit cifar10
+    OMP_NUM_THREADS=1 python benchmarks/results/blend-inverse/inverse.py vit digits      # or vit cifar10
 A third argument, a JPEG quality, compresses every triggered image (the defender's and the
 evaluation's) after blending: a blend that is no longer exact.
 """
 import sys
-
-import torch
 
 import fire_repair as fr
 from fire_repair.eval import attacks, harness
@@ -34,32 +32,15 @@ if len(sys.argv) > 3:  # the triggered images JPEG-compressed after blending
     xp = jpeg(xp)
     pool = (held.pool[0], jpeg(held.pool[1]))
     held = harness.Held(clean=held.clean, pairs=tuple(p[:16] for p in pool), flagged=held.flagged, pool=pool)
-modules = dict(model.named_modules())
 
 
-
-def inverse_hook(layer, pairs):
-    """The hook that inverts the blend at `layer`, estimated from `pairs` and the clean set."""
-    est = fr.Estimator(model, [layer], k=1, paired_beta="control_variate")
+def inverse_profile(layer, pairs):
+    """Mode invert at `layer`, estimated from `pairs` and the clean set; and its slope g."""
+    est = fr.Estimator(model, [layer], k=1)  # invert takes the control-variate beta itself
     est.observe(held.clean, poisoned=False)
     est.observe_pairs(*pairs)
-    st = est.stats[layer]
-    g = st.pair_slope()
-    mu, beta = st.clean_mean().float(), st.beta("paired", "control_variate").float()
-    u = beta / beta.norm()
-    feats = []
-    h = modules[layer].register_forward_hook(lambda m, i, o: feats.append(o.flatten(1)))
-    with torch.no_grad():
-        model(held.clean)
-    h.remove()
-    tau = torch.quantile((feats[0] - mu) @ u, 0.999)
-
-    def invert(m, i, o):
-        flat = o.flatten(1)
-        flagged = ((flat - mu) @ u) > tau
-        fixed = mu + (flat - mu - beta) / (1 + g)
-        return torch.where(flagged[:, None], fixed, flat).to(o.dtype).view_as(o)
-    return invert, g
+    profile = est.profile(mode="invert", alpha=1.0, tau_quantile=0.999, layers=[layer])
+    return profile, float(profile.layer(layer).slope[0])
 
 
 print(f"{model_name} {data} Blended, undefended: CA {100 * (predict(model, xc) == yc).float().mean().item():.1f}  "
@@ -67,13 +48,15 @@ print(f"{model_name} {data} Blended, undefended: CA {100 * (predict(model, xc) =
 for layer in ("input", "tokens"):
     pas = []
     for draw in range(6):  # draw 0: the harness's own 16 pairs; then other draws of 16
-        invert, g = inverse_hook(layer, held.drawn(draw, 16).pairs if draw else held.pairs)
-        h = modules[layer].register_forward_hook(invert)
-        ca = (predict(model, xc) == yc).float().mean().item()
-        pa = (predict(model, xp) == yp).float().mean().item()
-        h.remove()
+        profile, g = inverse_profile(layer, held.drawn(draw, 16).pairs if draw else held.pairs)
+        fr.attach(model, profile)
+        try:
+            ca = (predict(model, xc) == yc).float().mean().item()
+            pa = (predict(model, xp) == yp).float().mean().item()
+        finally:
+            fr.detach(model)
         pas.append(pa)
-        print(f"{model_name} {data} Blended, inverse at {layer}, draw {draw} (g = {g:.3f}): "
+        print(f"{model_name} {data} Blended, invert at {layer}, draw {draw} (g = {g:.3f}): "
               f"CA {100 * ca:.1f}  PA {100 * pa:.1f}", flush=True)
-    print(f"{model_name} {data} Blended, inverse at {layer}: PA mean {100 * sum(pas) / len(pas):.1f}, "
+    print(f"{model_name} {data} Blended, invert at {layer}: PA mean {100 * sum(pas) / len(pas):.1f}, "
           f"worst {100 * min(pas):.1f} over 6 draws of the pairs")
