@@ -125,9 +125,10 @@ def test_harness_small_run(tmp_path):
     assert not any(r.get("reference") for name, r in rows.items() if name != "clean-model")
     assert rows["fire-clamp"]["PA"] > 0.9 and rows["fire-clamp"]["CA"] >= rows["none"]["CA"] - 0.01
     assert rows["fire-gated"]["mode"] == "gated" and rows["fire-gated"]["PA"] > 0.9
-    assert rows["fire"]["mode"] in ("clamp", "gated") and rows["fire"]["PA"] > 0.9
+    assert rows["fire"]["mode"] in ("clamp", "gated", "invert") and rows["fire"]["PA"] > 0.9
     chosen = res["fire"]["fire"]
-    assert {e["mode"] for e in chosen["evidence"]} == {"clamp", "gated"}  # the mode chosen by the same criterion
+    # the mode chosen by the same criterion
+    assert {e["mode"] for e in chosen["evidence"]} == set(harness.SELECTED_MODES) == {"clamp", "gated", "invert"}
     # paired: clamp's tau among the candidate quantiles; unpaired: the most conservative only
     assert {e["tau_quantile"] for e in chosen["evidence"] if e["mode"] == "clamp"} == {0.9, 0.99}
     assert {e["tau_quantile"] for e in res["fire"]["fire-clamp-unpaired"]["evidence"]} == {0.99}
