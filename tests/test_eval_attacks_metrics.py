@@ -27,6 +27,22 @@ def test_blended_mixes_a_fixed_pattern_at_0_2():
     torch.testing.assert_close(a.apply(x), out)  # the same pattern every time (seeded)
 
 
+def test_blended_jpeg_is_the_blend_through_jpeg_and_leaves_blended_unchanged():
+    from fire_repair.eval.baselines import JPEG
+
+    x = _images(3)
+    a = attacks.build("blended-jpeg")
+    blended = attacks.build("blended").apply(x)
+    out = a.apply(x)
+    assert a.quality == 75 and attacks.build("blended-jpeg", quality=50).quality == 50
+    torch.testing.assert_close(out, JPEG(quality=75).transform(blended))
+    err = (out - blended).abs().mean().item()
+    assert 1 / 255 < err < 0.1  # no longer the exact blend (the noise pattern compresses badly), still the blend
+    # the plain Blended's cache spec is unchanged by the variant
+    assert attacks.build("blended").params() == {"name": "blended", "target": 0, "seed": 0, "clean_label": False,
+                                                  "blend": 0.2}
+
+
 def test_sig_adds_a_horizontal_sinusoid():
     out = attacks.build("sig").apply(_images(1))[0, 0]
     delta = out - 0.25

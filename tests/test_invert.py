@@ -166,3 +166,14 @@ def test_online_refuses_invert_and_the_harness_runs_it_as_gated(monkeypatch):
     out = harness.online_curve(est.model, sel, cfg, clean[:64], (1 - A) * clean[64:80] + A * p,
                                (1 - A) * clean[80:96] + A * p, torch.zeros(16, dtype=torch.int64))
     assert seen["mode"] == "gated" and out["mode"] == "gated" and len(out["curve"]) == 3
+
+
+def test_the_harness_offers_invert_two_gates_and_unpaired_fire_none():
+    from fire_repair.eval import harness
+
+    cfg = harness.RunConfig(attack="blended")
+    assert harness.tau_quantiles(cfg, harness.SELECTED_MODES) == {"clamp": (0.9, 0.99), "gated": (0.999,),
+                                                                  "invert": (0.99, 0.999)}
+    assert "invert" in harness.FIRE_DEFENSES["fire"]().modes
+    assert "invert" not in harness.FIRE_DEFENSES["fire-unpaired"]().modes
+    assert harness.FIRE_DEFENSES["fire-invert"]().modes == ("invert",)

@@ -102,6 +102,24 @@ def test_row_lengths(backend, D, dtype):
     torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-3)
 
 
+# invert keeps rows up to 8192 in the fused kernel (fire_kernels.blocks.fused_max_d): both sides
+@pytest.mark.parametrize("D", [8192, 8193, 16384])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_invert_row_lengths(backend, D, dtype):
+    g = torch.Generator().manual_seed(D)
+    x = torch.randn(3, D, generator=g).to(backend, dtype)
+    V = (torch.randn(2, D, generator=g) / D**0.5).to(backend)
+    a, mu = torch.rand(2, generator=g).to(backend), (0.1 * torch.randn(D, generator=g)).to(backend)
+    tau, slope = torch.tensor([-0.5, 0.0], device=backend), torch.tensor([-0.3, 0.2], device=backend)
+    out, scores = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, "invert", slope=slope)
+    exact, ref_scores = fr.repair_reference(x.double(), V, a, mu, tau, "invert", slope=slope)
+    rtol, atol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1.6e-2, 1.6e-2)}[dtype]
+    torch.testing.assert_close(out.double(), exact, rtol=rtol, atol=atol)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-3)
+    gated = torch.ops.fire.repair(x, V, a, mu, tau, "gated")
+    assert (out != gated).any()  # some row was flagged and rescaled
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton interpreter")
 @pytest.mark.parametrize("mode,K", [("clamp", 16), ("gated", 40), ("project", 1), ("shift", 3), ("invert", 5)])
 def test_long_rows_at_the_gpu_block_sizes_under_the_interpreter(monkeypatch, mode, K):

@@ -9,6 +9,7 @@ labels unchanged).
 |----------|-------------------------------------------------------------------------|--------------------------|
 | badnets  | 3x3 white patch, bottom-right corner                                    | Gu et al. 2017           |
 | blended  | x' = 0.8 x + 0.2 p, p a fixed seeded uniform-noise image                 | Chen et al. 2017         |
+| blended-jpeg | blended, then JPEG at quality 75: a blend that is no longer exact      | (a robustness variant)   |
 | sig      | x' = x + delta sin(2 pi j f / W), delta 40/255, f 6, clean label          | Barni et al. 2019        |
 | wanet    | smooth warp, k 4, s 0.5, noise mode with cross ratio 2                   | Nguyen & Tran 2021       |
 | trojan   | 5x5 fixed random-colour square, bottom-right (not optimised)             | Liu et al. 2018 (style)  |
@@ -25,6 +26,7 @@ token at a random place in the sequence (the sub-patch moving patch lands in 16 
 alignments within a patch, and did not implant on the small ViT).
 """
 import dataclasses
+import io
 import math
 from dataclasses import dataclass, field
 
@@ -76,6 +78,34 @@ class Blended(Attack):
 
     def apply(self, x):
         return ((1 - self.blend) * x + self.blend * self.pattern(x.shape[1:]).to(x)).clamp(0, 1)
+
+
+def jpeg_compress(x, quality: int):
+    """Each image of x (N, 3, H, W) in [0, 1] through JPEG at `quality` and back (PIL)."""
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for img in x:
+        arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        back = np.asarray(Image.open(buf).convert("RGB"), dtype="float32") / 255.0
+        out.append(torch.from_numpy(back).permute(2, 0, 1))
+    return torch.stack(out) if out else x
+
+
+@dataclass
+class BlendedJPEG(Blended):
+    """Blended, then JPEG-compressed: the triggered image is no longer an exact blend (what a
+    trigger photographed, resized or re-encoded becomes), so a repair that inverts the blend
+    exactly (mode invert) is tested off its assumption."""
+    name: str = "blended-jpeg"
+    quality: int = 75
+
+    def apply(self, x):
+        return jpeg_compress(super().apply(x), self.quality)
 
 
 @dataclass
@@ -218,8 +248,8 @@ class TriggerToken(MovingPatch):
         return self.grid
 
 
-ATTACKS = {"badnets": BadNets, "blended": Blended, "sig": SIG, "wanet": WaNet, "trojan": Trojan,
-           "adaptive": AdaptivePatch,
+ATTACKS = {"badnets": BadNets, "blended": Blended, "blended-jpeg": BlendedJPEG, "sig": SIG, "wanet": WaNet,
+           "trojan": Trojan, "adaptive": AdaptivePatch,
            "moving": MovingPatch, "token": TriggerToken}
 
 

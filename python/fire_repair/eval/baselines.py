@@ -11,11 +11,10 @@ Not included, as they need training or optimisation beyond a runtime filter: Neu
 fine-pruning, ANP, and the test-time purifiers built on diffusion models (no pretrained
 weights offline).
 """
-import io
-
 import torch
 import torch.nn.functional as F
 
+from .attacks import jpeg_compress
 from .metrics import predict
 
 
@@ -66,18 +65,7 @@ class JPEG(Defense):
         self.quality = quality
 
     def transform(self, x):
-        import numpy as np
-        from PIL import Image
-
-        out = []
-        for img in x:
-            arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-            buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, format="JPEG", quality=self.quality)
-            buf.seek(0)
-            back = np.asarray(Image.open(buf).convert("RGB"), dtype="float32") / 255.0
-            out.append(torch.from_numpy(back).permute(2, 0, 1))
-        return torch.stack(out) if out else x
+        return jpeg_compress(x, self.quality)
 
 
 class Blur(Defense):

@@ -60,6 +60,12 @@ class RunConfig:
     # gated shifts a flagged sample by the whole beta (a clean one too, where it crosses tau), so
     # its gate sits further out than clamp's tau: CA cost target 0.3 points
     gate_quantile: float = 0.999
+    # invert's gate: two candidates. Off an exact blend (blended-jpeg: the blend JPEG-compressed
+    # at quality 75) the triggered images score lower along beta, and a 0.999 gate let many
+    # through: digits ViT 86.1% PA mean over 5 draws of the pairs with 0.999 alone (one draw fell
+    # to clamp at block4, 63.6%), 93.3% with these two (worst 90.8%; 0.99 chosen on 4 draws, at
+    # 0.7 point of CA); on the exact blend 0.999 is still chosen, 97.5% on every draw
+    invert_quantile: list = field(default_factory=lambda: [0.99, 0.999])
     n_pairs: int = 16  # paired FIRE estimates and selects from this many triggered images and twins
     n_poison_seen: int = 64  # unpaired FIRE: flagged triggered images, no twins
     n_clean_holdout: Optional[int] = None  # clean held-out images for estimation (None: half the test set)
@@ -408,7 +414,7 @@ def pair_draws(run: Run, name: str, first: dict, score, log=print) -> dict:
 def tau_quantiles(cfg: RunConfig, modes) -> dict:
     """The candidate clean quantiles of tau per mode of `modes` (None for the modes without tau),
     as fr.select reads them."""
-    return tau_candidates({"clamp": cfg.tau_quantile, "gated": cfg.gate_quantile, "invert": cfg.gate_quantile},
+    return tau_candidates({"clamp": cfg.tau_quantile, "gated": cfg.gate_quantile, "invert": cfg.invert_quantile},
                           modes)
 
 
