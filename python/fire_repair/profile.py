@@ -66,7 +66,7 @@ class LayerProfile:
     directions: torch.Tensor  # (K, *feature_shape): unit rows (project/clamp) or b_k (shift/gated/invert)
     alpha: torch.Tensor  # (K,)
     center: torch.Tensor  # feature_shape: the clean mean
-    tau: Optional[torch.Tensor] = None  # (K,), clamp and gated only
+    tau: Optional[torch.Tensor] = None  # (K,), clamp, gated and invert only
     score_scale: Optional[torch.Tensor] = None  # (K,): clean std of the projections
     beta: Optional[torch.Tensor] = None  # feature_shape: the raw trigger direction estimate
     channel_dim: Optional[int] = None  # None: flattened; an int: per position

@@ -356,7 +356,7 @@ def select(estimator: Union[Estimator, Sequence[Estimator]], x_clean: torch.Tens
     the one that `max_clean_change` limits ("clean_change" or "expected_drop", see the module's
     text). `tau_quantile`: the
     clean quantile(s) of tau, one or a sequence of candidates for every mode, or a mapping
-    {mode: quantile or candidates} that names each mode of `modes` that reads tau (clamp, gated);
+    {mode: quantile or candidates} that names each mode of `modes` that reads tau (clamp, gated, invert);
     with several, tau is chosen per candidate layer set like alpha (`Selection.tau_quantile`).
     `tie_break` orders candidates of equal agreement: "twin_kl" (the smaller mean KL divergence
     from the twin's output distribution to the repaired one: how closely the repair restores
