@@ -411,12 +411,9 @@ def _backward(ctx, grad_out, grad_scores=None):
     K = directions.shape[0]
 
     # Everything below works on rows: (N, D) flattened, or (N * positions, C) per position.
-    xc = _rows(x, cd).float()
+    xc, V = _centred_rows(x, directions, center, cd)
     R, D = xc.shape
-    V = directions.reshape(K, D).float()
     a = alpha.float()
-    if center is not None:
-        xc = xc - center.reshape(1, D).float()
     if c is None and mode != "shift":
         c = xc @ V.T
     c = None if c is None else c.reshape(R, K)
@@ -467,16 +464,22 @@ def _backward(ctx, grad_out, grad_scores=None):
     return (dx, dV, da, dmu, dtau, None, None, None)[:n_inputs]
 
 
+def _centred_rows(x, directions, center, cd):
+    """x - center as fp32 rows (R, D), and the directions as fp32 (K, D): what backward works on."""
+    xc = _rows(x, cd).float()
+    V = directions.reshape(directions.shape[0], xc.shape[1]).float()
+    if center is not None:
+        xc = xc - center.reshape(1, -1).float()
+    return xc, V
+
+
 def _invert_backward(ctx, grad_out, grad_scores, n_inputs):
     """The gradients of mode invert with a slope (formulas above), in plain PyTorch on rows."""
     x, directions, alpha, center, tau, c, slope = ctx.saved_tensors
     cd = _channel_dim(x, ctx.channel_dim)
     K = directions.shape[0]
-    xc = _rows(x, cd).float()
-    R, D = xc.shape
-    V = directions.reshape(K, D).float()
-    if center is not None:
-        xc = xc - center.reshape(1, D).float()
+    xc, V = _centred_rows(x, directions, center, cd)
+    R = xc.shape[0]
     c = (xc @ V.T if c is None else c.reshape(R, K)).float()
     t = tau.float() if tau is not None else torch.zeros(K, device=x.device)
     gate = torch.where(c.isnan(), c, (c > t).float())

@@ -411,6 +411,12 @@ def pair_draws(run: Run, name: str, first: dict, score, log=print) -> dict:
     return {"defense": name, "n_pairs": n, "draws": draws}
 
 
+def unpaired_mode(mode: str) -> str:
+    """The mode an unpaired estimate (online updates, the unpaired ablations) runs for a chosen
+    `mode`: invert needs the pairs' slope, so its unpaired counterpart is gated (invert without it)."""
+    return "gated" if mode == "invert" else mode
+
+
 def tau_quantiles(cfg: RunConfig, modes) -> dict:
     """The candidate clean quantiles of tau per mode of `modes` (None for the modes without tau),
     as fr.select reads them."""
@@ -446,7 +452,7 @@ def online_curve(model, sel, cfg, hold_clean, stream, eval_poison, eval_poison_y
     clean, _ = clean_reference(model, hold_clean, stream[:batch], cfg.match_clean)
     est = estimator(model, sel.layers, cfg, sel.form)
     est.observe(clean, poisoned=False)
-    mode = "gated" if sel.mode == "invert" else sel.mode  # unpaired updates have no slope: invert runs as gated
+    mode = unpaired_mode(sel.mode)
     online = fr.Online(est, mode=mode, alpha=sel.alpha, threshold=None,
                        **({} if sel.tau_quantile is None else {"tau_quantile": sel.tau_quantile}))
     curve = [[0, (predict(model, eval_poison) == eval_poison_y).float().mean().item()]]
@@ -511,8 +517,7 @@ def ablations(model, chosen: FireDefense, cfg, held: Held, layers, score) -> lis
     variants = (("unpaired", None, cfg.match_clean), ("unpaired, clean set not matched", None, False),
                 ("unpaired+photometric", Photometric(seed=cfg.seed), cfg.match_clean),
                 ("unpaired+shift", RandomShift(seed=cfg.seed), cfg.match_clean))
-    # unpaired estimates have no slope: invert's unpaired counterpart is gated (invert without it)
-    umode = "gated" if mode == "invert" else mode
+    umode = unpaired_mode(mode)
     for what, augment, match in variants:
         clean, _ = clean_reference(model, held.clean, held.flagged, match)
         u = estimator(model, sel.layers, cfg, sel.form, augment=augment, n_augment=4 if augment else 1)
