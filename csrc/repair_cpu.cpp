@@ -14,6 +14,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -264,6 +265,7 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
     std::vector<float> buf(R * chunk), vpack(K * chunk), wa(R * K), c(R * K), w(R * K), share(R);
     std::vector<vec8> acc(R * K);
     std::vector<int64_t> used(K), active(R * K), n_active(R);
+    std::vector<char> keep(R * K);
     std::vector<const scalar_t*> xp(R);
     std::vector<const float*> bp(R);
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -317,10 +319,16 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
       // of the directions some row of the block applies are packed side by side (rows of V
       // lie D floats apart, often a multiple of 4 KiB, where many streams read in step share
       // L1 sets); each row lists its own (slot in the pack, weight) pairs once per block.
+      // A zero weight is skipped only where that is exact: 0 * v_k is 0 only for a finite
+      // v_k, and a finite score c_k = <v_k, x - mu> proves v_k finite (one inf or NaN in v_k
+      // makes c_k inf or NaN). Shift has no scores to prove it with: all its directions apply.
+      // So the IEEE answer of the reference (0 * inf = NaN) on every path, at no extra pass.
+      const bool apply_all = mode == kShift;
+      for (int64_t i = 0; i < rows * K; ++i) keep[i] = apply_all || w[i] != 0.f || !std::isfinite(c[i]);
       int64_t n_used = 0;
       for (int64_t k = 0; k < K; ++k) {
         bool any = false;
-        for (int64_t r = 0; r < rows && !any; ++r) any = w[r * K + k] != 0.f;
+        for (int64_t r = 0; r < rows && !any; ++r) any = keep[r * K + k];
         if (any) used[n_used++] = k;
       }
       // Without branches: whether a clamped weight is zero is a coin toss per row, and the
@@ -334,7 +342,7 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
         for (int64_t j = 0; j < n_used; ++j) {
           const float wj = w[r * K + used[j]];
           act[na] = j, wr[na] = wj;
-          na += wj != 0.f;
+          na += keep[r * K + used[j]];
         }
         n_active[r] = na;
       }
@@ -347,7 +355,7 @@ void repair_rows(const scalar_t* x, scalar_t* out, const Rows& L, const float* V
           const float* wr = wa.data() + r * K;
           const scalar_t* xr = x + L.x_row(n0 + r) + d0;
           scalar_t* yr = out + L.out_row(n0 + r) + d0;
-          if (na == 0) {
+          if (na == 0 && share[r] == 0.f) {  // (a NaN share, e.g. 0 * a NaN slope, is applied)
             copy_raw(xr, yr, len);
             continue;
           }

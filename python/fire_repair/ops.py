@@ -25,10 +25,16 @@ with one stride per level (e.g. x[:, ::2] flattened) are copied first.
 Values. The op checks types, devices and shapes on every call and never reads a value on the
 host (that would cost a device sync per call and could only be cached by tensor version, which
 `.data`, numpy and storage writes do not bump: the stale-result bug of earlier releases). So
-nothing is cached, and the arithmetic is plain IEEE fp32, the same on every backend and in the
-reference: NaN or inf in directions/center/alpha reach the output as they would in
-`x - w @ V`; a NaN in x makes its row's scores NaN and, in project and clamp, the whole
-repaired row NaN (shift subtracts a constant, so only the NaN elements stay NaN); an infinite
+nothing is cached, and the arithmetic is plain IEEE fp32, the same on every backend, memory
+layout and compile state, and in the reference (`fire_repair.repair_reference`, which defines it): NaN or
+inf in directions/center/alpha reach the output as they would in `x - w @ V` summed over
+*every* direction, so a direction whose weight is 0 still contributes 0 * inf = NaN where it
+holds an inf or NaN (the C++ kernel skips a zero weight only where its score proves the
+direction finite, which is exact); in invert, the share u = h / (1 + h), h = sum_k w_k slope_k
+is likewise summed over every direction (0 * a NaN slope makes the row NaN, flagged or not),
+and only a share of exactly 0 leaves the row as t = x - w @ V. A NaN in x makes its row's
+scores NaN and, in project and clamp, the whole repaired row NaN (shift subtracts a constant,
+so only the NaN elements stay NaN); an infinite
 score gives the infinities and NaNs of that arithmetic (clamp leaves a row whose score is -inf
 unrepaired). Finite inputs whose centred values x - mu or scores overflow fp32 (|.| > 3.4e38)
 give inf like any fp32 computation; scores are computed centred (<v, x - mu>), so a large
