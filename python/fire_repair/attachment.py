@@ -16,7 +16,7 @@ import torch
 
 from ._deprecated import renamed_attributes
 from .ops import _physical_perm
-from .profile import LayerProfile, Profile, check_slope, unusable_value
+from .profile import MODULE_WORDS, LayerProfile, Profile, check_values
 
 CHILD = "fire_repair"
 
@@ -55,9 +55,7 @@ class RepairModule(torch.nn.Module):
     def check(self) -> None:
         """Raises ValueError if a buffer holds a value the repair cannot use (NaN or inf; NaN
         in tau), e.g. after a write that bypassed the library (`.data`, numpy, storage)."""
-        _check_values(self.layer_name, {name: getattr(self, name) for name in self.BUFFERS})
-        if self.slope is not None:
-            check_slope(self.alpha, self.slope, f"the repair at {self.layer_name!r}")
+        _check_values(self.layer_name, self.mode, {name: getattr(self, name) for name in self.BUFFERS})
 
     def _apply(self, fn, recurse=True):
         # device moves apply; dtype casts do not (a cast to bf16 and back would round the
@@ -79,6 +77,8 @@ class RepairModule(torch.nn.Module):
             return
         cl = torch.channels_last
         if h.dim() == 4 and h.is_contiguous(memory_format=cl) and self.directions.is_contiguous(memory_format=cl):
+            return
+        if torch.is_inference_mode_enabled():  # new buffers made here would be inference tensors
             return
         perm = _physical_perm(h)
         if perm is None:
@@ -108,7 +108,7 @@ class RepairModule(torch.nn.Module):
         """Per-sample backdoor score from the projections c ((N, K), or (N, *positions, K) per
         position): the largest projection, over directions and positions, in units of its
         clean std."""
-        return (c / self.score_scale.float()).reshape(c.shape[0], -1).amax(dim=1)
+        return (c / self.score_scale.float()).flatten(1).amax(dim=1)
 
     def backdoor_scores(self, h: torch.Tensor) -> torch.Tensor:
         """The per-sample backdoor score of the layer outputs h (from the op's projections)."""
@@ -140,15 +140,25 @@ class RepairModule(torch.nn.Module):
         if layer.score_scale is not None:
             self.score_scale.copy_(layer.score_scale)
 
+    def __getstate__(self):
+        # a copy (copy.deepcopy, pickle) taken inside `capture(model)` is not being captured
+        state = dict(self.__dict__)
+        state["_capture"] = None
+        return state
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"fire_repair: TorchScript (torch.jit.script) is not supported for repaired models (the repair at "
+            f"{self.layer_name!r} wraps its layer with a forward taking *args, **kwargs, which TorchScript cannot "
+            "compile); use torch.compile or torch.export, which are supported")
+
     def extra_repr(self) -> str:
         form = "flattened" if self.channel_dim is None else f"per position, channel_dim={self.channel_dim}"
         return f"layer={self.layer_name!r}, mode={self.mode!r}, k={self.directions.shape[0]}, {form}"
 
 
-def _check_values(layer_name: str, tensors: dict) -> None:
-    bad = unusable_value(tensors)
-    if bad is not None:
-        raise ValueError(f"the repair at {layer_name!r}: {bad} contains {'NaN' if bad == 'tau' else 'NaN or inf'}")
+def _check_values(layer_name: str, mode: str, tensors: dict) -> None:
+    check_values(tensors, mode, f"the repair at {layer_name!r}", MODULE_WORDS)  # the rules LayerProfile applies
 
 
 def _contiguous_state(module, state_dict, prefix, local_metadata):
@@ -162,11 +172,14 @@ def _contiguous_state(module, state_dict, prefix, local_metadata):
 
 def _check_incoming(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """Before load_state_dict copies anything into a RepairModule: its new values must be usable."""
-    incoming = {name: state_dict[prefix + name] for name in module.BUFFERS
-                if isinstance(state_dict.get(prefix + name), torch.Tensor)}
-    _check_values(module.layer_name, incoming)
-    if incoming.get("slope") is not None:
-        check_slope(incoming.get("alpha", module.alpha), incoming["slope"], f"the repair at {module.layer_name!r}")
+    # the state as it will be after loading, whatever subset arrives (a tensor of another shape
+    # is not loaded: torch reports the size mismatch)
+    after = {name: getattr(module, name) for name in module.BUFFERS}
+    for name in module.BUFFERS:
+        t = state_dict.get(prefix + name)
+        if isinstance(t, torch.Tensor) and after[name] is not None and t.shape == after[name].shape:
+            after[name] = t
+    _check_values(module.layer_name, module.mode, after)
 
 
 def check_repairs(model: torch.nn.Module) -> None:

@@ -32,21 +32,68 @@ class ProfileError(ValueError):
 
 
 def unusable_value(tensors: dict) -> Optional[str]:
-    """The name of the first tensor the repair cannot use: NaN or inf anywhere, except `tau`,
-    where inf is allowed (a direction that never clamps in) and only NaN is refused."""
+    """The name of the first tensor the repair cannot use: NaN or inf anywhere (in float32, the
+    arithmetic the kernels use), except `tau`, where inf is allowed (a direction that never
+    clamps in) and only NaN is refused. (The finiteness rule of `check_values`.)"""
     for name, t in tensors.items():
         if t is None:
             continue
+        t = t.detach().float()
         if bool(torch.isnan(t).any()) if name == "tau" else not bool(torch.isfinite(t).all()):
             return name
     return None
 
 
+# How each owner words the finiteness rule (the rules themselves are shared: check_values).
+PROFILE_WORDS = {"nonfinite": "has non-finite values (NaN or inf in float32)", "nan": "has NaN"}
+MODULE_WORDS = {"nonfinite": "contains NaN or inf (in float32)", "nan": "contains NaN"}
+
+
+def check_values(tensors: dict, mode: Optional[str], where: str, words: dict = PROFILE_WORDS) -> None:
+    """The one set of value rules for a repair's tensors, applied wherever they are set or
+    read back: `LayerProfile` (so `Profile.load`, re-hashed files included), `RepairModule`
+    at construction, `load_layer`, `load_state_dict` (on the state as it will be after
+    loading, whatever subset arrives) and `check()`, and `check_repairs(model)`. Checked in
+    float32, the arithmetic the kernels use (a value finite in float64 can overflow there):
+    - every tensor finite; `tau` may be +-inf but not NaN, and not -inf in clamp (where
+      alpha * (c - tau) is inf for every row);
+    - `score_scale` > 0 (it divides the backdoor score: 0 or a negative scale turns the
+      detector upside down);
+    - alpha_k * max|v_k| finite in float32 (the shift a flagged row receives);
+    - invert: alpha * slope finite in float32, and 1 + sum_k alpha_k slope_k above 0.05 for every
+      set of flags (`check_slope`).
+    Raises ProfileError (a ValueError) naming `where` and the tensor."""
+    bad = unusable_value(tensors)
+    if bad is not None:
+        raise ProfileError(f"{where}: {bad} {words['nan' if bad == 'tau' else 'nonfinite']}")
+    tau = tensors.get("tau")
+    if tau is not None and mode == "clamp" and bool((tau.float() == float("-inf")).any()):
+        raise ProfileError(f"{where}: tau is -inf, which clamp cannot use (alpha * (c - tau) is inf for every row)")
+    scale = tensors.get("score_scale")
+    if scale is not None and not bool((scale.float() > 0).all()):
+        raise ProfileError(f"{where}: score_scale must be > 0 (it divides the backdoor score), got "
+                           f"{scale.float().tolist()}")
+    alpha, directions = tensors.get("alpha"), tensors.get("directions")
+    if alpha is not None and directions is not None and alpha.dim() == 1 and directions.dim() >= 1 \
+            and directions.shape[0] == alpha.shape[0] and directions.numel():
+        reach = alpha.float().abs() * directions.detach().float().reshape(alpha.shape[0], -1).abs().amax(1)
+        if not bool(torch.isfinite(reach).all()):
+            raise ProfileError(f"{where}: alpha * directions overflows float32 (the kernels compute in float32)")
+    slope = tensors.get("slope")
+    if slope is not None and alpha is not None and slope.shape == alpha.shape:
+        check_slope(alpha, slope, where)
+
+
 def check_slope(alpha: torch.Tensor, slope: torch.Tensor, where: str) -> None:
     """Invert divides a flagged row's distance to the centre by 1 + sum_k alpha_k slope_k over
     the flagged directions: refused unless that stays above 0.05 for every set of flags (a
-    blend of strength a has slope -a: alpha 1 undoes it up to a = 0.95)."""
-    worst = 1 + float((alpha.double() * slope.double()).clamp_max(0).sum())
+    blend of strength a has slope -a: alpha 1 undoes it up to a = 0.95), and unless every
+    product and both extreme sums are finite in float32, the kernels' arithmetic."""
+    prod = alpha.detach().float() * slope.detach().float()
+    if not bool(torch.isfinite(prod).all()) or not bool(torch.isfinite(prod.clamp_min(0).sum()).all()) or \
+            not bool(torch.isfinite(prod.clamp_max(0).sum()).all()):
+        raise ProfileError(f"{where}: alpha * slope overflows float32 (the kernels compute in float32)")
+    worst = min(1 + float((alpha.double() * slope.double()).clamp_max(0).sum()), 1 + float(prod.clamp_max(0).sum()))
     if not worst > 0.05:
         raise ProfileError(f"{where}: 1 + sum of the negative alpha * slope is {worst:.3g}; invert needs it above "
                            "0.05 (it divides by it)")
@@ -110,14 +157,8 @@ class LayerProfile:
             raise ProfileError(f"{where}: mode {self.mode!r} needs slope")
         if self.mode not in SLOPE_MODES and self.slope is not None:
             raise ProfileError(f"{where}: slope is only used by the modes {SLOPE_MODES}")
-        bad = unusable_value({attr: getattr(self, attr) for attr in
-                              ("directions", "alpha", "center", "score_scale", "beta", "tau", "slope")})
-        if bad == "tau":
-            raise ProfileError(f"{where}: tau has NaN")
-        if bad is not None:
-            raise ProfileError(f"{where}: {bad} has non-finite values")
-        if self.slope is not None:
-            check_slope(self.alpha, self.slope, where)
+        check_values({attr: getattr(self, attr) for attr in
+                      ("directions", "alpha", "center", "score_scale", "beta", "tau", "slope")}, self.mode, where)
 
     @property
     def form(self) -> str:
