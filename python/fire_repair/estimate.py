@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 from fire_kernels import MAX_K
 from fire_kernels.modes import MODES, SHIFT_MODES, TAU_MODES
 
+from .attachment import RepairWrapper
 from .ops import _channel_dim
-from .profile import LayerProfile, Profile, fingerprint
+from .profile import LayerProfile, Profile, _sha256, fingerprint
 from .sketch import FrequentDirections, Reservoir
 
 
@@ -115,6 +116,7 @@ class LayerStats:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "LayerStats":
+        _check_state(state)
         sketch_rows, reservoir, seed = (int(v) for v in state["settings"])
         shape = [int(s) for s in state["feature_shape"]]
         if "touched" in state:  # per-position statistics
@@ -137,6 +139,14 @@ class LayerStats:
             setattr(out, name, state[name].to(torch.float64).clone())
         for name in cls.SKETCHES + cls.SAMPLES:
             getattr(out, name).load_state_dict({k: state[f"{name}.{k}"] for k in ("rows", "seen")})
+        # each count is the number of rows its sketch and reservoir saw: a count edited alone
+        # (negated, doubled) would rescale the means it divides
+        for count, parts in (("n_clean", ("clean_sketch", "clean_sample")),
+                             ("n_poison", ("poison_sketch", "poison_sample")), ("n_pairs", ("diff_sketch",))):
+            seen = {part: getattr(out, part).seen for part in parts}
+            if any(v != getattr(out, count) for v in seen.values()):
+                raise ValueError(f"{count} = {getattr(out, count)} disagrees with the rows its sketch and sample saw "
+                                 f"({seen}): the checkpoint is inconsistent")
         return out
 
     def merge(self, other: "LayerStats") -> None:
@@ -434,6 +444,45 @@ class PositionStats(LayerStats):
 
 
 PAIRED_BETAS = ("mean", "control_variate")
+CHECKSUM = "sha256"  # per layer in Estimator.state_dict: SHA-256 of the layer's other entries, as 32 uint8
+
+
+def _state_digest(state: dict) -> torch.Tensor:
+    """SHA-256 of a layer's checkpointed statistics (names, shapes, dtypes, bytes), as 32 uint8."""
+    return torch.tensor(list(bytes.fromhex(_sha256((k, state[k]) for k in sorted(state)))), dtype=torch.uint8)
+
+
+def _check_state(state: dict) -> None:
+    """A layer's checkpointed statistics before they are used: every entry present and a tensor
+    of its kind (integer counts and settings, floating sums and rows), counts >= 0, settings
+    >= 1, values finite. Raises ValueError or TypeError naming the entry."""
+    S = LayerStats
+    parts = [f"{n}.{k}" for n in S.SKETCHES + S.SAMPLES for k in ("rows", "seen")]
+    required = ["feature_shape", "settings", *S.COUNTS, "sum_clean", "sum_poison", "sum_diff", *parts]
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"the checkpoint lacks {missing}")
+    unknown = sorted(set(state) - set(required) - set(S.PAIR_MOMENTS) - {"pair_moments", "touched"})
+    if unknown:
+        raise ValueError(f"the checkpoint has unknown entries {unknown}")
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{k} must be a tensor, got {type(v).__name__}")
+        integer = k in ("feature_shape", "settings", "pair_moments", *S.COUNTS) or k.endswith(".seen")
+        if integer and v.dtype != torch.int64:
+            raise ValueError(f"{k} must be int64, got {v.dtype}")
+        if not integer and not v.dtype.is_floating_point:
+            raise ValueError(f"{k} must be floating point, got {v.dtype}")
+        if integer and k not in ("feature_shape", "settings") and (v.dim() != 0 or int(v) < 0):
+            raise ValueError(f"{k} must be a count >= 0, got {v.tolist()}")
+        if not integer and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{k} has non-finite values")
+    if state["settings"].shape != (3,) or bool((state["settings"][:2] < 1).any()):
+        raise ValueError(f"settings must be (sketch_rows >= 1, reservoir >= 1, seed), got {state['settings'].tolist()}")
+    if state["feature_shape"].dim() != 1 or bool((state["feature_shape"] < 1).any()):
+        raise ValueError(f"feature_shape must be positive sizes, got {state['feature_shape'].tolist()}")
+    if "touched" in state and (state["touched"].dim() != 0 or not 0.0 < float(state["touched"]) <= 1.0):
+        raise ValueError(f"touched must be a number in (0, 1], got {state['touched'].tolist()}")
 
 
 def _check_k(k: int, sketch_rows: int) -> None:
@@ -454,6 +503,8 @@ def _poison_mask(poisoned, n: int) -> Optional[torch.Tensor]:
             mask = torch.as_tensor(np.asarray(poisoned))
         except (TypeError, ValueError) as e:
             raise TypeError(f"poisoned must be a bool or a per-sample mask, got {type(poisoned).__name__}") from e
+    if mask.dtype != torch.bool and mask.numel() == 0:  # [] (numpy makes it float64) for an empty batch
+        mask = mask.to(torch.bool)
     if mask.dtype != torch.bool:
         if mask.dtype.is_floating_point or mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError(f"poisoned mask must hold booleans (or 0/1), got dtype {mask.dtype}")
@@ -511,7 +562,9 @@ class Estimator:
             reservoir = 512 * (16 if per_position else 1)
         self.sketch_rows, self.reservoir, self.seed = sketch_rows, reservoir, seed
         self.stats: dict = {}
-        self._modules = {name: modules[name] for name in self.layers}
+        # a layer already repaired (attach) is hooked inside its wrapper: its own output, before the repair
+        self._modules = {name: modules[name].layer if isinstance(modules[name], RepairWrapper)
+                         else modules[name] for name in self.layers}
 
     # -- activations
     @property
@@ -564,7 +617,13 @@ class Estimator:
         """x itself, or its augmented copies (the unpaired estimate averages over augmentations)."""
         if self.augment is None:
             return [x]
-        return [self.augment(x) for _ in range(self.n_augment)]
+        views = [self.augment(x) for _ in range(self.n_augment)]
+        for v in views:
+            if not isinstance(v, torch.Tensor) or v.shape[:1] != x.shape[:1]:
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"augment must return one augmented sample per input, a tensor of batch size "
+                                 f"{x.shape[0]}; it returned {got}")
+        return views
 
     # -- observation
     def observe(self, x: torch.Tensor, poisoned) -> None:
@@ -616,7 +675,17 @@ class Estimator:
 
     # -- merging (several processes or shards)
     def merge(self, other: "Estimator") -> "Estimator":
-        """Adds other's statistics to this one's (copied: later updates of either stay apart)."""
+        """Adds other's statistics to this one's (copied: later updates of either stay apart).
+        Refused, with nothing changed, unless other observed the same model (same weights), in
+        the same form, at layers this estimator watches."""
+        unknown = sorted(set(other.stats) - set(self.layers))
+        if unknown:
+            raise ValueError(f"cannot merge statistics of layer(s) {unknown}: this estimator does not watch them "
+                             f"({self.layers})")
+        if other.per_position != self.per_position:
+            raise ValueError(f"cannot merge {other.form} statistics into a {self.form} estimator")
+        if other.model is not self.model and fingerprint(other.model) != fingerprint(self.model):
+            raise ValueError("cannot merge an estimator of another model (the weights' fingerprints differ)")
         for name, stats in other.stats.items():
             if name not in self.stats:
                 self.stats[name] = stats.copy()
@@ -627,16 +696,43 @@ class Estimator:
     def state_dict(self) -> dict:
         """{"<layer>/<statistic>": tensor}: a checkpoint of everything observed (save it with
         safetensors; load_state_dict restores it into an estimator on the same model)."""
-        return {f"{layer}/{k}": v for layer, st in self.stats.items() for k, v in st.state_dict().items()}
+        out = {}
+        for layer, st in self.stats.items():
+            state = st.state_dict()
+            state[CHECKSUM] = _state_digest(state)
+            out.update({f"{layer}/{k}": v for k, v in state.items()})
+        return out
 
     def load_state_dict(self, state: dict) -> "Estimator":
+        """Restores a checkpoint of `state_dict`. Refused with an error naming the layer and the
+        statistic, and nothing changed, unless every entry is a tensor of a watched layer, the
+        checksum of each layer's statistics matches, and they are consistent and of this
+        estimator's form (flattened or per position)."""
         per_layer: dict = {}
         for key, value in state.items():
+            if not isinstance(key, str) or "/" not in key:
+                raise ValueError(f"checkpoint key {key!r} is not '<layer>/<statistic>'")
             layer, _, name = key.rpartition("/")
             if layer not in self.layers:
                 raise ValueError(f"state for layer {layer!r}, which this estimator does not watch ({self.layers})")
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"checkpoint entry {key!r} must be a tensor, got {type(value).__name__}")
             per_layer.setdefault(layer, {})[name] = value
-        self.stats = {layer: LayerStats.from_state_dict(st) for layer, st in per_layer.items()}
+        stats = {}
+        for layer, st in per_layer.items():
+            try:
+                recorded = st.pop(CHECKSUM, None)  # absent from an earlier release's checkpoints
+                _check_state(st)  # keys and kinds first: a missing entry is named, not a checksum mismatch
+                if recorded is not None and (recorded.dtype != torch.uint8 or recorded.shape != (32,)
+                                             or not torch.equal(recorded, _state_digest(st))):
+                    raise ValueError("contents do not match the recorded checksum (tampered or damaged)")
+                stats[layer] = LayerStats.from_state_dict(st)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"checkpoint of layer {layer!r}: {e}") from None
+            if isinstance(stats[layer], PositionStats) != self.per_position:
+                held = "flattened" if self.per_position else "per-position"
+                raise ValueError(f"checkpoint of layer {layer!r}: {held} statistics, but this estimator is {self.form}")
+        self.stats = stats
         return self
 
     def clone(self) -> "Estimator":

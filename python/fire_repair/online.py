@@ -59,11 +59,16 @@ class Online:
         """Repairs x; returns (model output, flags used). Updates the directions afterwards."""
         modules = repair_modules(self.model)
         cap = None
-        if modules:
-            with capture(self.model) as cap:
+        was_training = self.model.training
+        self.model.eval()  # as Estimator and select do: never a training-mode pass (BatchNorm, dropout)
+        try:
+            if modules:
+                with capture(self.model) as cap:
+                    out = self.model(x)
+            else:
                 out = self.model(x)
-        else:
-            out = self.model(x)
+        finally:
+            self.model.train(was_training)
         flags = poisoned
         if flags is None and cap is not None and self.threshold is not None:
             flags = cap.score(self.estimator.layers[0]) > self.threshold

@@ -20,7 +20,9 @@ Two row forms, chosen by `channel_dim`:
 Mode invert (gated, then each flagged row rescaled about the centre by the per-direction
 `slope`, see fire_kernels.modes) is the one mode with a seventh argument, `slope` (K,); without
 it, invert is gated. Either way `out` comes back in x's memory format. Only inputs whose rows cannot be addressed
-with one stride per level (e.g. x[:, ::2] flattened) are copied first.
+with one stride per level (e.g. x[:, ::2] flattened, or per position a map whose positions are
+permuted, x.transpose(2, 3)) are copied first; out then still has x's strides where x is dense
+(a second copy, on that path only), and is contiguous where x is not (x[:, ::2]).
 
 Values. The op checks types, devices and shapes on every call and never reads a value on the
 host (that would cost a device sync per call and could only be cached by tensor version, which
@@ -84,6 +86,11 @@ def _validate(x, directions, alpha, center, tau, mode, channel_dim, slope=None):
     None, channel dim normalised, slope fp32 or None). Nothing is broadcast."""
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"fire.repair: mode must be one of {MODES}, got {mode!r}")
+    for name, t in (("x", x), ("directions", directions), ("alpha", alpha), ("center", center), ("tau", tau),
+                    ("slope", slope)):
+        if t is not None and t.layout != torch.strided:
+            raise TypeError(f"fire.repair: {name} must be a dense (strided) tensor, got layout {t.layout}; "
+                            "sparse and other layouts are not supported (call .to_dense() first)")
     if x.dim() < 1:
         raise ValueError("fire.repair: x must be (N, ...) with a batch dimension, got a 0-d tensor")
     if x.dtype not in FLOAT_DTYPES:
@@ -225,8 +232,9 @@ def _position_rows(x: Tensor, cd: int):
         x3 = xm.reshape(1, N * P, C)
     elif _mergeable(xm, 1, xm.dim() - 1):
         x3 = xm.reshape(N, P, C)
-    else:  # positions not addressable with one stride: copy once
+    else:  # positions not addressable with one stride: copy once, and once more to give out x's strides
         x3 = xm.contiguous().reshape(1, N * P, C)
+        return x3, lambda out3: torch.empty_like(x).copy_(out3.reshape(xm.shape).movedim(-1, cd))
     return x3, lambda out3: out3.reshape(xm.shape).movedim(-1, cd)
 
 

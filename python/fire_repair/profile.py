@@ -245,7 +245,7 @@ class Profile:
             "fingerprint": self.fingerprint or "", "info": json.dumps(self.info, default=str),
         }
         metadata["sha256"] = _digest(tensors, metadata)
-        save_file(tensors, str(path), metadata=metadata)
+        save_file(tensors, os.fsdecode(os.fspath(path)), metadata=metadata)
 
     @classmethod
     def load(cls, path, model: Optional[torch.nn.Module] = None, check_fingerprint: bool = True,
@@ -253,6 +253,7 @@ class Profile:
         """Reads and checks a profile; with `model`, also checks that it belongs to that model.
         A file without a model fingerprint is refused unless `allow_other_model=True` says that
         the caller accepts a profile that is not tied to particular weights."""
+        path = os.fsdecode(os.fspath(path))  # str, bytes or os.PathLike
         _check_regular_file(path)
         try:
             with safe_open(str(path), framework="pt") as f:

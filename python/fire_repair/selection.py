@@ -233,6 +233,17 @@ def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alph
     estimators = _estimators(estimator)
     if not estimators:
         raise ValueError("pass at least one estimator")
+    if len(clean_ref) == 0:
+        raise ValueError("x_clean_reference is empty: a repair's clean cost cannot be measured on no samples")
+    if isinstance(max_clean_change, bool) or not isinstance(max_clean_change, (int, float)) or \
+            not max_clean_change >= 0:  # NaN fails this too
+        raise ValueError(f"max_clean_change must be a number >= 0, got {max_clean_change!r}")
+    if layer_sets is not None:
+        watched = set().union(*(e.layers for e in estimators))
+        unknown = sorted({name for s in layer_sets for name in s} - watched)
+        if unknown:
+            raise ValueError(f"layer_sets names layer(s) {unknown} that the estimator does not watch "
+                             f"(it watches {sorted(watched)})")
     quantile = tau_candidates(tau_quantile, modes)
     splits = _folds(n, folds, seed)
     if clean_cost not in CLEAN_COSTS:

@@ -73,9 +73,12 @@ class FrequentDirections:
         if rows.dim() != 2 or rows.shape[1] != self.dim or rows.shape[0] > self.buffer.shape[0]:
             raise ValueError(f"sketch state of shape {tuple(rows.shape)} does not fit a ({self.buffer.shape[0]}, "
                              f"{self.dim}) sketch")
+        seen = int(state["seen"])
+        if seen < 0 or not bool(torch.isfinite(rows).all()):
+            raise ValueError(f"sketch state with seen = {seen} (or non-finite rows) is not a sketch's")
         self.buffer.zero_()
         self.buffer[: rows.shape[0]] = rows
-        self.filled, self.seen = rows.shape[0], int(state["seen"])
+        self.filled, self.seen = rows.shape[0], seen
         return self
 
     def merge(self, other: "FrequentDirections") -> None:
@@ -118,7 +121,11 @@ class Reservoir:
         if rows.dim() != 2 or rows.shape[1] != self.dim or rows.shape[0] > self.capacity:
             raise ValueError(f"reservoir state of shape {tuple(rows.shape)} does not fit {self.capacity} rows of "
                              f"{self.dim}")
-        self.rows, self.seen = rows.clone(), int(state["seen"])
+        seen = int(state["seen"])
+        if seen < 0 or rows.shape[0] > min(seen, self.capacity) or not bool(torch.isfinite(rows).all()):
+            raise ValueError(f"reservoir state of {rows.shape[0]} rows having seen {seen} (or non-finite rows) is not "
+                             f"a reservoir of {self.capacity}'s")
+        self.rows, self.seen = rows.clone(), seen
         return self
 
     def merge(self, other: "Reservoir") -> None:
