@@ -48,7 +48,7 @@ setup(
     version="0.2.0",
     description="Fused kernels for FIRE: inference-time repair of backdoored networks",
     package_dir={"": "python", "fire_kernels": "fire_kernels"},
-    packages=["fire_repair", "fire_repair.eval", "fire_kernels"],
+    packages=["fire_repair", "fire_eval", "fire_kernels"],
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp311"}},
@@ -59,5 +59,5 @@ setup(
         "eval": ["scikit-learn", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "matplotlib", "ruff"],
     },
-    entry_points={"console_scripts": ["fire-repair=fire_repair.cli:main"]},
+    entry_points={"console_scripts": ["fire-repair=fire_repair.cli:main", "fire-eval=fire_eval.cli:main"]},
 )

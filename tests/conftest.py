@@ -52,7 +52,7 @@ def pytest_report_header(config):
 
 
 def _backdoored(name):
-    from fire_repair.eval.scenario import backdoored_digits
+    from fire_eval.scenario import backdoored_digits
 
     return backdoored_digits(name, seed=0)
 

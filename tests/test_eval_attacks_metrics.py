@@ -1,9 +1,8 @@
 """Attacks put the trigger where and as the literature says; metrics on hand-built cases."""
 import pytest
 import torch
-
-from fire_repair.eval import attacks
-from fire_repair.eval.metrics import auroc, rates
+from fire_eval import attacks
+from fire_eval.metrics import auroc, rates
 
 
 def _images(n=4):
@@ -28,7 +27,7 @@ def test_blended_mixes_a_fixed_pattern_at_0_2():
 
 
 def test_blended_jpeg_is_the_blend_through_jpeg_and_leaves_blended_unchanged():
-    from fire_repair.eval.baselines import JPEG
+    from fire_eval.baselines import JPEG
 
     x = _images(3)
     a = attacks.build("blended-jpeg")

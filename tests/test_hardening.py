@@ -329,7 +329,7 @@ def test_double_backward_through_the_directions_says_what_is_missing():
 
 
 def test_select_scores_and_metrics_restore_the_training_flag():
-    from fire_repair.eval.metrics import predict
+    from fire_eval.metrics import predict
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).train()

@@ -150,7 +150,7 @@ def test_online_refuses_invert_and_the_harness_runs_it_as_gated(monkeypatch):
     est, _, _ = fitted()
     with pytest.raises(ValueError, match="Online: mode 'invert' needs paired samples"):
         fr.Online(est, mode="invert")
-    from fire_repair.eval import harness
+    from fire_eval import harness
 
     seen = {}
 
@@ -169,7 +169,7 @@ def test_online_refuses_invert_and_the_harness_runs_it_as_gated(monkeypatch):
 
 
 def test_the_harness_offers_invert_two_gates_and_unpaired_fire_none():
-    from fire_repair.eval import harness
+    from fire_eval import harness
 
     cfg = harness.RunConfig(attack="blended")
     assert harness.tau_quantiles(cfg, harness.SELECTED_MODES) == {"clamp": (0.9, 0.99), "gated": (0.999,),

@@ -3,9 +3,9 @@ import warnings
 
 import pytest
 import torch
+from fire_eval.metrics import predict
 
 import fire_repair as fr
-from fire_repair.eval.metrics import predict
 
 
 def _pa(model, b):
@@ -171,24 +171,24 @@ def test_selection_scores_out_of_fold(backdoored, monkeypatch):
 
 
 def test_selection_ties_go_to_the_margin_not_the_order():
-    from fire_repair.selection import _choose
+    from fire_repair.selection import choose
 
     ev = [{"layers": ["a"], "mode": "clamp", "alpha": 1.0, "agreement": 1.0, "margin": 0.5, "clean_change": 0.0},
           {"layers": ["b"], "mode": "clamp", "alpha": 1.0, "agreement": 1.0, "margin": 3.0, "clean_change": 0.005},
           {"layers": ["c"], "mode": "clamp", "alpha": 1.0, "agreement": 1.0, "margin": 9.0, "clean_change": 0.5}]
-    assert _choose(ev, 0.01)["layers"] == ["b"]
-    assert _choose(ev, 0.0)["layers"] == ["a"]
-    assert _choose(ev, -1.0)["layers"] == ["a"]  # none allowed: the least disruptive
+    assert choose(ev, 0.01)["layers"] == ["b"]
+    assert choose(ev, 0.0)["layers"] == ["a"]
+    assert choose(ev, -1.0)["layers"] == ["a"]  # none allowed: the least disruptive
 
 
 def test_twin_kl_tie_break_prefers_the_closest_restoration():
-    from fire_repair.selection import _choose, _kl
+    from fire_repair.selection import _kl, choose
 
     ev = [{"layers": ["a"], "agreement": 1.0, "margin": 9.0, "twin_kl": 0.8, "clean_change": 0.0},
           {"layers": ["b"], "agreement": 1.0, "margin": 3.0, "twin_kl": 0.1, "clean_change": 0.0},
           {"layers": ["c"], "agreement": 0.5, "margin": 1.0, "twin_kl": 0.0, "clean_change": 0.0}]
-    assert _choose(ev, 0.01)["layers"] == ["a"]
-    assert _choose(ev, 0.01, tie="twin_kl")["layers"] == ["b"]  # smaller wins; agreement still first
+    assert choose(ev, 0.01)["layers"] == ["a"]
+    assert choose(ev, 0.01, tie="twin_kl")["layers"] == ["b"]  # smaller wins; agreement still first
     p = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     assert torch.allclose(_kl(p, p), torch.zeros(2), atol=1e-7)
     q = torch.tensor([[0.0, 2.0, -1.0], [1.0, 0.0, 0.0]])
@@ -197,35 +197,35 @@ def test_twin_kl_tie_break_prefers_the_closest_restoration():
 
 
 def test_agreements_closer_than_one_sample_are_ties_for_the_margin():
-    from fire_repair.selection import _choose
+    from fire_repair.selection import choose
 
     ev = [{"layers": ["a"], "agreement": 0.8571, "margin": 1.7, "clean_change": 0.0},
           {"layers": ["b"], "agreement": 0.8567, "margin": 2.8, "clean_change": 0.0},
           {"layers": ["c"], "agreement": 0.8567 - 1 / 64, "margin": 9.0, "clean_change": 0.0}]
-    assert _choose(ev, 0.01)["layers"] == ["a"]  # exact comparison: the 0.0004 decides
-    assert _choose(ev, 0.01, n=64)["layers"] == ["b"]  # one sample's resolution: the margin decides
-    assert _choose(ev[::-1], 0.01, n=64)["layers"] == ["b"]
+    assert choose(ev, 0.01)["layers"] == ["a"]  # exact comparison: the 0.0004 decides
+    assert choose(ev, 0.01, n=64)["layers"] == ["b"]  # one sample's resolution: the margin decides
+    assert choose(ev[::-1], 0.01, n=64)["layers"] == ["b"]
 
 
 def test_agreements_within_the_slack_are_ordered_by_the_tie_break_alone():
-    from fire_repair.selection import _choose
+    from fire_repair.selection import choose
 
     ev = [{"layers": ["a"], "agreement": 16 / 16, "twin_kl": 0.08, "clean_change": 0.0},
           {"layers": ["b"], "agreement": 15 / 16, "twin_kl": 0.05, "clean_change": 0.0},
           {"layers": ["c"], "agreement": 14 / 16, "twin_kl": 0.01, "clean_change": 0.0},
           {"layers": ["d"], "agreement": 15 / 16, "twin_kl": 0.02, "clean_change": 0.5}]
-    assert _choose(ev, 0.01, n=16, tie="twin_kl")["layers"] == ["a"]
-    assert _choose(ev, 0.01, n=16, tie="twin_kl", slack=1)["layers"] == ["b"]  # d costs too much
-    assert _choose(ev, 0.01, n=16, tie="twin_kl", slack=2)["layers"] == ["c"]
+    assert choose(ev, 0.01, n=16, tie="twin_kl")["layers"] == ["a"]
+    assert choose(ev, 0.01, n=16, tie="twin_kl", slack=1)["layers"] == ["b"]  # d costs too much
+    assert choose(ev, 0.01, n=16, tie="twin_kl", slack=2)["layers"] == ["c"]
     # the slack counts from the best agreement that qualifies: without a, b's 15 is the best
-    assert _choose(ev[1:], 0.01, n=16, tie="twin_kl", slack=1)["layers"] == ["c"]
-    assert _choose([dict(e, clean_change=1.0) for e in ev], 0.01, n=16, tie="twin_kl", slack=1)["layers"] == ["a"]
+    assert choose(ev[1:], 0.01, n=16, tie="twin_kl", slack=1)["layers"] == ["c"]
+    assert choose([dict(e, clean_change=1.0) for e in ev], 0.01, n=16, tie="twin_kl", slack=1)["layers"] == ["a"]
 
 
 def test_selection_measures_clean_change_lazily_with_the_same_choice():
     """Measuring clean_change only down the ranking until a candidate qualifies picks what
     measuring every candidate picks, for random evidence with ties."""
-    from fire_repair.selection import _choose
+    from fire_repair.selection import choose
 
     gen = torch.Generator().manual_seed(0)
     for trial in range(200):
@@ -250,8 +250,8 @@ def test_selection_measures_clean_change_lazily_with_the_same_choice():
                 for e in lazy:
                     e["clean_change"] = None
                 calls.clear()
-                got = _choose(lazy, limit, measure, n=2, slack=slack)["layers"]
-                assert got == _choose(full, limit, n=2, slack=slack)["layers"], (trial, limit, slack)
+                got = choose(lazy, limit, measure, n=2, slack=slack)["layers"]
+                assert got == choose(full, limit, n=2, slack=slack)["layers"], (trial, limit, slack)
                 assert len(calls) == len(set(calls))  # each candidate measured at most once
                 ok = [e for e in full if e["clean_change"] <= limit]
                 if ok:  # by hand: within the slack of the best qualifying agreement, margin, then cost
@@ -440,8 +440,8 @@ def test_selection_limits_the_expected_accuracy_drop_on_clean_inputs(backdoored)
 
 
 def test_choose_limits_the_named_clean_cost():
-    from fire_repair.selection import _choose
+    from fire_repair.selection import choose
     ev = [{"layers": ["a"], "agreement": 1.0, "margin": 1.0, "clean_change": 0.05, "expected_drop": 0.001},
           {"layers": ["b"], "agreement": 0.5, "margin": 1.0, "clean_change": 0.0, "expected_drop": 0.0}]
-    assert _choose(ev, 0.01)["layers"] == ["b"]
-    assert _choose(ev, 0.01, cost="expected_drop")["layers"] == ["a"]
+    assert choose(ev, 0.01)["layers"] == ["b"]
+    assert choose(ev, 0.01, cost="expected_drop")["layers"] == ["a"]

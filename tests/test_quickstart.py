@@ -1,5 +1,5 @@
 """The public-API walk-through: a patch-triggered model repaired from near-zero PA to near CA."""
-from fire_repair import quickstart
+from fire_eval import quickstart
 
 
 def test_quickstart_repairs_a_badnets_model(tmp_path):

@@ -11,23 +11,27 @@ from fire_kernels.modes import MODES, TAU_MODES
 
 from . import _ext  # noqa: F401  (loads the extension, or warns how to build it)
 from ._deprecated import renamed_attributes
-from .attachment import Capture, RepairModule, attach, capture, check_repairs, detach, repair_modules
+from .attachment import Capture, RepairModule, attach, attached, capture, check_repairs, detach, repair_modules
 from .compile_cache import tag_compile_caches
 from .detect import backdoor_scores, scores
 from .estimate import Estimator
+from .inference import eval_mode, logits, predict
 from .online import Online
 from .ops import backend_for, repair, repair_with_scores
 from .profile import LayerProfile, Profile, ProfileError, fingerprint
+from .recipe import FORMS, Fit, FitConfig, candidate_layers, estimators, fit, matched_clean, positional_layers
 from .reference import repair_reference
-from .selection import Selection, select, select_unpaired
+from .selection import Selection, choose, select, select_unpaired
 
 __version__ = "0.2.0"
 tag_compile_caches()  # no compiled graph of another build of our ops is served from disk
 __all__ = [
-    "Capture", "Estimator", "LayerProfile", "MODES", "TAU_MODES", "Online", "Profile", "ProfileError", "RepairModule",
-    "Selection",
-    "attach", "backdoor_scores", "backend_for", "capture", "check_repairs", "detach", "fingerprint", "repair",
-    "repair_modules", "repair_reference", "repair_with_scores", "scores", "select", "select_unpaired",
+    "Capture", "Estimator", "FORMS", "Fit", "FitConfig", "LayerProfile", "MODES", "TAU_MODES", "Online", "Profile",
+    "ProfileError", "RepairModule", "Selection",
+    "attach", "attached", "backdoor_scores", "backend_for", "candidate_layers", "capture", "check_repairs", "choose",
+    "detach", "estimators", "eval_mode", "fingerprint", "fit", "logits", "matched_clean", "positional_layers",
+    "predict", "repair", "repair_modules", "repair_reference", "repair_with_scores", "scores", "select",
+    "select_unpaired",
 ]
 # Words: the op's `scores` output and `Capture.projections` are the raw projections
 # c = <v_k, x - center>; a "backdoor score" (`backdoor_scores`, `Capture.score`) is their

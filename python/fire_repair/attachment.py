@@ -16,6 +16,7 @@ import torch
 
 from ._deprecated import renamed_attributes
 from .ops import _physical_perm
+from .outputs import hidden_state, with_hidden_state
 from .profile import MODULE_WORDS, LayerProfile, Profile, check_values
 
 CHILD = "fire_repair"
@@ -201,7 +202,8 @@ class RepairWrapper(torch.nn.Module):
         self._register_load_state_dict_pre_hook(_add_infix)
 
     def forward(self, *args, **kwargs):
-        return self.fire_repair(self.layer(*args, **kwargs))
+        out = self.layer(*args, **kwargs)  # a tensor, or a tuple / ModelOutput around one (see outputs.py)
+        return with_hidden_state(out, self.fire_repair(hidden_state(out, self.fire_repair.layer_name)))
 
 
 def _drop_infix(module, state_dict, prefix, local_metadata):
@@ -292,6 +294,20 @@ def attach(model: torch.nn.Module, profile: Profile, check_fingerprint: bool = T
         parent, child = _parent(model, layer.name)
         setattr(parent, child, RepairWrapper(modules[layer.name], repair))
     return model
+
+
+@contextlib.contextmanager
+def attached(model: torch.nn.Module, profile: Profile, check_fingerprint: bool = True):
+    """`attach` for the duration of a block, then `detach`, whatever happens inside:
+
+    >>> with fire_repair.attached(model, profile):
+    ...     y = model(x)
+    """
+    attach(model, profile, check_fingerprint=check_fingerprint)
+    try:
+        yield model
+    finally:
+        detach(model)
 
 
 def detach(model: torch.nn.Module) -> torch.nn.Module:

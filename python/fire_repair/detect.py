@@ -3,6 +3,7 @@ import torch
 
 from ._deprecated import renamed_function
 from .attachment import capture
+from .inference import eval_mode
 
 
 @torch.no_grad()
@@ -13,17 +14,12 @@ def backdoor_scores(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     out: dict = {}
-    was_training = model.training
-    model.eval()
-    try:
-        with capture(model) as cap:
-            out = {name: [] for name in cap.modules}
-            for i in range(0, x.shape[0], batch):
-                model(x[i:i + batch])
-                for name in out:
-                    out[name].append(cap.score(name))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), capture(model) as cap:
+        out = {name: [] for name in cap.modules}
+        for i in range(0, x.shape[0], batch):
+            model(x[i:i + batch])
+            for name in out:
+                out[name].append(cap.score(name))
     return {name: torch.cat(v) if v else torch.zeros(0) for name, v in out.items()}
 
 

@@ -33,7 +33,9 @@ from fire_kernels import MAX_K
 from fire_kernels.modes import MODES, SHIFT_MODES, TAU_MODES
 
 from .attachment import RepairWrapper
+from .inference import eval_mode
 from .ops import _channel_dim
+from .outputs import hidden_state
 from .profile import LayerProfile, Profile, _sha256, fingerprint
 from .sketch import FrequentDirections, Reservoir
 
@@ -588,16 +590,15 @@ class Estimator:
     def activations(self, x: torch.Tensor) -> dict:
         """The outputs of the named layers for x as rows (see `rows`), in eval mode."""
         captured = {}
-        hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: captured.__setitem__(name, out))
+        hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: captured.__setitem__(
+                 name, hidden_state(out, name)))
                  for name, m in self._modules.items()]
-        was_training = self.model.training
-        self.model.eval()
         try:
-            self.model(x)
+            with eval_mode(self.model):
+                self.model(x)
         finally:
             for h in hooks:
                 h.remove()
-            self.model.train(was_training)
         out = {}
         for name in self.layers:
             if name not in captured:

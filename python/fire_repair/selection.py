@@ -58,6 +58,7 @@ from fire_kernels.modes import TAU_MODES
 from ._deprecated import model_from_estimator
 from .attachment import attach, detach
 from .estimate import Estimator
+from .inference import logits, predict
 
 
 @dataclass
@@ -84,26 +85,6 @@ class Selection:
             change, drop = ("-" if e.get(c) is None else f"{e[c]:.4f}" for c in CLEAN_COSTS)
             lines.append(head + f"{e['agreement']:.3f} | {e['margin']:.3f} | {change} | {drop}{mark}")
         return "\n".join(lines)
-
-
-@torch.no_grad()
-def logits(model, x, batch: int = 256) -> torch.Tensor:
-    """The model's outputs in eval mode (its training flag restored afterwards)."""
-    was_training = model.training
-    model.eval()
-    try:
-        if x.shape[0] == 0:
-            return torch.zeros(0, 0)
-        return torch.cat([model(x[i:i + batch]).float().cpu() for i in range(0, x.shape[0], batch)])
-    finally:
-        model.train(was_training)
-
-
-def predict(model, x, batch: int = 256) -> torch.Tensor:
-    """Predicted labels in eval mode (int64; empty input gives an empty tensor)."""
-    if x.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    return logits(model, x, batch).argmax(1)
 
 
 def _margin_for(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -168,8 +149,8 @@ def tau_candidates(tau_quantile: Quantiles, modes) -> dict:
     return out
 
 
-def _choose(evidence: list, max_clean_change: float, measure=None, n: int = None, tie: str = "margin",
-            cost: str = "clean_change", slack: int = 0) -> dict:
+def choose(evidence: list, max_clean_change: float, measure=None, n: int = None, tie: str = "margin",
+           cost: str = "clean_change", slack: int = 0, max_class_cost: float = math.inf) -> dict:
     """The candidate with the highest (agreement, tie-break) among those whose clean cost (the
     evidence key `cost`: "clean_change" or "expected_drop") is at most `max_clean_change`, ties
     to the smaller cost; if none qualifies, the least disruptive. `tie` names the evidence key
@@ -181,7 +162,8 @@ def _choose(evidence: list, max_clean_change: float, measure=None, n: int = None
     only those that could win pay for a pass over the clean reference set (the same choice as
     measuring all of them). With `slack` (and `n`), every candidate whose agreement is within
     `slack` samples of the best qualifying agreement counts as equal to it, and the tie-break
-    alone orders them."""
+    alone orders them. With `max_class_cost`, a candidate also needs `worst_class_cost` (its
+    clean cost within the predicted class it costs most, see `select`) at most that."""
     def clean_cost(e):
         if e[cost] is None:
             measure(e)
@@ -194,7 +176,7 @@ def _choose(evidence: list, max_clean_change: float, measure=None, n: int = None
         return (round(e["agreement"] * n) if n else e["agreement"]), sign * e[tie]
 
     ranked = sorted(evidence, key=lambda e: tuple(-v for v in rank(e)))
-    qualifies = lambda e: clean_cost(e) <= max_clean_change  # noqa: E731
+    qualifies = lambda e: clean_cost(e) <= max_clean_change and e.get("worst_class_cost", 0.0) <= max_class_cost  # noqa: E731,E501
     # the best agreement a qualifying candidate reaches (measured down the ranking), then the
     # tie-break over every candidate within `slack` samples of it (slack 0: that agreement only;
     # the ones ranked above it were measured and refused)
@@ -221,11 +203,23 @@ def _model_of(estimator) -> torch.nn.Module:
 
 
 CLEAN_COSTS = ("clean_change", "expected_drop")
+MIN_CLASS_ROWS = 5  # a predicted class with fewer clean reference rows is no evidence of its own cost
+
+
+def worst_class(cost: torch.Tensor, pred: torch.Tensor) -> tuple:
+    """(cost, class): the largest mean of the per-row `cost` within one predicted class `pred`,
+    among the classes with at least MIN_CLASS_ROWS rows ((0.0, None) if none has)."""
+    worst, which = 0.0, None
+    for c in torch.unique(pred).tolist():
+        rows = cost[pred == c]
+        if len(rows) >= MIN_CLASS_ROWS and rows.mean().item() > worst:
+            worst, which = rows.mean().item(), int(c)
+    return worst, which
 
 
 def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alphas, max_clean_change,
          tau_quantile, source, folds, seed, criterion, adjust=None, reference=None, tie="margin",
-         clean_cost="clean_change", slack: int = 0, derive=None) -> Selection:
+         clean_cost="clean_change", slack: int = 0, derive=None, max_class_cost: float = math.inf) -> Selection:
     """The shared loop: per estimator (form) and fold, a copy of the estimator observes the
     other folds through `observe(est, index)`; `score(profile, index)` gives (agreement sum,
     {tie-break key: sum}, predictions) on a fold; `adjust(agreement, predictions of all folds)` may
@@ -315,13 +309,17 @@ def _run(model, estimator, observe, n, score, clean_ref, layer_sets, modes, alph
             pred = predict(model, clean_ref)
         finally:
             detach(model)
-        e["clean_change"] = (pred != ref_pred).float().mean().item()
-        e["expected_drop"] = (ref_prob.gather(1, ref_pred[:, None]) - ref_prob.gather(1, pred[:, None])).mean().item() \
-            if len(pred) else 0.0
+        changed = (pred != ref_pred).float()
+        drop = (ref_prob.gather(1, ref_pred[:, None]) - ref_prob.gather(1, pred[:, None]))[:, 0] \
+            if len(pred) else changed
+        e["clean_change"] = changed.mean().item() if len(pred) else 0.0
+        e["expected_drop"] = drop.mean().item() if len(pred) else 0.0
+        per_row = changed if clean_cost == "clean_change" else drop
+        e["worst_class_cost"], e["worst_class"] = worst_class(per_row, ref_pred)
 
     if all("error" in e for e in evidence):
         raise ValueError(f"no candidate could be estimated from these samples: {evidence[0]['error']}")
-    e = _choose(evidence, max_clean_change, measure, n, tie, clean_cost, slack)
+    e = choose(evidence, max_clean_change, measure, n, tie, clean_cost, slack, max_class_cost)
     if "error" in e:
         raise ValueError(f"no candidate could be estimated from all the samples: {e['error']}")
     profile = full_by_form[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], **_tau(e["tau_quantile"]),
@@ -359,7 +357,8 @@ def select(estimator: Union[Estimator, Sequence[Estimator]], x_clean: torch.Tens
            alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 3.0), max_clean_change: float = 0.01,
            tau_quantile: Quantiles = 0.99, source: str = "auto", folds: int = 4,
            x_clean_reference: Optional[torch.Tensor] = None, seed: int = 0,
-           tie_break: str = "twin_kl", clean_cost: str = "expected_drop", agreement_slack: int = 1) -> Selection:
+           tie_break: str = "twin_kl", clean_cost: str = "expected_drop", agreement_slack: int = 1,
+           max_class_cost: float = math.inf) -> Selection:
     """Paired selection on the estimator's model. `estimator` (or several, one per form, on one
     model) holds what was observed besides
     these pairs (typically a clean held-out set); the pairs (x_clean[i], x_poisoned[i]) are observed here, fold by fold.
@@ -409,7 +408,7 @@ def select(estimator: Union[Estimator, Sequence[Estimator]], x_clean: torch.Tens
 
     return _run(model, estimator, observe, len(x_clean), score, clean_ref, layer_sets, modes, alphas,
                 max_clean_change, tau_quantile, source, folds, seed, "max agreement with the clean twins",
-                tie=tie_break, clean_cost=clean_cost, slack=agreement_slack)
+                tie=tie_break, clean_cost=clean_cost, slack=agreement_slack, max_class_cost=max_class_cost)
 
 
 @model_from_estimator
@@ -420,7 +419,7 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
                     max_clean_change: float = 0.01, tau_quantile: Quantiles = 0.99,
                     folds: int = 4, seed: int = 0, clean_cost: str = "expected_drop",
                     agreement_slack: int = 2, tie_break: str = "margin_gap_alpha",
-                    alpha_weight: float = 0.5) -> Selection:
+                    alpha_weight: float = 0.5, max_class_cost: float = math.inf) -> Selection:
     """Unpaired selection: `estimator` holds clean statistics; the flagged (triggered) samples
     are observed here, fold by fold. The target is inferred as the model's majority prediction
     on them; a repair is scored by how often it moves held-out flagged samples off that target
@@ -498,7 +497,7 @@ def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged:
                f"max share of flagged samples moved off the inferred target {target} minus the total variation "
                "between their repaired class histogram and the clean one", adjust, reference=clean_logits,
                tie=tie_break, clean_cost=clean_cost, slack=agreement_slack,
-               derive=derive_gaps)
+               derive=derive_gaps, max_class_cost=max_class_cost)
     sel.profile.info["selection"]["inferred_target"] = target
     sel.profile.info["selection"]["target_share"] = target_share
     sel.profile.info["selection"]["clean_margin"] = clean_margin

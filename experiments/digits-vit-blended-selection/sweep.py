@@ -8,8 +8,7 @@ import sys
 import time
 
 import torch
-
-from fire_repair.eval import harness
+from fire_eval import harness
 
 torch.set_num_threads(1)
 FINE = [0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0]

@@ -6,9 +6,8 @@ for FIRE, not a defence.
     OMP_NUM_THREADS=2 python benchmarks/results/cifar10-vit-trigger-token/oracle.py   # model cached
 """
 import torch
-
-from fire_repair.eval import attacks, harness
-from fire_repair.eval import data as data_mod
+from fire_eval import attacks, harness
+from fire_eval import data as data_mod
 
 cfg = harness.RunConfig(attack="token", model="vit", data="cifar10", data_path="/tmp/data", epochs=20, n_eval=2000,
                         n_clean_holdout=2000)

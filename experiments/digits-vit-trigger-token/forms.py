@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from fire_repair.eval import harness
+from fire_eval import harness
 
 model = sys.argv[1] if len(sys.argv) > 1 else "vit"
 data = sys.argv[2] if len(sys.argv) > 2 else "digits"

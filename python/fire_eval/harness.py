@@ -17,7 +17,6 @@ import torch
 
 import fire_repair as fr
 from fire_repair.augment import Photometric, RandomShift
-from fire_repair.selection import tau_candidates
 
 from . import attacks as attacks_mod
 from . import data as data_mod
@@ -73,6 +72,7 @@ class RunConfig:
     folds: int = 4
     match_clean: bool = True  # unpaired: leave the inferred target class out of the clean reference
     max_clean_change: float = 0.01
+    max_class_cost: float = 0.1  # fr.FitConfig.max_class_cost
     # what max_clean_change limits (fr.select): the share of clean predictions flipped counts a flip
     # between two classes the model found equally likely as a full error; measured on CIFAR-10
     # WaNet, clamp at block3+fc with tau at the clean 0.9 quantile flips 2.25 % of them and raises
@@ -170,32 +170,10 @@ class FireDefense(ProfileDefense):
         if held is None or cfg is None:
             raise ValueError(f"{self.name} needs the defender's held-out data and the run's config")
         self.model = model
-        if layer_sets is None:
-            layer_sets = [[name] for name in layers]
-            if cfg.layer_pairs:
-                layer_sets += [list(p) for p in zip(layers[:-1], layers[1:], strict=True)]
-        else:
-            layers = list(dict.fromkeys(name for s in layer_sets for name in s))
-        ests = estimators(model, layers, cfg, held.clean[:2])
-        grid = dict(layer_sets=layer_sets, modes=list(self.modes),
-                    alphas=cfg.alphas if self.paired else cfg.unpaired_alphas,
-                    max_clean_change=cfg.max_clean_change, clean_cost=cfg.clean_cost,
-                    tau_quantile=tau_quantiles(cfg, self.modes), folds=cfg.folds, seed=cfg.seed)
-        if self.paired:
-            for est in ests:
-                est.observe(held.clean, poisoned=False)
-            self.selection = fr.select(ests, *held.pairs, x_clean_reference=held.clean, tie_break=cfg.tie_break,
-                                       agreement_slack=cfg.agreement_slack, **grid)
-        else:
-            clean, target = clean_reference(model, held.clean, held.flagged, cfg.match_clean)
-            for est in ests:
-                est.observe(clean, poisoned=False)
-            # one tau per mode, the most conservative candidate (see fr.select_unpaired; measured
-            # on the digits' moving patch too: 87.4 % PA with both candidates, 97.5 % with 0.99)
-            grid["tau_quantile"] = {m: max(q) for m, q in grid["tau_quantile"].items()}
-            # estimated against the matched clean set, judged on all of it (target class included)
-            self.selection = fr.select_unpaired(ests, held.flagged, held.clean, **grid)
-        self.profile = self.selection.profile
+        data = {"pairs": held.pairs} if self.paired else {"flagged": held.flagged}
+        self.fitted = fr.fit(model, held.clean, config=fit_config(cfg, model, layers, self.modes),
+                             sets=layer_sets, **data)
+        self.selection, self.profile = self.fitted.selection, self.fitted.profile
         return self
 
     def report_choice(self) -> dict:
@@ -239,43 +217,30 @@ DEFAULT_DEFENSES = ["none", CLEAN_MODEL,
 
 # ----------------------------------------------------------------------------- the run's steps
 
-@torch.no_grad()
-def positional_layers(model, layers, x) -> list:
-    """The layers among `layers` whose outputs have positions (conv maps, tokens) laid out as the
-    model's channel_dim says: where a per-position repair differs from a flattened one. (The
-    ViT's `input` holds pixels, (N, C, H, W), not tokens: flattened only.)"""
-    shapes = {}
-    modules = dict(model.named_modules())
-    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, o.shape)) for n in layers]
-    was_training = model.training
-    try:
-        model.eval()(x)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    other_layout = set(getattr(model, "NOT_POSITIONAL", ()))
-    return [n for n in layers if len(shapes[n]) >= 3 and n not in other_layout]
+def fit_config(cfg: RunConfig, model, layers, modes) -> "fr.FitConfig":
+    """The run's recipe as fr.fit reads it (the harness's candidate layers: the model's REPAIRABLE list)."""
+    return fr.FitConfig(layers=layers, layer_pairs=cfg.layer_pairs, forms=tuple(cfg.forms),
+                        channel_dim=None if model is None else models_mod.channel_dim(model), modes=tuple(modes),
+                        alphas=tuple(cfg.alphas),
+                        unpaired_alphas=tuple(cfg.unpaired_alphas), tau_quantile=tuple(cfg.tau_quantile),
+                        gate_quantile=(cfg.gate_quantile,), invert_quantile=tuple(cfg.invert_quantile), k=cfg.k,
+                        folds=cfg.folds, seed=cfg.seed, paired_beta=cfg.paired_beta,
+                        max_clean_change=cfg.max_clean_change, clean_cost=cfg.clean_cost,
+                        max_class_cost=cfg.max_class_cost, tie_break=cfg.tie_break,
+                        agreement_slack=cfg.agreement_slack, match_clean=cfg.match_clean)
 
 
 def estimator(model, layers, cfg: RunConfig, form: str, **kwargs) -> "fr.Estimator":
-    if form not in ("flattened", "per_position"):
+    """One estimator of the run's settings in `form` ("flattened" or "per_position")."""
+    if form not in fr.FORMS:
         raise ValueError(f"form must be 'flattened' or 'per_position', got {form!r}")
-    per_position = form == "per_position"
-    return fr.Estimator(model, layers, k=cfg.k, seed=cfg.seed, per_position=per_position,
+    return fr.Estimator(model, layers, k=cfg.k, seed=cfg.seed, per_position=form == "per_position",
                         channel_dim=models_mod.channel_dim(model), paired_beta=cfg.paired_beta, **kwargs)
 
 
-def estimators(model, layers, cfg: RunConfig, probe) -> list:
-    """One estimator per form of cfg.forms (per position: only the layers with positions)."""
-    out = []
-    for form in cfg.forms:
-        watch = positional_layers(model, layers, probe) if form == "per_position" else list(layers)
-        if watch:
-            out.append(estimator(model, watch, cfg, form))
-    if not out:
-        raise ValueError(f"no layer of {layers} can be repaired in the forms {cfg.forms}")
-    return out
+def positional_layers(model, layers, x) -> list:
+    """The layers among `layers` with positions, as the model's channel_dim lays them out."""
+    return fr.positional_layers(model, layers, x, models_mod.channel_dim(model))
 
 
 def trained_model(cfg: RunConfig, ds, x, y, spec: dict, progress: bool):
@@ -420,8 +385,7 @@ def unpaired_mode(mode: str) -> str:
 def tau_quantiles(cfg: RunConfig, modes) -> dict:
     """The candidate clean quantiles of tau per mode of `modes` (None for the modes without tau),
     as fr.select reads them."""
-    return tau_candidates({"clamp": cfg.tau_quantile, "gated": cfg.gate_quantile, "invert": cfg.invert_quantile},
-                          modes)
+    return fit_config(cfg, None, None, modes).tau_candidates(modes)
 
 
 def detection_auroc(model, profile, eval_clean, eval_poison) -> float:
@@ -435,15 +399,11 @@ def detection_auroc(model, profile, eval_clean, eval_poison) -> float:
 
 
 def clean_reference(model, hold_clean, poisoned_seen, match: bool = True):
-    """The clean set an unpaired estimate is compared with. Poisoned inputs never come from the
-    target class, so a clean set that includes it adds a content difference (that class against
-    the rest) to the trigger direction. Label-free matching: the target is the model's majority
-    prediction on the poisoned samples seen, and clean samples the model assigns to it are left
-    out. Returns (clean samples, inferred target or None)."""
+    """The clean set an unpaired estimate is compared with (fr.matched_clean where `match`):
+    (clean samples, inferred target or None)."""
     if not match or len(poisoned_seen) == 0:
         return hold_clean, None
-    target = int(predict(model, poisoned_seen).mode().values)
-    return hold_clean[predict(model, hold_clean) != target], target
+    return fr.matched_clean(model, hold_clean, poisoned_seen)
 
 
 def online_curve(model, sel, cfg, hold_clean, stream, eval_poison, eval_poison_y, batch: int = 8):

@@ -8,7 +8,7 @@
 """
 import torch
 
-from ..selection import predict  # noqa: F401  (the one predict helper, re-exported for the harness)
+from fire_repair import predict  # noqa: F401  (re-exported for the harness)
 
 
 def rates(pred_clean, y_clean, pred_poison, y_true, target: int) -> dict:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from fire_repair.eval import harness, models
+from fire_eval import harness, models
 
 model = sys.argv[1] if len(sys.argv) > 1 else "vit"
 data = sys.argv[2] if len(sys.argv) > 2 else "digits"

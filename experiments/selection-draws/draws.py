@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 
 import torch
+from fire_eval import attacks as attacks_mod
+from fire_eval import data as data_mod
+from fire_eval import harness
+from fire_eval import models as models_mod
 
 import fire_repair as fr
 from fire_repair import selection as sel
-from fire_repair.eval import attacks as attacks_mod
-from fire_repair.eval import data as data_mod
-from fire_repair.eval import harness
-from fire_repair.eval import models as models_mod
 
 torch.set_num_threads(1)
 DEFAULT = [0.5, 1.0, 1.5, 2.0, 3.0]  # harness.RunConfig.alphas when this study ran (now FINE)
@@ -148,7 +148,8 @@ def main():
         fitted = harness.FireDefense(harness.SELECTED_MODES).fit(model, held.clean, held_d, cfg_d, layers)
         evidence = [e for e in fitted.selection.evidence if "error" not in e]
         full = {}
-        for est in harness.estimators(model, layers, cfg_d, held.clean[:2]):
+        fit_cfg = harness.fit_config(cfg_d, model, layers, harness.SELECTED_MODES)
+        for est in fr.estimators(model, layers, fit_cfg, held.clean[:2]):
             est.observe(held.clean, poisoned=False)
             est.observe_pairs(*held_d.pairs)
             full[est.form] = est
@@ -158,7 +159,7 @@ def main():
             # every clean cost measured here, by one estimator per form (none carried over from the fit)
             pool = [{**e, **replay.costs.get(key(e), dict.fromkeys(sel.CLEAN_COSTS))} for e in evidence
                     if e["alpha"] in alphas]
-            e = sel._choose(pool, cfg.max_clean_change, replay.measure, n, tie, cfg.clean_cost, slack)
+            e = sel.choose(pool, cfg.max_clean_change, replay.measure, n, tie, cfg.clean_cost, slack)
             row["rules"][name] = {"choice": list(key(e)), "agreement": e["agreement"], "twin_kl": e["twin_kl"],
                                   "margin": e["margin"], **replay.score(e)}
         if args.candidates is not None:

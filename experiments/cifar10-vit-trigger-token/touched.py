@@ -2,7 +2,7 @@
 the harness's pairs): `OMP_NUM_THREADS=1 python .../touched.py 0.1` (model cached)."""
 import sys
 
-from fire_repair.eval import harness
+from fire_eval import harness
 
 t = float(sys.argv[1])
 base = harness.estimator

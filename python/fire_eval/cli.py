@@ -1,15 +1,17 @@
-"""The `fire-repair` command: `demo` (the README's main job) and `eval` (any attack, model,
-data, defence)."""
+"""The `fire-eval` command: `demo` (the README's main job), `eval` (any attack, model, data,
+defence) and `report` (one table from several runs)."""
 import argparse
 import sys
 import time
 from pathlib import Path
 
+from . import data as data_mod
+from . import harness, report
+from . import models as models_mod
+
 DEMO_ATTACKS = ["badnets", "blended", "sig", "wanet", "trojan", "adaptive", "moving"]
 DEMO_VIT_ATTACKS = ["badnets", "blended", "token"]  # the transformer rows (token: a trigger token at a random position)
 DEMO_PAIR_DRAWS = 5  # the headline's spread over draws of the defender's 16 pairs (about 1 minute an attack)
-MODELS = ("cnn", "preact18", "vgg", "vit", "vit-gap")  # fire_repair.eval.models.MODELS, without importing torch
-DATASETS = ("digits", "cifar10", "gtsrb", "folder")  # fire_repair.eval.data.DATASETS, without importing torch
 
 
 def _common(p):
@@ -38,9 +40,6 @@ def _common(p):
 
 def _run_all(args, jobs, data, data_path=None, defenses=None, width=None, overrides=None):
     """Runs each (model, attack) of `jobs` on one data set; writes the outputs of all of them."""
-    from fire_repair.eval import data as data_mod
-    from fire_repair.eval import harness
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_file = open(out / "run.log", "w")
@@ -96,8 +95,6 @@ def _attack_params(items) -> dict:
 
 def _write_outputs(results, out: Path, json_path=None, log=print) -> Path:
     """table.md (printed too), results.json and results.png of a list of runs."""
-    from fire_repair.eval import report
-
     text = report.table(results)
     if any("pair_draws" in r for r in results):
         text += "\n\nPaired FIRE over draws of the defender's pairs (draw 0: the rows above):\n\n"
@@ -116,7 +113,8 @@ def _write_outputs(results, out: Path, json_path=None, log=print) -> Path:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fire-repair", description="FIRE: inference-time backdoor repair")
+    parser = argparse.ArgumentParser(prog="fire-eval",
+                                     description="FIRE's evaluation suite: attacks, models, defences, metrics")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="every attack on the embedded digits data, FIRE against the baselines")
     _common(demo)
@@ -126,9 +124,9 @@ def main(argv=None):
     ev = sub.add_parser("eval", help="one attack / model / data set / defence list")
     _common(ev)
     ev.add_argument("--attack", nargs="+", default=["badnets"])
-    ev.add_argument("--model", default="cnn", choices=list(MODELS))
+    ev.add_argument("--model", default="cnn", choices=sorted(models_mod.MODELS))
     ev.add_argument("--width", type=int, default=None, help="model width (default: the model's standard width)")
-    ev.add_argument("--data", default="digits", choices=list(DATASETS))
+    ev.add_argument("--data", default="digits", choices=sorted(data_mod.DATASETS))
     ev.add_argument("--data-path", default=None,
                     help="local folder of CIFAR-10 (batches or image folders), GTSRB, or any image folders "
                          "(train/<class>/*, test/<class>/*) with --data folder; never downloaded")
@@ -147,8 +145,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "report":
         import json
-
-        from fire_repair.eval import report
 
         def load(paths):
             return [run for path in paths for run in json.loads(Path(path).read_text())["runs"]]

@@ -10,9 +10,8 @@ token.
 import sys
 
 import torch
-
-from fire_repair.eval import attacks, harness
-from fire_repair.eval import data as data_mod
+from fire_eval import attacks, harness
+from fire_eval import data as data_mod
 
 model_name = sys.argv[1] if len(sys.argv) > 1 else "vit"
 data = sys.argv[2] if len(sys.argv) > 2 else "digits"

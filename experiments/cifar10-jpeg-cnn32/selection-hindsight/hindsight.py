@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import torch
+from fire_eval import attacks as attacks_mod
+from fire_eval import data as data_mod
+from fire_eval import harness
+from fire_eval import models as models_mod
 
 import fire_repair as fr
-from fire_repair.eval import attacks as attacks_mod
-from fire_repair.eval import data as data_mod
-from fire_repair.eval import harness
-from fire_repair.eval import models as models_mod
 from fire_repair.selection import logits, predict
 
 attack_name, rate, params = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
@@ -49,7 +49,8 @@ unpaired = sys.argv[4:] == ["unpaired"]
 defence = harness.FireDefense(("clamp",), paired=False) if unpaired else harness.FireDefense(harness.SELECTED_MODES)
 chosen = defence.fit(model, held.clean, held, cfg, layers)
 print("fit", time.time() - t, chosen.report()["layers"], chosen.selection.mode, flush=True)
-ests = harness.estimators(model, layers, cfg, held.clean[:2])  # full estimators per form, as selection builds
+# full estimators per form, as selection builds
+ests = fr.estimators(model, layers, harness.fit_config(cfg, model, layers, harness.SELECTED_MODES), held.clean[:2])
 clean_ref, _ = harness.clean_reference(model, held.clean, held.flagged, cfg.match_clean)
 for est in ests:  # what the selection's full estimator observed
     if unpaired:

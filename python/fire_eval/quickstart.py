@@ -1,15 +1,15 @@
 """FIRE end to end with the public API: train a BadNets-backdoored CNN on the embedded digits,
 estimate the trigger direction, save and reload the profile, attach it, and compare.
 
-    python -m fire_repair.quickstart [--out DIR]
+    python -m fire_eval.quickstart [--out DIR]
 """
 import argparse
 import tempfile
 from pathlib import Path
 
 import fire_repair as fr
-from fire_repair.eval.metrics import predict, rates
-from fire_repair.eval.scenario import backdoored_digits
+from fire_eval.metrics import predict, rates
+from fire_eval.scenario import backdoored_digits
 
 
 def run(out_dir, seed: int = 0, progress: bool = True) -> dict:

@@ -1,0 +1,307 @@
+"""The recommended recipe in one call: `fit(model, clean=..., pairs=... | flagged=...)`.
+
+It finds candidate layers in the model's structure (or takes the ones named), builds a
+flattened estimator and, where layers have positions, a per-position one, observes the clean
+images, and lets label-free selection (`select` with pairs, `select_unpaired` with flagged
+images only) choose the layers, form, mode, tau and alpha out of fold. The defaults are the
+recipe the evaluation suite measures; the reason for each is in docs/method.md#defaults.
+"""
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
+
+import torch
+
+from .estimate import Estimator
+from .inference import eval_mode, predict
+from .outputs import hidden_state
+from .profile import Profile
+from .selection import Selection, select, select_unpaired, tau_candidates
+
+FORMS = ("flattened", "per_position")
+PAIRED_MODES = ("clamp", "gated", "invert")  # invert needs the pairs' slope: paired only
+UNPAIRED_MODES = ("clamp", "gated")
+
+
+@dataclass
+class FitConfig:
+    """Every knob of the recipe; the defaults are the recommended recipe (docs/method.md#defaults).
+
+    layers: candidate layers (None: `candidate_layers(model, example)`, at most `max_layers`).
+    layer_pairs: also offer each two consecutive candidate layers together.
+    forms: the repair forms offered ("flattened", "per_position"; per position only at layers
+      with positions). channel_dim: where a layer's channels sit for the per-position form (1:
+      (N, C, ...) maps, -1: (N, T, C) tokens; None: -1 if a candidate returns 3-d tokens, else 1).
+    modes: None: clamp, gated and invert with pairs; clamp and gated unpaired.
+    alphas / unpaired_alphas: the alpha grid with pairs / with flagged images only.
+    tau_quantile, gate_quantile, invert_quantile: clean-quantile candidates of tau for clamp,
+      gated and invert (unpaired: the highest candidate of each mode only).
+    k, folds, seed, paired_beta: see `Estimator` and `select`.
+    max_clean_change, clean_cost: the clean cost a candidate may have on the clean images.
+    max_class_cost: the clean cost it may have within any one predicted class (so that a repair
+      that wrecks one class is refused even where the mean hides it).
+    min_coverage: warn where the clean images' predicted classes cover less than this share of
+      the model's outputs (the clean cost cannot see the classes it never saw).
+    tie_break, agreement_slack: paired selection's; the unpaired ones are `select_unpaired`'s.
+    match_clean: unpaired: leave the inferred target class out of the clean set the directions
+      are estimated against (triggered images never come from it).
+    """
+    layers: Optional[Sequence[str]] = None
+    max_layers: int = 8
+    layer_pairs: bool = True
+    forms: Sequence[str] = FORMS
+    channel_dim: Optional[int] = None
+    modes: Optional[Sequence[str]] = None
+    alphas: Sequence[float] = (0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+    unpaired_alphas: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 3.0)
+    tau_quantile: Sequence[float] = (0.9, 0.99)
+    gate_quantile: Sequence[float] = (0.999,)
+    invert_quantile: Sequence[float] = (0.99, 0.999)
+    k: int = 1
+    folds: int = 4
+    seed: int = 0
+    paired_beta: str = "control_variate"
+    max_clean_change: float = 0.01
+    clean_cost: str = "expected_drop"
+    max_class_cost: float = 0.1
+    min_coverage: float = 0.5
+    tie_break: str = "twin_kl"
+    agreement_slack: int = 1
+    match_clean: bool = True
+    batch: int = 256
+
+    def tau_candidates(self, modes) -> dict:
+        """{mode: candidate clean quantiles of tau} for `modes` (None for modes without tau)."""
+        return tau_candidates({"clamp": self.tau_quantile, "gated": self.gate_quantile,
+                               "invert": self.invert_quantile}, modes)
+
+
+@dataclass
+class Fit:
+    """What `fit` returns: the chosen `profile` (attach it, save it), the `selection` with every
+    candidate's evidence, what the clean images `coverage` holds, and the layers offered."""
+    profile: Profile
+    selection: Selection
+    coverage: dict
+    layers: list
+    paired: bool
+    config: FitConfig = field(repr=False, default=None)
+
+    @property
+    def choice(self) -> dict:
+        """The chosen layers, form, mode, tau quantile and alpha."""
+        s = self.selection
+        return {"layers": s.layers, "form": s.form, "mode": s.mode, "tau_quantile": s.tau_quantile, "alpha": s.alpha}
+
+    def table(self) -> str:
+        """Every candidate's evidence (the choice starred), after a line on the clean coverage."""
+        c = self.coverage
+        head = (f"clean images: {c['n_clean']}, predicted classes {c['n_seen']} of {c['n_outputs']} outputs"
+                f"{' (thin: the clean cost cannot see the others)' if c['thin'] else ''}")
+        return head + "\n" + self.selection.table()
+
+
+def _layer_outputs(model, example) -> dict:
+    """{module name: its hidden-state output} for one eval-mode forward of `example`, in the order
+    the modules finished; modules whose output FIRE cannot read map to None."""
+    outs = {}
+
+    def hook(name):
+        def record(mod, inp, out):
+            try:
+                outs[name] = hidden_state(out, name)
+            except TypeError:
+                outs[name] = None
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with eval_mode(model), torch.no_grad():
+            final = model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    outs[""] = final
+    return outs
+
+
+def _n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def candidate_layers(model: torch.nn.Module, example: torch.Tensor, max_layers: int = 8) -> list:
+    """Candidate layers for FIRE found in the model's structure, shallow to deep: the outputs of
+    its stages or blocks. Starting from the model's children, the child that holds more than
+    half of the parameters is replaced by its own children (a backbone by its stages, a stage
+    list by its blocks), until no child does. Kept: modules that ran on `example`, have
+    parameters, return a float tensor with the batch dimension (or a tuple / ModelOutput around
+    one) and are not the model's output layer; at most `max_layers`, spread evenly from the
+    first to the last."""
+    if max_layers < 1:
+        raise ValueError(f"max_layers must be >= 1, got {max_layers}")
+    outs = _layer_outputs(model, example)
+    modules = dict(model.named_modules())
+
+    def children(name):
+        """The modules under `name` one level down, looking through containers that never ran
+        themselves (a ModuleList, or a Sequential whose children the parent calls)."""
+        kids = []
+        for child, _ in modules[name].named_children():
+            full = f"{name}.{child}" if name else child
+            kids += [full] if full in outs else children(full)
+        return kids
+
+    frontier = children("")
+    while True:
+        total = sum(_n_params(modules[n]) for n in frontier)
+        big = [n for n in frontier if children(n) and _n_params(modules[n]) > total / 2]
+        if not big:
+            break
+        i = frontier.index(big[0])
+        frontier[i:i + 1] = children(big[0])
+    final, n = outs[""], example.shape[0]
+
+    def usable(name):
+        h = outs.get(name)
+        return (h is not None and h.is_floating_point() and h.dim() >= 2 and h.shape[0] == n
+                and _n_params(modules[name]) > 0
+                and not (isinstance(final, torch.Tensor) and h is final))
+
+    found = [name for name in frontier if usable(name)]
+    if not found:
+        raise ValueError("no candidate layer found in the model's structure (modules with parameters returning a "
+                         "batch of float features); name the layers to repair")
+    if len(found) > max_layers:
+        picks = sorted({round(i * (len(found) - 1) / (max_layers - 1)) for i in range(max_layers)}) \
+            if max_layers > 1 else [len(found) - 1]
+        found = [found[i] for i in picks]
+    return found
+
+
+def positional_layers(model, layers, example, channel_dim: int) -> list:
+    """The layers among `layers` whose outputs have positions laid out as `channel_dim` says:
+    (N, C, ...) with at least one position dim for channel_dim 1, (N, T, C) tokens for -1."""
+    outs = _layer_outputs(model, example)
+    missing = [name for name in layers if name not in outs]
+    if missing:
+        raise ValueError(f"layer(s) {missing} did not run on the example (or the model has no such module)")
+    dims = {name: (outs[name].dim() if isinstance(outs[name], torch.Tensor) else 0) for name in layers}
+    return [name for name in layers if (dims[name] == 3 if channel_dim == -1 else dims[name] >= 3)]
+
+
+def _infer_channel_dim(model, layers, example) -> int:
+    outs = _layer_outputs(model, example)
+    return -1 if any(isinstance(outs.get(n), torch.Tensor) and outs[n].dim() == 3 for n in layers) else 1
+
+
+def coverage(model, x_clean, batch: int = 256) -> dict:
+    """What the clean images cover: the classes the model predicts on them against its number
+    of outputs."""
+    if x_clean.shape[0] == 0:
+        raise ValueError("the clean images are empty: fit needs them to calibrate and to measure the clean cost")
+    with eval_mode(model), torch.no_grad():
+        n_outputs = model(x_clean[:1]).shape[-1]
+    pred = predict(model, x_clean, batch)
+    seen = torch.unique(pred).tolist()
+    return {"n_clean": int(x_clean.shape[0]), "n_outputs": int(n_outputs), "n_seen": len(seen), "classes": seen,
+            "counts": torch.bincount(pred, minlength=n_outputs).tolist()}
+
+
+def estimators(model, layers, config: FitConfig, example) -> list:
+    """One estimator per form of config.forms (per position: only the layers with positions)."""
+    channel_dim = config.channel_dim if config.channel_dim is not None else _infer_channel_dim(model, layers, example)
+    out = []
+    for form in config.forms:
+        if form not in FORMS:
+            raise ValueError(f"forms must be among {FORMS}, got {form!r}")
+        watch = positional_layers(model, layers, example, channel_dim) if form == "per_position" else list(layers)
+        if watch:
+            out.append(Estimator(model, watch, k=config.k, seed=config.seed, per_position=form == "per_position",
+                                 channel_dim=channel_dim, paired_beta=config.paired_beta))
+    if not out:
+        raise ValueError(f"no layer of {list(layers)} can be repaired in the forms {list(config.forms)}")
+    return out
+
+
+def matched_clean(model, x_clean, x_flagged, batch: int = 256):
+    """(clean images, inferred target): the clean images less those the model assigns to the
+    target it predicts for most flagged images (no labels). Triggered images never come from
+    the target class, so leaving it out keeps a content difference out of the direction."""
+    target = int(predict(model, x_flagged, batch).mode().values)
+    return x_clean[predict(model, x_clean, batch) != target], target
+
+
+def layer_sets(layers, pairs: bool) -> list:
+    """Each layer alone and, with `pairs`, each two consecutive layers together."""
+    sets = [[name] for name in layers]
+    return sets + ([list(p) for p in zip(layers[:-1], layers[1:], strict=True)] if pairs else [])
+
+
+@torch.no_grad()
+def fit(model: torch.nn.Module, clean: torch.Tensor, pairs: Optional[tuple] = None,
+        flagged: Optional[torch.Tensor] = None, config: Optional[FitConfig] = None,
+        sets: Optional[Sequence[Sequence[str]]] = None, **overrides) -> Fit:
+    """Runs the recommended recipe and returns the chosen repair with its evidence.
+
+    model: the (backdoored) model; it is run in eval mode and left as it was.
+    clean: clean images the defender holds (calibration of centre and tau, the clean cost).
+    pairs: (x, x_triggered), the same images without and with the trigger (paired FIRE), or
+    flagged: triggered images with no twins (unpaired FIRE). Exactly one of the two.
+    config / overrides: a FitConfig, or its fields as keywords (`fit(..., k=2, folds=8)`).
+    sets: the candidate layer sets themselves (overrides layers and layer_pairs).
+
+    Warns where the clean images' predicted classes cover less than `min_coverage` of the
+    model's outputs. Raises ValueError on missing or inconsistent data.
+    """
+    config = replace(config or FitConfig(), **overrides)
+    if (pairs is None) == (flagged is None):
+        raise ValueError("pass exactly one of pairs=(x, x_triggered) (paired) or flagged=x_triggered (unpaired)")
+    if not isinstance(clean, torch.Tensor) or clean.dim() < 2:
+        raise ValueError("clean must be a batch of inputs (a tensor with a batch dimension)")
+    paired = pairs is not None
+    if paired:
+        if not (isinstance(pairs, (tuple, list)) and len(pairs) == 2):
+            raise ValueError("pairs must be (x, x_triggered)")
+        x, x_trig = pairs
+        if x.shape != x_trig.shape:
+            raise ValueError(f"pairs must have equal shapes, got {tuple(x.shape)} and {tuple(x_trig.shape)}")
+        if x.shape[1:] != clean.shape[1:]:
+            raise ValueError(f"pairs hold inputs of shape {tuple(x.shape[1:])}, clean {tuple(clean.shape[1:])}")
+    elif flagged.shape[1:] != clean.shape[1:]:
+        raise ValueError(f"flagged holds inputs of shape {tuple(flagged.shape[1:])}, clean {tuple(clean.shape[1:])}")
+    cov = coverage(model, clean, config.batch)
+    cov["thin"] = cov["n_seen"] < config.min_coverage * cov["n_outputs"]
+    if cov["thin"]:
+        warnings.warn(f"the clean images are predicted as {cov['n_seen']} of the model's {cov['n_outputs']} classes: "
+                      "the clean cost cannot see what a repair does to the others. Pass clean images that cover the "
+                      "classes the model serves.", stacklevel=2)
+    example = clean[:2]
+    if sets is None:
+        layers = list(config.layers) if config.layers else candidate_layers(model, example, config.max_layers)
+        sets = layer_sets(layers, config.layer_pairs)
+    else:
+        sets = [list(s) for s in sets]
+        layers = list(dict.fromkeys(name for s in sets for name in s))
+    modes = tuple(config.modes) if config.modes else (PAIRED_MODES if paired else UNPAIRED_MODES)
+    ests = estimators(model, layers, config, example)
+    grid = dict(layer_sets=sets, modes=list(modes), max_clean_change=config.max_clean_change,
+                clean_cost=config.clean_cost, folds=config.folds, seed=config.seed,
+                max_class_cost=config.max_class_cost)
+    quantiles = config.tau_candidates(modes)
+    if paired:
+        for est in ests:
+            est.observe(clean, poisoned=False)
+        sel = select(ests, *pairs, x_clean_reference=clean, alphas=list(config.alphas), tau_quantile=quantiles,
+                     tie_break=config.tie_break, agreement_slack=config.agreement_slack, **grid)
+    else:
+        ref = matched_clean(model, clean, flagged, config.batch)[0] if config.match_clean and len(flagged) else clean
+        for est in ests:
+            est.observe(ref, poisoned=False)
+        # one tau per mode, the most conservative candidate (docs/method.md#unpaired-tau)
+        grid["tau_quantile"] = {m: max(q) for m, q in quantiles.items()}
+        sel = select_unpaired(ests, flagged, clean, alphas=list(config.unpaired_alphas), **grid)
+    sel.profile.info["coverage"] = {k: v for k, v in cov.items() if k != "counts"}
+    if math.isfinite(config.max_class_cost):
+        sel.profile.info["selection"]["max_class_cost"] = config.max_class_cost
+    return Fit(profile=sel.profile, selection=sel, coverage=cov, layers=layers, paired=paired, config=config)
