@@ -104,6 +104,25 @@ def test_nonfinite_grid_cpu_kernel(monkeypatch):
     _run_grid(monkeypatch, "cpu", GRID)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nonfinite_grid_cpu_kernel_half_precision_x(monkeypatch, dtype):
+    """The same cases with x in bf16 / fp16 (the kernel converts in registers and copies
+    untouched rows raw): the same NaN and inf pattern as the reference on that x."""
+    monkeypatch.setenv("FIRE_BACKEND", "cpu")
+    for case in GRID:
+        mode, param, val, flagged, form, layout = case
+        args, cd = _case(*case)
+        args["x"] = args["x"].to(dtype)
+        out = torch.ops.fire.repair(args["x"], args["directions"], args["alpha"], args["center"], args["tau"], mode,
+                                    cd, args["slope"])
+        ref = repair_reference(args["x"], args["directions"], args["alpha"], args["center"], args["tau"], mode,
+                               channel_dim=cd, slope=args["slope"])[0]
+        assert out.dtype == dtype
+        assert torch.equal(torch.isnan(out), torch.isnan(ref)), f"{dtype} {case}: NaN pattern differs"
+        assert torch.equal(torch.isinf(out), torch.isinf(ref)), f"{dtype} {case}: inf pattern differs"
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2, equal_nan=True, msg=str(case))
+
+
 def test_nonfinite_grid_python_twin(monkeypatch):
     """The same cases through the Python twin (what gradients, copies and odd dtypes take)."""
     monkeypatch.setenv("FIRE_BACKEND", "cpu")
