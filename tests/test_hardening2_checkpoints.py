@@ -79,6 +79,14 @@ def test_nan_in_a_sum_is_named():
         _fresh().load_state_dict(state)
 
 
+def test_checkpoint_without_checksum_needs_consent():
+    state = {k: v for k, v in STATE.items() if k != "1/sha256"}
+    with pytest.raises(ValueError, match="allow_unverified"):
+        _fresh().load_state_dict(state)
+    got = _profile(_fresh().load_state_dict(state, allow_unverified=True))
+    assert all(torch.equal(got[k], v) for k, v in REF.items())
+
+
 def test_checkpoint_carries_an_integrity_check():
     state = dict(STATE)
     state["1/sum_poison"] = state["1/sum_poison"] * 1.01
@@ -187,7 +195,7 @@ def test_random_corruption_of_a_checkpoint_without_checksum_is_refused_or_loads_
     value = data.draw(st.sampled_from([-16.0, -1.0, 0.0, 0.5, 2.0, 3.0, 1e30, float("nan")]))
     state = _corrupt({k: v for k, v in STATE.items() if not k.endswith("/sha256")}, key, how, value)
     try:
-        est = _fresh().load_state_dict(state)
+        est = _fresh().load_state_dict(state, allow_unverified=True)
     except (ValueError, TypeError) as e:
         assert str(e)
         return

@@ -704,11 +704,13 @@ class Estimator:
             out.update({f"{layer}/{k}": v for k, v in state.items()})
         return out
 
-    def load_state_dict(self, state: dict) -> "Estimator":
+    def load_state_dict(self, state: dict, allow_unverified: bool = False) -> "Estimator":
         """Restores a checkpoint of `state_dict`. Refused with an error naming the layer and the
         statistic, and nothing changed, unless every entry is a tensor of a watched layer, the
         checksum of each layer's statistics matches, and they are consistent and of this
-        estimator's form (flattened or per position)."""
+        estimator's form (flattened or per position). A checkpoint without checksums (an earlier
+        release's) is refused unless `allow_unverified=True`: then only the consistency checks
+        stand between an edited statistic and the directions."""
         per_layer: dict = {}
         for key, value in state.items():
             if not isinstance(key, str) or "/" not in key:
@@ -724,6 +726,9 @@ class Estimator:
             try:
                 recorded = st.pop(CHECKSUM, None)  # absent from an earlier release's checkpoints
                 _check_state(st)  # keys and kinds first: a missing entry is named, not a checksum mismatch
+                if recorded is None and not allow_unverified:
+                    raise ValueError(f"no '{CHECKSUM}' entry: the checkpoint carries no checksum (an earlier "
+                                     "release's?); pass allow_unverified=True to load it anyway")
                 if recorded is not None and (recorded.dtype != torch.uint8 or recorded.shape != (32,)
                                              or not torch.equal(recorded, _state_digest(st))):
                     raise ValueError("contents do not match the recorded checksum (tampered or damaged)")
