@@ -13,7 +13,7 @@ $(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 	# torch first, pinned: any other request would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q ninja setuptools wheel
-	$(BIN)/python -m pip install -q --no-build-isolation -e '.[triton,eval,test]'
+	$(BIN)/python -m pip install -q --no-build-isolation -e '.[triton,cli,eval,hf,test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -56,8 +56,10 @@ setup(
     install_requires=["torch>=2.11", "numpy", "safetensors", "tqdm"],
     extras_require={
         "triton": ["triton>=3.6,<3.10"],
-        "eval": ["scikit-learn", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "matplotlib", "ruff"],
+        "cli": ["pillow"],  # fire-repair fit / export read image folders
+        "eval": ["scikit-learn", "matplotlib", "pillow"],
+        "hf": ["transformers"],  # only the tests of Hugging Face models; the library never imports it
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "matplotlib", "pillow", "ruff"],
     },
     entry_points={"console_scripts": ["fire-repair=fire_repair.cli:main", "fire-eval=fire_eval.cli:main"]},
 )

@@ -13,6 +13,7 @@ from . import _ext  # noqa: F401  (loads the extension, or warns how to build it
 from ._deprecated import renamed_attributes
 from .attachment import Capture, RepairModule, attach, attached, capture, check_repairs, detach, repair_modules
 from .compile_cache import tag_compile_caches
+from .deploy import export
 from .detect import backdoor_scores, scores
 from .estimate import Estimator
 from .inference import eval_mode, logits, predict
@@ -29,7 +30,7 @@ __all__ = [
     "Capture", "Estimator", "FORMS", "Fit", "FitConfig", "LayerProfile", "MODES", "TAU_MODES", "Online", "Profile",
     "ProfileError", "RepairModule", "Selection",
     "attach", "attached", "backdoor_scores", "backend_for", "candidate_layers", "capture", "check_repairs", "choose",
-    "detach", "estimators", "eval_mode", "fingerprint", "fit", "logits", "matched_clean", "positional_layers",
+    "detach", "estimators", "eval_mode", "export", "fingerprint", "fit", "logits", "matched_clean", "positional_layers",
     "predict", "repair", "repair_modules", "repair_reference", "repair_with_scores", "scores", "select",
     "select_unpaired",
 ]

@@ -201,6 +201,16 @@ class RepairWrapper(torch.nn.Module):
         self._register_state_dict_hook(_drop_infix)
         self._register_load_state_dict_pre_hook(_add_infix)
 
+    def __getattr__(self, name):
+        # the wrapped layer's attributes stay reachable where the model reads them (Hugging Face
+        # modules read e.g. `self.embeddings.patch_embeddings` from their parents)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("layer", CHILD):
+                raise
+            return getattr(super().__getattr__("layer"), name)
+
     def forward(self, *args, **kwargs):
         out = self.layer(*args, **kwargs)  # a tensor, or a tuple / ModelOutput around one (see outputs.py)
         return with_hidden_state(out, self.fire_repair(hidden_state(out, self.fire_repair.layer_name)))

@@ -3,6 +3,8 @@ import contextlib
 
 import torch
 
+from .outputs import hidden_state
+
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
@@ -18,6 +20,12 @@ def eval_mode(model: torch.nn.Module):
             m.training = was_training
 
 
+def output_logits(out) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, or the first tensor of a tuple or
+    ModelOutput (Hugging Face classifiers return `ImageClassifierOutput(logits=...)`)."""
+    return hidden_state(out, "the model's output")
+
+
 @torch.no_grad()
 def logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """The model's outputs on x in eval mode, fp32 on the CPU, `batch` rows at a time (empty x
@@ -25,7 +33,7 @@ def logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> torch.T
     if x.shape[0] == 0:
         return torch.zeros(0, 0)
     with eval_mode(model):
-        return torch.cat([model(x[i:i + batch]).float().cpu() for i in range(0, x.shape[0], batch)])
+        return torch.cat([output_logits(model(x[i:i + batch])).float().cpu() for i in range(0, x.shape[0], batch)])
 
 
 def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:

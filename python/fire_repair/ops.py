@@ -44,6 +44,8 @@ common offset in x and mu costs no precision. The tensors' owners validate value
 are set: `RepairModule` (at attach, `load_layer`, `load_state_dict`), `Profile.load`,
 `LayerProfile`; `fire_repair.check_repairs(model)` re-checks an attached model on demand.
 """
+import contextlib
+import contextvars
 import math
 import os
 from typing import Optional
@@ -278,11 +280,29 @@ def _run(x, directions, alpha, center, tau, mode_id: int, want_scores: bool, cd=
 # inline wins by up to 14% at 512 x K 1-16, ties at 16384 x K 1, and loses from 2048 x K 16 on.
 # The choice is made at trace time, from static sizes; a symbolic size keeps the kernel.
 COMPILE_INLINE_WORK = 16384
+# Set by `plain_maths()`: every traced CPU call becomes plain maths, whatever its size, so that
+# an exported package needs no C++ extension of ours where it is loaded (fire_repair.export).
+_plain_maths = contextvars.ContextVar("fire_plain_maths", default=False)
+
+
+@contextlib.contextmanager
+def plain_maths():
+    """Inside the block, CPU calls become plain PyTorch maths instead of calls of the C++ kernel,
+    so that what torch.export and AOTInductor trace is maths Inductor compiles and fuses itself."""
+    token = _plain_maths.set(True)
+    try:
+        yield
+    finally:
+        _plain_maths.reset(token)
 
 
 def _inline_under_compile(x3: Tensor, K: int) -> bool:
     """Whether this call of the C++ kernel, traced by torch.compile (or export), becomes plain maths."""
-    if x3.device.type != "cpu" or not torch.compiler.is_compiling():
+    if x3.device.type != "cpu":
+        return False
+    if _plain_maths.get():  # Inductor traces a triton_op's body outside is_compiling()
+        return True
+    if not torch.compiler.is_compiling():
         return False
     n = x3.numel()
     return isinstance(n, int) and n * K <= COMPILE_INLINE_WORK

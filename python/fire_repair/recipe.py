@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from .estimate import Estimator
-from .inference import eval_mode, predict
+from .inference import eval_mode, logits, predict
 from .outputs import hidden_state
 from .profile import Profile
 from .selection import Selection, select, select_unpaired, tau_candidates
@@ -132,12 +132,12 @@ def _n_params(module) -> int:
 
 def candidate_layers(model: torch.nn.Module, example: torch.Tensor, max_layers: int = 8) -> list:
     """Candidate layers for FIRE found in the model's structure, shallow to deep: the outputs of
-    its stages or blocks. Starting from the model's children, the child that holds more than
-    half of the parameters is replaced by its own children (a backbone by its stages, a stage
-    list by its blocks), until no child does. Kept: modules that ran on `example`, have
-    parameters, return a float tensor with the batch dimension (or a tuple / ModelOutput around
-    one) and are not the model's output layer; at most `max_layers`, spread evenly from the
-    first to the last."""
+    its stages or blocks. Starting from the model's children, a child that holds more than half
+    of the parameters and has at least two children with parameters is replaced by its
+    children (a backbone by its stages, a stage list by its blocks), until no child is. Kept:
+    modules that ran on `example`, have parameters, return a float tensor with the batch
+    dimension (or a tuple / ModelOutput around one) and are not the model's output; at most
+    `max_layers`, spread evenly from the first to the last."""
     if max_layers < 1:
         raise ValueError(f"max_layers must be >= 1, got {max_layers}")
     outs = _layer_outputs(model, example)
@@ -155,18 +155,23 @@ def candidate_layers(model: torch.nn.Module, example: torch.Tensor, max_layers: 
     frontier = children("")
     while True:
         total = sum(_n_params(modules[n]) for n in frontier)
-        big = [n for n in frontier if children(n) and _n_params(modules[n]) > total / 2]
+        big = [n for n in frontier if sum(_n_params(modules[c]) > 0 for c in children(n)) >= 2
+               and _n_params(modules[n]) > total / 2]
         if not big:
             break
         i = frontier.index(big[0])
         frontier[i:i + 1] = children(big[0])
     final, n = outs[""], example.shape[0]
+    try:  # the model's output tensor (its logits), which is not a candidate
+        final = hidden_state(final, "")
+    except TypeError:
+        final = None
 
     def usable(name):
         h = outs.get(name)
         return (h is not None and h.is_floating_point() and h.dim() >= 2 and h.shape[0] == n
                 and _n_params(modules[name]) > 0
-                and not (isinstance(final, torch.Tensor) and h is final))
+                and h is not final)
 
     found = [name for name in frontier if usable(name)]
     if not found:
@@ -200,9 +205,8 @@ def coverage(model, x_clean, batch: int = 256) -> dict:
     of outputs."""
     if x_clean.shape[0] == 0:
         raise ValueError("the clean images are empty: fit needs them to calibrate and to measure the clean cost")
-    with eval_mode(model), torch.no_grad():
-        n_outputs = model(x_clean[:1]).shape[-1]
-    pred = predict(model, x_clean, batch)
+    out = logits(model, x_clean, batch)
+    n_outputs, pred = out.shape[-1], out.argmax(1)
     seen = torch.unique(pred).tolist()
     return {"n_clean": int(x_clean.shape[0]), "n_outputs": int(n_outputs), "n_seen": len(seen), "classes": seen,
             "counts": torch.bincount(pred, minlength=n_outputs).tolist()}
@@ -275,7 +279,7 @@ def fit(model: torch.nn.Module, clean: torch.Tensor, pairs: Optional[tuple] = No
     if cov["thin"]:
         warnings.warn(f"the clean images are predicted as {cov['n_seen']} of the model's {cov['n_outputs']} classes: "
                       "the clean cost cannot see what a repair does to the others. Pass clean images that cover the "
-                      "classes the model serves.", stacklevel=2)
+                      "classes the model serves.", stacklevel=3)  # the caller of fit (under no_grad's wrapper)
     example = clean[:2]
     if sets is None:
         layers = list(config.layers) if config.layers else candidate_layers(model, example, config.max_layers)
