@@ -5,9 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from fire_eval import attacks, data, harness, models, report
-
-from fire_eval import cli
+from fire_eval import attacks, cli, data, harness, models, report
 
 
 def test_digits_is_embedded_and_seeded():
