@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fire-installed
 
-.PHONY: install demo test bench bench-smoke clean
+.PHONY: install demo demo-full test bench bench-smoke clean
 
 $(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +19,10 @@ $(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fire-repair demo --out fire-demo-out
+	$(BIN)/fire-eval demo --out fire-demo-out
+
+demo-full: $(STAMP)
+	$(BIN)/fire-eval demo --full --out fire-demo-full
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,5 +1,5 @@
 """The `fire-eval` command: `demo` (the README's main job), `eval` (any attack, model, data,
-defence) and `report` (one table from several runs)."""
+defense) and `report` (one table from several runs)."""
 import argparse
 import sys
 import time
@@ -11,6 +11,8 @@ from . import models as models_mod
 
 DEMO_ATTACKS = ["badnets", "blended", "sig", "wanet", "trojan", "adaptive", "moving"]
 DEMO_VIT_ATTACKS = ["badnets", "blended", "token"]  # the transformer rows (token: a trigger token at a random position)
+QUICK_ATTACKS = ["badnets", "blended", "moving"]  # a patch, a global trigger, a patch that moves
+QUICK_DEFENSES = ["none", "fire", "fire-unpaired", "jpeg", "blur"]
 DEMO_PAIR_DRAWS = 5  # the headline's spread over draws of the defender's 16 pairs (about 1 minute an attack)
 
 
@@ -114,14 +116,17 @@ def _write_outputs(results, out: Path, json_path=None, log=print) -> Path:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fire-eval",
-                                     description="FIRE's evaluation suite: attacks, models, defences, metrics")
+                                     description="FIRE's evaluation suite: attacks, models, defenses, metrics")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="every attack on the embedded digits data, FIRE against the baselines")
+    demo = sub.add_parser("demo", help="FIRE against the baselines on the embedded digits data: a quick table "
+                                       "(three attacks on the small CNN), or every attack with --full")
     _common(demo)
-    demo.add_argument("--attacks", nargs="+", default=DEMO_ATTACKS, help="attacks on the small CNN")
-    demo.add_argument("--vit-attacks", nargs="*", default=DEMO_VIT_ATTACKS, help="attacks on the small ViT")
-    demo.set_defaults(pair_draws=DEMO_PAIR_DRAWS)
-    ev = sub.add_parser("eval", help="one attack / model / data set / defence list")
+    demo.add_argument("--full", action="store_true",
+                      help="every attack on the CNN and the ViT, with ablations, the online curve and 5 draws of the "
+                           "pairs (about 20 minutes on 2 cores)")
+    demo.add_argument("--attacks", nargs="+", default=None, help="attacks on the small CNN")
+    demo.add_argument("--vit-attacks", nargs="*", default=None, help="attacks on the small ViT")
+    ev = sub.add_parser("eval", help="one attack / model / data set / defense list")
     _common(ev)
     ev.add_argument("--attack", nargs="+", default=["badnets"])
     ev.add_argument("--model", default="cnn", choices=sorted(models_mod.MODELS))
@@ -140,7 +145,7 @@ def main(argv=None):
     rp.add_argument("inputs", nargs="+", help="results.json files written by demo or eval")
     rp.add_argument("--update", nargs="+", default=[],
                     help="results.json files whose rows replace (or add to) the same experiment's rows in INPUTS")
-    rp.add_argument("--drop", nargs="+", default=[], help="defences to leave out of the merged runs")
+    rp.add_argument("--drop", nargs="+", default=[], help="defenses to leave out of the merged runs")
     rp.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.command == "report":
@@ -153,8 +158,15 @@ def main(argv=None):
         _write_outputs(runs, Path(args.out))
         return 0
     if args.command == "demo":
-        jobs = [("cnn", a) for a in args.attacks] + [("vit", a) for a in args.vit_attacks]
-        _run_all(args, jobs, "digits")
+        if args.full:
+            attacks, vit_attacks, defenses = DEMO_ATTACKS, DEMO_VIT_ATTACKS, None
+            args.pair_draws = DEMO_PAIR_DRAWS if args.pair_draws == 1 else args.pair_draws
+        else:  # the first table in a couple of minutes on a fresh 2-core machine
+            attacks, vit_attacks, defenses = QUICK_ATTACKS, [], QUICK_DEFENSES
+            args.no_ablations = args.no_online = True
+        jobs = [("cnn", a) for a in (args.attacks or attacks)] + \
+            [("vit", a) for a in (vit_attacks if args.vit_attacks is None else args.vit_attacks)]
+        _run_all(args, jobs, "digits", defenses=defenses)
     else:
         overrides = {"n_pairs": args.n_pairs, "n_poison_seen": args.n_poison_seen,
                      "n_clean_holdout": args.n_clean_holdout, "n_eval": args.n_eval}
