@@ -3,9 +3,9 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from fire_eval.metrics import auroc, predict
 
 import fire_repair as fr
+from fire_eval.metrics import auroc, predict
 
 
 @pytest.fixture

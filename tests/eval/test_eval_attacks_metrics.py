@@ -1,6 +1,7 @@
 """Attacks put the trigger where and as the literature says; metrics on hand-built cases."""
 import pytest
 import torch
+
 from fire_eval import attacks
 from fire_eval.metrics import auroc, rates
 
