@@ -3,9 +3,9 @@ profile (eager and compiled), and the per-sample latency of the online step."""
 import pytest
 import torch
 from conftest import DEVICE, FULL, SMOKE, run_timed
-from fire_eval import models
 
 import fire_repair as fr
+from fire_eval import models
 
 BATCHES = [2] if SMOKE else ([1, 256] if (DEVICE == "cuda" or FULL) else [1, 32])
 MODELS = {"preact18": "layer3", "vgg": "stage3"}

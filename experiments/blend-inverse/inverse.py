@@ -11,12 +11,11 @@ evaluation's) after blending: a blend that is no longer exact.
 """
 import sys
 
+import fire_repair as fr
 from fire_eval import attacks, harness
 from fire_eval import data as data_mod
 from fire_eval.baselines import JPEG
 from fire_eval.metrics import predict
-
-import fire_repair as fr
 
 model_name = sys.argv[1] if len(sys.argv) > 1 else "vit"
 data = sys.argv[2] if len(sys.argv) > 2 else "digits"

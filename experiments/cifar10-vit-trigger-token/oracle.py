@@ -1,11 +1,12 @@
 """What a perfect repair at `block1` could reach on CIFAR-10's trigger token: the triggered
 image's block1 tokens replaced by its twin's (every token, the trigger's own token, the class
 token, or the tokens the trigger moved most), on the evaluation half. Labels are used: an upper bound
-for FIRE, not a defence.
+for FIRE, not a defense.
 
     OMP_NUM_THREADS=2 python benchmarks/results/cifar10-vit-trigger-token/oracle.py   # model cached
 """
 import torch
+
 from fire_eval import attacks, harness
 from fire_eval import data as data_mod
 

@@ -14,12 +14,12 @@ by one scalar regression of the differences on the clean images, d_i = beta + g 
 g = -0.2 for this blend); then the
 out-of-fold twin agreement that the label-free selection sees over the same alphas."""
 import torch
+
+import fire_repair as fr
 from fire_eval import attacks as attacks_mod
 from fire_eval import data as data_mod
 from fire_eval import harness
 from fire_eval.metrics import predict
-
-import fire_repair as fr
 
 torch.set_num_threads(1)
 cfg = harness.RunConfig(attack="blended", model="vit", defenses=["fire"], online=False, ablations=False)

@@ -8,6 +8,7 @@ import sys
 import time
 
 import torch
+
 from fire_eval import harness
 
 torch.set_num_threads(1)

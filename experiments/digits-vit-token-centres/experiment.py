@@ -3,11 +3,11 @@ import sys
 from collections import OrderedDict
 
 import torch
-from fire_eval import attacks, data, harness
-from fire_eval.metrics import predict
 from torch import nn
 
 import fire_repair as fr
+from fire_eval import attacks, data, harness
+from fire_eval.metrics import predict
 
 attack_name = sys.argv[1] if len(sys.argv) > 1 else "blended"
 cfg = harness.RunConfig(attack=attack_name, model="vit", defenses=[])

@@ -10,6 +10,7 @@ token.
 import sys
 
 import torch
+
 from fire_eval import attacks, harness
 from fire_eval import data as data_mod
 

@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 
 import torch
+
+import fire_repair as fr
 from fire_eval import attacks as attacks_mod
 from fire_eval import data as data_mod
 from fire_eval import harness
 from fire_eval import models as models_mod
-
-import fire_repair as fr
 from fire_repair import selection as sel
 
 torch.set_num_threads(1)

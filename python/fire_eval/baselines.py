@@ -20,7 +20,7 @@ from .metrics import predict
 
 class Defense:
     name = "defense"
-    reference = False  # a reference row (not a defence), set apart in the plot
+    reference = False  # a reference row (not a defense), set apart in the plot
 
     def fit(self, model, x_clean):
         self.model = model

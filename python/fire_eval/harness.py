@@ -1,11 +1,11 @@
 """One evaluation run: train (or load) a backdoored model, give the defender a held-out part of
-the test set, fit every defence on it, and score them all on the rest with the same metrics.
+the test set, fit every defense on it, and score them all on the rest with the same metrics.
 
 The defender holds (`Held`): clean held-out images, `n_pairs` triggered images with their clean
 twins (paired FIRE) and `n_poison_seen` other triggered images with no twins (unpaired FIRE).
 Evaluation images are never used for estimation, calibration or selection.
 
-Steps of `run`: `backdoored_model` -> `split` -> each defence's `fit` / `predict` ->
+Steps of `run`: `backdoored_model` -> `split` -> each defense's `fit` / `predict` ->
 `detection_auroc`, `online_curve`, `ablations`.
 """
 import time
@@ -126,7 +126,7 @@ class Run:
 
 
 class CleanModel(Defense):
-    """The reference row `clean-model`, not a defence: the undefended predictions of the model
+    """The reference row `clean-model`, not a defense: the undefended predictions of the model
     of the run's recipe trained without poison (`clean_model`). Its ASR is the floor a repair
     can be held to, its PA the ceiling."""
     name = "clean-model"
@@ -136,7 +136,7 @@ class CleanModel(Defense):
         return self.fit(clean_model(run.cfg, run.ds, run.progress), run.held.clean)
 
 
-# ----------------------------------------------------------------------------- FIRE as defences
+# ----------------------------------------------------------------------------- FIRE as defenses
 
 class ProfileDefense(Defense):
     """A fixed FIRE profile (ablations)."""
@@ -296,7 +296,7 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
     t0 = time.perf_counter()
     unknown = [d for d in cfg.defenses if d not in DEFENSES]
     if unknown:
-        raise ValueError(f"unknown defence(s) {unknown}; choose from {sorted(DEFENSES)}")
+        raise ValueError(f"unknown defense(s) {unknown}; choose from {sorted(DEFENSES)}")
     if cfg.pair_draws < 1:
         raise ValueError(f"pair_draws must be at least 1 (the harness's own pairs), got {cfg.pair_draws}")
     ds = dataset or data_mod.load(cfg.data, cfg.data_path, seed=cfg.seed)
@@ -305,8 +305,8 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
     held, (eval_clean, eval_y), (eval_poison, eval_poison_y), stream = split(cfg, ds, attack)
     layers = cfg.layers or models_mod.MODELS[cfg.model].REPAIRABLE
 
-    def score(defence):
-        return rates(defence.predict(eval_clean), eval_y, defence.predict(eval_poison), eval_poison_y, attack.target)
+    def score(defense):
+        return rates(defense.predict(eval_clean), eval_y, defense.predict(eval_poison), eval_poison_y, attack.target)
 
     result = {"config": asdict(cfg), "attack_params": attack.params(), "model_cached": cached,
               "poisoned_train": n_poisoned, "n_eval_clean": len(eval_y), "n_eval_poison": len(eval_poison_y),
@@ -315,19 +315,19 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
     fitted, here = {}, Run(cfg=cfg, ds=ds, model=model, held=held, layers=layers, progress=progress)
     for name in cfg.defenses:
         t = time.perf_counter()
-        defence = DEFENSES[name]()
+        defense = DEFENSES[name]()
         with warnings.catch_warnings(record=True) as caught:  # into run.log, beside the row they concern
             warnings.simplefilter("default")
-            defence.fit_run(here)
+            defense.fit_run(here)
         for w in caught:
             log(f"  {cfg.attack:>9} {name}: {w.category.__name__}: {w.message}")
-        fitted[name] = defence
-        row = {"defense": name, **score(defence), "seconds": time.perf_counter() - t}
-        if defence.reference:
+        fitted[name] = defense
+        row = {"defense": name, **score(defense), "seconds": time.perf_counter() - t}
+        if defense.reference:
             row["reference"] = True
-        if isinstance(defence, FireDefense):
-            row.update(defence.report_choice())
-            result["fire"][name] = defence.report()
+        if isinstance(defense, FireDefense):
+            row.update(defense.report_choice())
+            result["fire"][name] = defense.report()
         result["rows"].append(row)
         log(f"  {cfg.attack:>9} {name:<20} CA {100 * row['CA']:5.1f}  ASR {100 * row['ASR']:5.1f}  "
             f"PA {100 * row['PA']:5.1f}  ({row['seconds']:.0f} s)")
@@ -357,7 +357,7 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
 
 
 def pair_draws(run: Run, name: str, first: dict, score, log=print) -> dict:
-    """The paired FIRE defence `name` fitted again on `run.cfg.pair_draws - 1` other draws of the
+    """The paired FIRE defense `name` fitted again on `run.cfg.pair_draws - 1` other draws of the
     defender's pairs (estimator and fold seed changed with the draw, the evaluation half the
     same); `first` is its row on the harness's own pairs (draw 0). Every draw's choice, PA, CA
     and ASR."""
@@ -367,9 +367,9 @@ def pair_draws(run: Run, name: str, first: dict, score, log=print) -> dict:
     for d in range(1, cfg.pair_draws):
         t = time.perf_counter()
         cfg_d = replace(cfg, seed=cfg.seed + d)  # the estimators' and the folds' seed only
-        defence = DEFENSES[name]()
-        defence.fit(run.model, run.held.clean, run.held.drawn(d, n), cfg_d, run.layers)
-        row = {**score(defence), **defence.report()}
+        defense = DEFENSES[name]()
+        defense.fit(run.model, run.held.clean, run.held.drawn(d, n), cfg_d, run.layers)
+        row = {**score(defense), **defense.report()}
         draws.append({"draw": d, **{k: row[k] for k in kept}})
         log(f"  {cfg.attack:>9} {name} pair draw {d}/{cfg.pair_draws - 1}: PA {100 * draws[-1]['PA']:.1f}  "
             f"({time.perf_counter() - t:.0f} s)")

@@ -3,7 +3,7 @@
 - CA: accuracy on clean test inputs;
 - ASR: fraction of triggered inputs (true label != target) classified as the target;
 - PA: fraction of those triggered inputs classified as their true label (recovery);
-- a rejected input (prediction -1, from a detect-and-reject defence) counts as neither correct
+- a rejected input (prediction -1, from a detect-and-reject defense) counts as neither correct
   nor the target; the rejection rates are reported beside.
 """
 import torch

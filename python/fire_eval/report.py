@@ -4,10 +4,10 @@ from pathlib import Path
 from typing import Optional
 
 
-def headline_name(fire_defences) -> Optional[str]:
-    """The FIRE defence (among the names given, in run order) that the AUROC, online curve,
+def headline_name(fire_defenses) -> Optional[str]:
+    """The FIRE defense (among the names given, in run order) that the AUROC, online curve,
     ablations and layer table follow: `fire` (mode chosen), else `fire-clamp`, else the first."""
-    names = list(fire_defences)
+    names = list(fire_defenses)
     return next((n for n in ("fire", "fire-clamp") if n in names), names[0] if names else None)
 
 
@@ -26,7 +26,7 @@ def choice(d: dict) -> str:
 
 
 def table(results: list) -> str:
-    lines = ["| attack | defence | CA % | ASR % | PA % | rejected (clean / poisoned) % | chosen |",
+    lines = ["| attack | defense | CA % | ASR % | PA % | rejected (clean / poisoned) % | chosen |",
              "|---|---|---:|---:|---:|---:|---|"]
     for res in results:
         implanted = next((r["ASR"] for r in res["rows"] if r["defense"] == "none"), 1.0) >= 0.5
@@ -60,7 +60,7 @@ def table(results: list) -> str:
 def draws_table(results: list) -> str:
     """Paired FIRE's headline over draws of the defender's pairs (`RunConfig.pair_draws`): PA's
     spread, and how many draws reach 0.95 x the undefended model's CA."""
-    lines = ["| attack | defence | draws | PA mean % | PA worst % | PA best % | CA mean % | "
+    lines = ["| attack | defense | draws | PA mean % | PA worst % | PA best % | CA mean % | "
              "draws with PA >= 0.95 x CA |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for res in results:
         if "pair_draws" not in res:
@@ -113,15 +113,15 @@ def run_key(run: dict) -> tuple:
 
 
 def update_runs(base: list, updates: list, drop=()) -> list:
-    """`base` runs with the rows of same-experiment `updates` laid over them: a defence in both
-    takes the update's row (and evidence), a new defence is added after the row the update lists
+    """`base` runs with the rows of same-experiment `updates` laid over them: a defense in both
+    takes the update's row (and evidence), a new defense is added after the row the update lists
     before it (at the end where the base has none such). The update's detection AUROC, online
-    curve and ablations replace the base's where its headline FIRE defence is the merged run's
+    curve and ablations replace the base's where its headline FIRE defense is the merged run's
     (they follow it); its draws of the pairs replace the base's, which go where the update
-    refits their defence without them. An update must find its experiment in `base` with the
+    refits their defense without them. An update must find its experiment in `base` with the
     same undefended row (the same cached model, split and seed), else it is an error: rows of
     different models are never mixed.
-    Defences named in `drop` leave the merged runs (e.g. a defence the code no longer has)."""
+    Defenses named in `drop` leave the merged runs (e.g. a defense the code no longer has)."""
     index = {run_key(r): r for r in base}
     out = [dict(r) for r in base]
     by_key = {run_key(r): r for r in out}
@@ -138,7 +138,7 @@ def update_runs(base: list, updates: list, drop=()) -> list:
         run = by_key[run_key(new)]  # the merged state so far: later updates lay over earlier ones
         rows = {r["defense"]: r for r in new["rows"]}
         merged = [rows.pop(r["defense"], r) for r in run["rows"]]
-        for before, row in zip([None, *new["rows"][:-1]], new["rows"], strict=True):  # a new defence goes
+        for before, row in zip([None, *new["rows"][:-1]], new["rows"], strict=True):  # a new defense goes
             if row["defense"] in rows:  # after the row the update lists before it, where the base has it
                 at = next((i + 1 for i, r in enumerate(merged) if before and r["defense"] == before["defense"]),
                           len(merged))
@@ -180,16 +180,16 @@ def plot(results: list, path) -> None:
     import matplotlib.pyplot as plt
 
     attacks = [label(r, results) for r in results]
-    defences = [row["defense"] for row in results[0]["rows"]]
+    defenses = [row["defense"] for row in results[0]["rows"]]
     references = {row["defense"] for r in results for row in r["rows"] if row.get("reference")}
     online = [r for r in results if r.get("online")]
     # the online panel only where a run measured online FIRE: an empty third panel reads as a failure
     fig, axes = plt.subplots(1, 3 if online else 2, figsize=(18 if online else 12.5, 5.6))
-    width = 0.8 / max(len(defences), 1)
-    # a colour per defence (tab10 repeats after ten); reference rows (a clean model) hatched
-    colours = plt.get_cmap("tab10" if len(defences) <= 10 else "tab20").colors
+    width = 0.8 / max(len(defenses), 1)
+    # a colour per defense (tab10 repeats after ten); reference rows (a clean model) hatched
+    colours = plt.get_cmap("tab10" if len(defenses) <= 10 else "tab20").colors
     for ax, metric in zip(axes[:2], ("PA", "ASR"), strict=True):
-        for j, d in enumerate(defences):
+        for j, d in enumerate(defenses):
             vals = [100 * next((row[metric] for row in r["rows"] if row["defense"] == d), float("nan"))
                     for r in results]
             ax.bar([i + j * width for i in range(len(attacks))], vals, width, label=d,
@@ -197,11 +197,11 @@ def plot(results: list, path) -> None:
                    edgecolor="black" if d in references else None, linewidth=0.3)
         if metric == "PA":  # the headline over draws of the defender's pairs: mean, worst to best
             drawn = [(i, r["pair_draws"]) for i, r in enumerate(results)
-                     if "pair_draws" in r and r["pair_draws"]["defense"] in defences]
+                     if "pair_draws" in r and r["pair_draws"]["defense"] in defenses]
             for n, (i, draws) in enumerate(drawn):
                 pa = [100 * d["PA"] for d in draws["draws"]]
                 mean = sum(pa) / len(pa)
-                ax.errorbar(i + defences.index(draws["defense"]) * width, mean,
+                ax.errorbar(i + defenses.index(draws["defense"]) * width, mean,
                             yerr=[[mean - min(pa)], [max(pa) - mean]], fmt="o", ms=3, color="black", capsize=2,
                             lw=1, label="headline over draws of the pairs" if n == 0 else None)
         # labels like "adaptive / cnn" overlap side by side past a few attacks: slanted
@@ -221,9 +221,9 @@ def plot(results: list, path) -> None:
         axes[2].set_xlabel("poisoned samples seen (online)")
         axes[2].set_ylabel("PA %")
         axes[2].set_ylim(0, 100)
-        axes[2].set_title("Online FIRE (the headline defence's mode)")
+        axes[2].set_title("Online FIRE (the headline defense's mode)")
         axes[2].legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0.1 if len(defences) > 6 else 0.06, 1, 1))  # room for the legend below
+    fig.tight_layout(rect=(0, 0.1 if len(defenses) > 6 else 0.06, 1, 1))  # room for the legend below
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

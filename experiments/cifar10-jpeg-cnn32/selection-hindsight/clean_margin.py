@@ -10,7 +10,6 @@ from pathlib import Path
 from fire_eval import attacks as attacks_mod
 from fire_eval import data as data_mod
 from fire_eval import harness
-
 from fire_repair.selection import _margin_for, logits
 
 HERE = Path(os.environ.get("HINDSIGHT_DIR", Path(__file__).parent))  # where the JSON files are

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import torch
+
+import fire_repair as fr
 from fire_eval import attacks as attacks_mod
 from fire_eval import data as data_mod
 from fire_eval import harness
 from fire_eval import models as models_mod
-
-import fire_repair as fr
 from fire_repair.selection import logits, predict
 
 attack_name, rate, params = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
@@ -46,8 +46,8 @@ held, (eval_clean, eval_y), (eval_poison, eval_poison_y), _ = harness.split(cfg,
 layers = models_mod.MODELS[cfg.model].REPAIRABLE
 t = time.time()
 unpaired = sys.argv[4:] == ["unpaired"]
-defence = harness.FireDefense(("clamp",), paired=False) if unpaired else harness.FireDefense(harness.SELECTED_MODES)
-chosen = defence.fit(model, held.clean, held, cfg, layers)
+defense = harness.FireDefense(("clamp",), paired=False) if unpaired else harness.FireDefense(harness.SELECTED_MODES)
+chosen = defense.fit(model, held.clean, held, cfg, layers)
 print("fit", time.time() - t, chosen.report()["layers"], chosen.selection.mode, flush=True)
 # full estimators per form, as selection builds
 ests = fr.estimators(model, layers, harness.fit_config(cfg, model, layers, harness.SELECTED_MODES), held.clean[:2])
