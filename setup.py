@@ -45,7 +45,7 @@ def _extension():
 
 setup(
     name="fire-kernels",
-    version="0.2.0",
+    version="0.3.0",
     description="Fused kernels for FIRE: inference-time repair of backdoored networks",
     package_dir={"": "python", "fire_kernels": "fire_kernels"},
     packages=["fire_repair", "fire_eval", "fire_kernels"],

@@ -90,7 +90,7 @@ def compiled_call(n, op_args):
     # The same options as the `compile` rows' torch.compile of the reference maths: fullgraph=True
     # alone costs about 5 us per call in torch 2.13 (a config patch around every call; 64.1
     # against 58.6 us for the compiled reference at 512 features, K = 4), which the v0.4 run
-    # charged to our op. That the op compiles with no graph break is tests/test_op_compile.py's.
+    # charged to our op. That the op compiles with no graph break is tests/op/test_op_compile.py's.
     ours = torch.compile(_op_call, dynamic=False)
     return lambda: ours(*op_args)
 

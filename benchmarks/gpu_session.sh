@@ -2,7 +2,7 @@
 # Everything a GPU session checks, in one command (device time is scarce; see README):
 #   bash benchmarks/gpu_session.sh [gpu] [ops] [tests] [bench] [positions] [e2e]
 # builds the extension for this GPU (CUDA C++ fallback included), runs the whole test suite
-# (tests/test_gpu.py and the CUDA backends of every op test), then the op and end-to-end
+# (tests/op/test_op_gpu.py and the CUDA backends of every op test), then the op and end-to-end
 # benchmarks (OMP_NUM_THREADS=1 for the parallel test run: 12 workers x 16 threads starved the
 # CPU training fixtures into timeouts); logs and the benchmark JSON go to $OUT (default /tmp/fire-gpu).
 set -uo pipefail
@@ -25,13 +25,13 @@ echo "build: $(( $(date +%s) - start )) s"
 name=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 for step in $steps; do
   case $step in
-    gpu)   timeout 200 python3 -m pytest tests/test_gpu.py -v -p no:randomly -rfEs --timeout=120 \
+    gpu)   timeout 200 python3 -m pytest tests/op/test_op_gpu.py -v -p no:randomly -rfEs --timeout=120 \
                > "$OUT/test_gpu.log" 2>&1
            echo "test_gpu rc=$?"; tail -15 "$OUT/test_gpu.log" ;;
-    ops)   OMP_NUM_THREADS=1 timeout 300 python3 -m pytest tests/test_op*.py tests/test_hardening.py tests/test_properties.py -q -n 12 -p no:randomly -rfE --timeout=90 \
+    ops)   OMP_NUM_THREADS=1 timeout 300 python3 -m pytest tests/op tests/repair/test_hardening_round1.py --deselect tests/op/test_op_gpu.py -q -n 12 -p no:randomly -rfE --timeout=90 \
                > "$OUT/ops.log" 2>&1
            echo "ops rc=$?"; grep -E "FAILED|ERROR|Timeout|passed|failed" "$OUT/ops.log" | tail -25 ;;
-    tests) OMP_NUM_THREADS=1 timeout 330 python3 -m pytest tests -v -n 12 -p no:randomly -rfE --timeout=90 --deselect tests/test_gpu.py \
+    tests) OMP_NUM_THREADS=1 timeout 330 python3 -m pytest tests -v -n 12 -p no:randomly -rfE --timeout=90 --deselect tests/op/test_op_gpu.py \
                > "$OUT/tests.log" 2>&1
            echo "tests rc=$?"; grep -E "FAILED|ERROR|Timeout|passed|failed" "$OUT/tests.log" | tail -25 ;;
     bench) FIRE_BENCH_BATCHES=${FIRE_BENCH_BATCHES:-1,256,1024} timeout 420 python3 -m pytest benchmarks/test_bench_op.py -q -p no:randomly \

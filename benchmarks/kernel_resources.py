@@ -5,7 +5,7 @@ import warnings
 
 import triton
 
-from fire_kernels.offline import compile_kernel, configurations
+from fire_kernels.ptxas_report import compile_kernel, configurations
 
 
 def main():

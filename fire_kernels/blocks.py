@@ -30,7 +30,7 @@ def fused_blocks(D: int, rescale: bool = False):
 
 
 def _fused_warps(block_n: int, block_d: int) -> int:
-    """Warps per program, from what ptxas reports offline (tests/test_kernels_compile.py, Triton
+    """Warps per program, from what ptxas reports offline (tests/kernels/test_kernels_compile.py, Triton
     3.9): a 16384-element row at 16 warps (128 registers a thread) spilled 84-108 bytes on sm_90,
     at 32 warps (16 elements a thread, 64 registers) none; the 32 x 128 tile at 4 warps spilled
     12 bytes on sm_90 at BLOCK_K = 16, at 8 warps none."""

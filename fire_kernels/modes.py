@@ -1,7 +1,7 @@
 """The repair modes: one enum that the Python layer, the reference and the kernels share.
 
 The C++ header `csrc/repair.h` declares the same values (`enum Mode`), and the Triton kernels
-compare the constexpr MODE with these integers; tests/test_modes.py checks that all agree."""
+compare the constexpr MODE with these integers; tests/op/test_op_modes.py checks that all agree."""
 from enum import IntEnum
 
 

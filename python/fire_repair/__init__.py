@@ -10,11 +10,10 @@ Importing registers `torch.ops.fire.repair` and `torch.ops.fire.repair_with_scor
 from fire_kernels.modes import MODES, TAU_MODES
 
 from . import _ext  # noqa: F401  (loads the extension, or warns how to build it)
-from ._deprecated import renamed_attributes
 from .attachment import Capture, RepairModule, attach, attached, capture, check_repairs, detach, repair_modules
 from .compile_cache import tag_compile_caches
 from .deploy import export
-from .detect import backdoor_scores, scores
+from .detect import backdoor_scores
 from .estimate import Estimator
 from .inference import eval_mode, logits, predict
 from .online import Online
@@ -24,17 +23,16 @@ from .recipe import FORMS, Fit, FitConfig, candidate_layers, estimators, fit, ma
 from .reference import repair_reference
 from .selection import Selection, choose, select, select_unpaired
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 tag_compile_caches()  # no compiled graph of another build of our ops is served from disk
 __all__ = [
     "Capture", "Estimator", "FORMS", "Fit", "FitConfig", "LayerProfile", "MODES", "TAU_MODES", "Online", "Profile",
     "ProfileError", "RepairModule", "Selection",
     "attach", "attached", "backdoor_scores", "backend_for", "candidate_layers", "capture", "check_repairs", "choose",
     "detach", "estimators", "eval_mode", "export", "fingerprint", "fit", "logits", "matched_clean", "positional_layers",
-    "predict", "repair", "repair_modules", "repair_reference", "repair_with_scores", "scores", "select",
+    "predict", "repair", "repair_modules", "repair_reference", "repair_with_scores", "select",
     "select_unpaired",
 ]
 # Words: the op's `scores` output and `Capture.projections` are the raw projections
 # c = <v_k, x - center>; a "backdoor score" (`backdoor_scores`, `Capture.score`) is their
 # per-sample maximum in units of the clean projections' std.
-__getattr__ = renamed_attributes(globals(), {"LayerRepair": "LayerProfile"})

@@ -9,12 +9,10 @@ renames `<layer>.layer.*` back to `<layer>.*`), plus `<layer>.fire_repair.*`. `d
 original module objects back, leaving the model exactly as before.
 """
 import contextlib
-import warnings
 from typing import Optional
 
 import torch
 
-from ._deprecated import renamed_attributes
 from .ops import _physical_perm
 from .outputs import hidden_state, with_hidden_state
 from .profile import MODULE_WORDS, LayerProfile, Profile, check_values
@@ -34,7 +32,7 @@ class RepairModule(torch.nn.Module):
 
     BUFFERS = ("directions", "alpha", "center", "tau", "score_scale", "slope")
 
-    def __init__(self, layer: LayerProfile, record_scores: bool = False):
+    def __init__(self, layer: LayerProfile):
         super().__init__()
         layer.validate()
         self.layer_name, self.mode, self.channel_dim = layer.name, layer.mode, layer.channel_dim
@@ -46,9 +44,6 @@ class RepairModule(torch.nn.Module):
         self.register_buffer("slope", None if layer.slope is None else layer.slope.detach().to(**f32, copy=True))
         scale = layer.score_scale if layer.score_scale is not None else torch.ones(layer.k)
         self.register_buffer("score_scale", scale.detach().to(**f32, copy=True))
-        self.record_scores = record_scores  # deprecated: use fire_repair.capture(model)
-        self.last_scores: Optional[torch.Tensor] = None
-        self.last_input: Optional[torch.Tensor] = None
         self._capture: Optional["Capture"] = None  # set only inside `capture(model)`
         self.register_load_state_dict_pre_hook(_check_incoming)
         self._register_state_dict_hook(_contiguous_state)
@@ -94,15 +89,12 @@ class RepairModule(torch.nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         self._follow_layout(h)
-        if self._capture is None and not self.record_scores:
+        if self._capture is None:
             return torch.ops.fire.repair(h, self.directions, self.alpha, self.center, self.tau, self.mode,
                                          self.channel_dim, self.slope)
         out, c = torch.ops.fire.repair_with_scores(h, self.directions, self.alpha, self.center, self.tau, self.mode,
                                                    self.channel_dim, self.slope)
-        if self._capture is not None:
-            self._capture._record(self.layer_name, h.detach(), c.detach())
-        if self.record_scores:
-            self.last_input, self.last_scores = h.detach(), c.detach()
+        self._capture._record(self.layer_name, h.detach(), c.detach())
         return out
 
     def backdoor_score(self, c: torch.Tensor) -> torch.Tensor:
@@ -116,12 +108,6 @@ class RepairModule(torch.nn.Module):
         _, c = torch.ops.fire.repair_with_scores(h, self.directions, self.alpha, self.center, self.tau, self.mode,
                                                  self.channel_dim, self.slope)
         return self.backdoor_score(c)
-
-    def scores(self, h: torch.Tensor) -> torch.Tensor:
-        """Deprecated name of `backdoor_scores`."""
-        warnings.warn("RepairModule.scores was renamed backdoor_scores; the old name will be removed in the next "
-                      "release", DeprecationWarning, stacklevel=2)
-        return self.backdoor_scores(h)
 
     @torch.no_grad()
     def load_layer(self, layer: LayerProfile) -> None:
@@ -280,13 +266,9 @@ def capture(model: torch.nn.Module):
             m._capture = None
 
 
-def attach(model: torch.nn.Module, profile: Profile, check_fingerprint: bool = True,
-           record_scores: bool = False) -> torch.nn.Module:
+def attach(model: torch.nn.Module, profile: Profile, check_fingerprint: bool = True) -> torch.nn.Module:
     """Puts a RepairModule after each layer of the profile. Returns the same model object.
-    (`record_scores` is deprecated: `capture(model)` gives the inputs and projections.)"""
-    if record_scores:
-        warnings.warn("attach(record_scores=True) is deprecated and will be removed in the next release; "
-                      "use `with fire_repair.capture(model) as cap:`", DeprecationWarning, stacklevel=2)
+    (`capture(model)` gives each repaired layer's inputs and projections.)"""
     if any(layer.name == "" for layer in profile.layers):
         raise ValueError("the profile names the whole model; name the layer whose output to repair")
     existing = repair_modules(model)
@@ -298,7 +280,7 @@ def attach(model: torch.nn.Module, profile: Profile, check_fingerprint: bool = T
     # deepest first: a child wrapped after its parent would be put into the parent's old place,
     # where it never runs; wrapped before, it lives inside the module the parent's wrapper runs
     for layer in sorted(profile.layers, key=lambda layer: -layer.name.count(".")):
-        repair = RepairModule(layer, record_scores=record_scores)
+        repair = RepairModule(layer)
         if ref is not None:
             repair.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else None)
         parent, child = _parent(model, layer.name)
@@ -334,4 +316,3 @@ def repair_modules(model: torch.nn.Module) -> dict:
     return {m.fire_repair.layer_name: m.fire_repair for m in model.modules() if isinstance(m, RepairWrapper)}
 
 
-__getattr__ = renamed_attributes(globals(), {"RepairedLayer": "RepairWrapper"})

@@ -1,7 +1,6 @@
 """Detection for free: the fused op's projection scores as a per-sample backdoor score."""
 import torch
 
-from ._deprecated import renamed_function
 from .attachment import capture
 from .inference import eval_mode
 
@@ -22,5 +21,3 @@ def backdoor_scores(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -
                 out[name].append(cap.score(name))
     return {name: torch.cat(v) if v else torch.zeros(0) for name, v in out.items()}
 
-
-scores = renamed_function(backdoor_scores, "fire_repair.scores")

@@ -12,14 +12,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._deprecated import model_from_estimator
 from .attachment import attach, capture, detach, repair_modules
 from .estimate import Estimator, _poison_mask
 from .profile import Profile
 
 
 class Online:
-    @model_from_estimator(skip=1)
     def __init__(self, estimator: Estimator, mode: str = "clamp",
                  alpha: Union[float, Sequence[float]] = 1.0, tau_quantile: float = 0.99,
                  threshold: Optional[float] = 3.0, min_poisoned: int = 1):

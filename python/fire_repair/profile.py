@@ -20,8 +20,6 @@ from safetensors.torch import save_file
 from fire_kernels import MAX_K
 from fire_kernels.modes import MODES, SLOPE_MODES, TAU_MODES
 
-from ._deprecated import renamed_attributes
-
 FORMAT = "fire-profile"
 VERSION = "2"  # 2 records each layer's form (channel_dim); version 1 files (all flattened) still load
 READABLE = ("1", "2")
@@ -339,4 +337,3 @@ def _parse(meta: dict, tensors: dict):
     return layers, info
 
 
-__getattr__ = renamed_attributes(globals(), {"LayerRepair": "LayerProfile"})

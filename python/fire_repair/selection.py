@@ -55,7 +55,6 @@ import torch
 
 from fire_kernels.modes import TAU_MODES
 
-from ._deprecated import model_from_estimator
 from .attachment import attach, detach
 from .estimate import Estimator
 from .inference import logits, predict
@@ -350,7 +349,6 @@ def _scored(model, profile, x):
         detach(model)
 
 
-@model_from_estimator
 @torch.no_grad()
 def select(estimator: Union[Estimator, Sequence[Estimator]], x_clean: torch.Tensor, x_poisoned: torch.Tensor,
            layer_sets: Sequence[Sequence[str]] = None, modes: Sequence[str] = ("clamp",),
@@ -411,7 +409,6 @@ def select(estimator: Union[Estimator, Sequence[Estimator]], x_clean: torch.Tens
                 tie=tie_break, clean_cost=clean_cost, slack=agreement_slack, max_class_cost=max_class_cost)
 
 
-@model_from_estimator
 @torch.no_grad()
 def select_unpaired(estimator: Union[Estimator, Sequence[Estimator]], x_flagged: torch.Tensor,
                     x_clean_reference: torch.Tensor, layer_sets: Sequence[Sequence[str]] = None,

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
-from fire_kernels.offline import configurations  # noqa: E402
+from fire_kernels.ptxas_report import configurations  # noqa: E402
 
 ARCHS = (80, 90)
 CASES = [(name, c, w, arch) for name, c, w in configurations() for arch in ARCHS]
@@ -28,7 +28,7 @@ def resources():
     """One compile of everything, in a process where the kernels are not interpreted (the test
     session runs them under TRITON_INTERPRET=1)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "fire_kernels.offline"], capture_output=True, text=True, env=env,
+    res = subprocess.run([sys.executable, "-m", "fire_kernels.ptxas_report"], capture_output=True, text=True, env=env,
                          timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return {(r["kernel"], r["arch"], json.dumps({k: v for k, v in r["config"].items() if k != "num_warps"},

@@ -63,7 +63,7 @@ def test_bad_input_is_named(case):
 def test_non_finite_parameters_give_the_ieee_answer_not_an_error(change):
     """The op reads no value on the host (no per-call sync, nothing cached): non-finite
     parameters reach the output as in the reference; their owners (RepairModule, Profile)
-    refuse them where they are set (tests/test_hardening.py)."""
+    refuse them where they are set (tests/repair/test_hardening_round1.py)."""
     kw = {**_args(), **change}
     out = _call(**kw)
     ref = fr.repair_reference(kw["x"], kw["directions"], kw["alpha"], kw["center"], kw["tau"], kw["mode"])[0]

@@ -9,7 +9,7 @@ import fire_repair as fr
 from fire_kernels import Mode
 from fire_repair.ops import MODE_IDS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_python_enum_matches_the_cpp_header():

@@ -106,16 +106,6 @@ def test_scores_detect_the_trigger(backdoored, repaired):
     assert auroc(pos, neg) > 0.95
 
 
-def test_record_scores_keeps_the_last_batch_but_is_deprecated(backdoored, repaired):
-    model, profile = repaired
-    with pytest.warns(DeprecationWarning, match="capture"):
-        fr.attach(model, profile, record_scores=True)
-    x = backdoored["eval_poison"][:8]
-    model(x)
-    module = fr.repair_modules(model)["block2"]
-    assert module.last_scores.shape == (8, 1) and module.last_input.shape[0] == 8
-
-
 def test_capture_gives_inputs_projections_and_scores_then_restores(backdoored, repaired):
     model, profile = repaired
     fr.attach(model, profile)

@@ -1,6 +1,6 @@
 """Compiling the Triton kernels for real GPU targets on a machine without a GPU: PTX and cubin
 from `triton.compile`, then registers and spills from the `ptxas -v` that ships with Triton.
-Used by tests/test_kernels_compile.py (fails on any spill) and benchmarks/kernel_resources.py
+Used by tests/kernels/test_kernels_compile.py (fails on any spill) and benchmarks/kernel_resources.py
 (the per-configuration table in benchmarks/README.md)."""
 import os
 import re
@@ -103,7 +103,7 @@ def scan(archs=(80, 90)) -> list:
     return [asdict(compile_kernel(name, c, warps, arch)) for name, c, warps in configurations() for arch in archs]
 
 
-if __name__ == "__main__":  # python -m fire_kernels.offline: the scan as JSON
+if __name__ == "__main__":  # python -m fire_kernels.ptxas_report: the scan as JSON
     import json
     import warnings
 
