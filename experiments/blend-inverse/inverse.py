@@ -5,7 +5,7 @@ pairs. Where the gate flags a row: x -> mu + (x - mu - beta) / (1 + g). This scr
 emulated that map with a forward hook in plain PyTorch (the logs `vit-*.log` of 2026-12-01);
 since 2026-12-02 it attaches the op's mode (`op-*.log`).
 
-    OMP_NUM_THREADS=1 python benchmarks/results/blend-inverse/inverse.py vit digits      # or vit cifar10
+    OMP_NUM_THREADS=1 python experiments/blend-inverse/inverse.py vit digits      # or vit cifar10
 A third argument, a JPEG quality, compresses every triggered image (the defender's and the
 evaluation's) after blending: a blend that is no longer exact.
 """

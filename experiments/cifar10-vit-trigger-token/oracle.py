@@ -3,7 +3,7 @@ image's block1 tokens replaced by its twin's (every token, the trigger's own tok
 token, or the tokens the trigger moved most), on the evaluation half. Labels are used: an upper bound
 for FIRE, not a defense.
 
-    OMP_NUM_THREADS=2 python benchmarks/results/cifar10-vit-trigger-token/oracle.py   # model cached
+    OMP_NUM_THREADS=2 python experiments/cifar10-vit-trigger-token/oracle.py   # model cached
 """
 import torch
 

@@ -2,7 +2,7 @@
 FIRE's repair at alphas the default grid does not hold. Run from the repository root (models
 from the cache; about a minute):
 
-    D=benchmarks/results/digits-vit-blended-selection; python $D/oracle.py > $D/oracle.log
+    D=experiments/digits-vit-blended-selection; python $D/oracle.py > $D/oracle.log
 
 Blended makes x' = 0.8 x + 0.2 p. A constant shift s * 0.2 (p - mu) (mu the defender's clean
 mean) is the best FIRE's gated repair at the input could estimate; it leaves 0.8 x + 0.2 mu at

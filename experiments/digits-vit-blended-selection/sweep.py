@@ -2,7 +2,7 @@
 holds and to the selection grid, one harness run each (models from the cache). Run from the
 repository root:
 
-    python benchmarks/results/digits-vit-blended-selection/sweep.py [VARIANT ...] > sweep.log
+    python experiments/digits-vit-blended-selection/sweep.py [VARIANT ...] > sweep.log
 """
 import sys
 import time

@@ -3,8 +3,8 @@ without labels from 16 pairs) restricted to the flattened form, then to the per-
 on the trigger token, with 6 draws of the defender's pairs. The harness's `form=` ablation keeps
 the other form's mode, tau and alpha, which is no fair test of a form; this is.
 
-    OMP_NUM_THREADS=1 python benchmarks/results/digits-vit-trigger-token/forms.py vit      # or vit-gap
-    OMP_NUM_THREADS=1 python benchmarks/results/digits-vit-trigger-token/forms.py vit cifar10  # images in /tmp/data
+    OMP_NUM_THREADS=1 python experiments/digits-vit-trigger-token/forms.py vit      # or vit-gap
+    OMP_NUM_THREADS=1 python experiments/digits-vit-trigger-token/forms.py vit cifar10  # images in /tmp/data
 Writes forms-<model>.json here, or forms-vit-cifar10.json in ../cifar10-vit-trigger-token/ (rows
 and draws per form), and prints a table. A third argument names the JSON apart (forms-vit-TAG.json):
 the runs of 2026-12-01, with the ViT's `tokens` layer among the candidates, are tagged `tokens`.

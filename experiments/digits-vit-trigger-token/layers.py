@@ -2,8 +2,8 @@
 layer among the candidates, on the same model and pairs, with 6 draws of the defender's pairs:
 what the layer before attention adds, apart from any retraining.
 
-    OMP_NUM_THREADS=1 python benchmarks/results/digits-vit-trigger-token/layers.py vit-gap      # digits
-    OMP_NUM_THREADS=1 python benchmarks/results/digits-vit-trigger-token/layers.py vit cifar10  # images in /tmp/data
+    OMP_NUM_THREADS=1 python experiments/digits-vit-trigger-token/layers.py vit-gap      # digits
+    OMP_NUM_THREADS=1 python experiments/digits-vit-trigger-token/layers.py vit cifar10  # images in /tmp/data
 Writes layers-<model>[-cifar10].json beside forms.py's output and prints a table.
 """
 import json

@@ -3,9 +3,9 @@ token, the trigger's own token (the cell whose pixels differ), the other patch t
 much of the flattened direction (the pairs' mean difference over all tokens) sits at the class
 token.
 
-    python benchmarks/results/digits-vit-trigger-token/where.py vit      # needs the cached model
-    python benchmarks/results/digits-vit-trigger-token/where.py vit-gap
-    python benchmarks/results/digits-vit-trigger-token/where.py vit cifar10   # images in /tmp/data
+    python experiments/digits-vit-trigger-token/where.py vit      # needs the cached model
+    python experiments/digits-vit-trigger-token/where.py vit-gap
+    python experiments/digits-vit-trigger-token/where.py vit cifar10   # images in /tmp/data
 """
 import sys
 

@@ -9,7 +9,7 @@ each chosen repair's PA and CA on the evaluation half. Clean costs are measured 
 measures them (the repair from all 16 pairs, on the defender's clean images). Run from the
 repository root:
 
-    python benchmarks/results/selection-draws/draws.py MODEL ATTACK [DRAWS] [--rate R] [--params JSON]
+    python experiments/selection-draws/draws.py MODEL ATTACK [DRAWS] [--rate R] [--params JSON]
         [--paired-beta control_variate]
 
 MODEL is `cnn`, `vit` (the embedded digits, the demo's recipes) or `cifar` (CIFAR-10 cnn32, the

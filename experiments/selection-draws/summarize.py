@@ -2,7 +2,7 @@
 harness's own draw 0), the worst draw, and on how many draws PA >= 0.95 x CA. Run from the
 repository root:
 
-    python benchmarks/results/selection-draws/summarize.py [CASE.json ...] > summary.md
+    python experiments/selection-draws/summarize.py [CASE.json ...] > summary.md
 """
 import json
 import statistics

@@ -162,7 +162,7 @@ class ViTMeanPool(ViT):
     a trigger token's effect gathers at one fixed position within a block (the class token
     attends to it); without one it spreads to every token (measured on the digits' trigger
     token after block1: median shift 5.7 at the other tokens against 7.8 at the trigger's own,
-    benchmarks/results/digits-vit-trigger-token/)."""
+    experiments/digits-vit-trigger-token/)."""
 
     CLASS_TOKEN = False
 

@@ -1,7 +1,7 @@
 """The backdoored models' mean clean margin (largest logit minus the next) on the defender's clean
 set, for the margin-gap rule in rules.py. Run from the repository root (the models cached):
 
-    python benchmarks/results/cifar10-jpeg-cnn32/selection-hindsight/clean_margin.py
+    python experiments/cifar10-jpeg-cnn32/selection-hindsight/clean_margin.py
 """
 import json
 import os

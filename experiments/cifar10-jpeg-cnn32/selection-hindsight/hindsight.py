@@ -1,7 +1,7 @@
 """Every paired selection candidate's PA in hindsight on the CIFAR-10 evaluation half, to judge
 selection rules (not part of the library). Run from the repository root:
 
-    python benchmarks/results/cifar10-jpeg-cnn32/selection-hindsight/hindsight.py ATTACK RATE PARAMS_JSON [unpaired]
+    python experiments/cifar10-jpeg-cnn32/selection-hindsight/hindsight.py ATTACK RATE PARAMS_JSON [unpaired]
 
 e.g. `adaptive 0.1 '{}'`, `sig 0.05 '{}'`, `wanet 0.1 '{"s": 2.0}'`. Writes ATTACK.json beside this
 file (or in the folder that the environment variable HINDSIGHT_DIR names): the harness's `fire`
