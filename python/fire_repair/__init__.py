@@ -16,6 +16,7 @@ from .deploy import export
 from .detect import backdoor_scores
 from .estimate import Estimator
 from .inference import eval_mode, logits, predict
+from .input_layer import WithInputLayer, with_input_layer
 from .online import Online
 from .ops import backend_for, repair, repair_with_scores
 from .profile import LayerProfile, Profile, ProfileError, fingerprint
@@ -27,11 +28,11 @@ __version__ = "0.3.0"
 tag_compile_caches()  # no compiled graph of another build of our ops is served from disk
 __all__ = [
     "Capture", "Estimator", "FORMS", "Fit", "FitConfig", "LayerProfile", "MODES", "TAU_MODES", "Online", "Profile",
-    "ProfileError", "RepairModule", "Selection",
+    "ProfileError", "RepairModule", "Selection", "WithInputLayer",
     "attach", "attached", "backdoor_scores", "backend_for", "candidate_layers", "capture", "check_repairs", "choose",
     "detach", "estimators", "eval_mode", "export", "fingerprint", "fit", "logits", "matched_clean", "positional_layers",
     "predict", "repair", "repair_modules", "repair_reference", "repair_with_scores", "select",
-    "select_unpaired",
+    "select_unpaired", "with_input_layer",
 ]
 # Words: the op's `scores` output and `Capture.projections` are the raw projections
 # c = <v_k, x - center>; a "backdoor score" (`backdoor_scores`, `Capture.score`) is their

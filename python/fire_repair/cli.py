@@ -2,7 +2,9 @@
 evidence) and `export` (an AOTInductor package of the repaired model).
 
 A model is an importable factory, `package.module:function` (called with no arguments, it
-returns the `nn.Module`), and a safetensors file of its weights. Images are folders of image
+returns the `nn.Module`), and a safetensors file of its weights. Both commands put an identity
+named `input` in front of it (`fr.with_input_layer`), so that its pixels are a candidate layer;
+`--no-input-layer` leaves the model as it is (give the same choice to `fit` and `export`). Images are folders of image
 files (PNG, JPEG, ...), all of one size, read as float tensors in [0, 1], (N, C, H, W): the
 model is expected to take them as they are (put any normalisation inside the model).
 """
@@ -19,8 +21,9 @@ class CliError(Exception):
     """One line for the user: what was wrong."""
 
 
-def load_model(spec: str, weights: str):
-    """The model of `spec` ("module:factory") with the weights of a safetensors file, in eval mode."""
+def load_model(spec: str, weights: str, input_layer: bool = True):
+    """The model of `spec` ("module:factory") with the weights of a safetensors file, in eval mode,
+    behind `fr.with_input_layer` unless `input_layer` is False."""
     import torch
     from safetensors.torch import load_file
 
@@ -49,6 +52,10 @@ def load_model(spec: str, weights: str):
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         raise CliError(f"--weights {weights!r} do not fit the model: {' '.join(first[:2])}") from err
+    if input_layer:
+        from fire_repair import with_input_layer
+
+        model = with_input_layer(model)
     return model.eval()
 
 
@@ -100,7 +107,7 @@ def _check_input(model, x, what):
 def cmd_fit(args) -> int:
     import fire_repair as fr
 
-    model = load_model(args.model, args.weights)
+    model = load_model(args.model, args.weights, args.input_layer)
     clean, _ = load_images(args.clean, "--clean")
     size = tuple(clean.shape[2:])
     _check_input(model, clean, "--clean")
@@ -136,7 +143,7 @@ def cmd_fit(args) -> int:
 def cmd_export(args) -> int:
     import fire_repair as fr
 
-    model = load_model(args.model, args.weights)
+    model = load_model(args.model, args.weights, args.input_layer)
     example, _ = load_images(args.example, "--example")
     _check_input(model, example, "--example")
     path = Path(args.profile)
@@ -145,7 +152,9 @@ def cmd_export(args) -> int:
     try:
         profile = fr.Profile.load(path, model)
     except (fr.ProfileError, ValueError) as err:
-        raise CliError(f"--profile {args.profile!r}: {err}") from err
+        mismatch = "different model" in str(err) or "has no layer" in str(err)
+        hint = " (was `fit` run with the same --no-input-layer choice?)" if mismatch else ""
+        raise CliError(f"--profile {args.profile!r}: {err}{hint}") from err
     fr.attach(model, profile)
     try:
         written = fr.export(model, example, args.out, max_batch=args.max_batch)
@@ -163,6 +172,8 @@ def main(argv=None) -> int:
     model_args.add_argument("--model", required=True, metavar="MODULE:FACTORY",
                             help="an importable function that returns the model, e.g. mypkg.nets:resnet")
     model_args.add_argument("--weights", required=True, help="the model's weights (safetensors)")
+    model_args.add_argument("--no-input-layer", dest="input_layer", action="store_false",
+                            help="do not offer the model's input (its pixels) as a layer")
     fit = sub.add_parser("fit", parents=[model_args], help="estimate and choose the repair (the recommended recipe)")
     fit.add_argument("--clean", required=True, help="folder of clean images")
     group = fit.add_mutually_exclusive_group(required=True)

@@ -136,8 +136,9 @@ def candidate_layers(model: torch.nn.Module, example: torch.Tensor, max_layers: 
     of the parameters and has at least two children with parameters is replaced by its
     children (a backbone by its stages, a stage list by its blocks), until no child is. Kept:
     modules that ran on `example`, have parameters, return a float tensor with the batch
-    dimension (or a tuple / ModelOutput around one) and are not the model's output; at most
-    `max_layers`, spread evenly from the first to the last."""
+    dimension (or a tuple / ModelOutput around one) and are not the model's output; first, the
+    model's input where an identity exposes it (`fr.with_input_layer`); at most `max_layers`,
+    spread evenly from the first to the last."""
     if max_layers < 1:
         raise ValueError(f"max_layers must be >= 1, got {max_layers}")
     outs = _layer_outputs(model, example)
@@ -174,6 +175,9 @@ def candidate_layers(model: torch.nn.Module, example: torch.Tensor, max_layers: 
                 and h is not final)
 
     found = [name for name in frontier if usable(name)]
+    # the model's input as a layer: a parameter-free module whose output is the input itself
+    # (`with_input_layer`'s identity); where blends and patches are often best undone
+    found = [name for name, h in outs.items() if name and h is example and _n_params(modules[name]) == 0][:1] + found
     if not found:
         raise ValueError("no candidate layer found in the model's structure (modules with parameters returning a "
                          "batch of float features); name the layers to repair")

@@ -20,9 +20,10 @@ def _rates(model, b):
 def test_candidate_layers_are_the_stages_shallow_to_deep(backdoored):
     model = backdoored["model"]
     found = fr.candidate_layers(model, backdoored["hold_clean"][:2])
-    # SmallCNN: input (no parameters) and head (the logits) are not candidates; fc keeps its ReLU
-    assert found == ["block1", "block2", "block3", "fc"]
-    assert fr.candidate_layers(model, backdoored["hold_clean"][:2], max_layers=2) == ["block1", "fc"]
+    # SmallCNN: its `input` identity exposes the pixels and comes first; head (the logits) is not a
+    # candidate; fc keeps its ReLU
+    assert found == ["input", "block1", "block2", "block3", "fc"]
+    assert fr.candidate_layers(model, backdoored["hold_clean"][:2], max_layers=2) == ["input", "fc"]
     with pytest.raises(ValueError, match="max_layers"):
         fr.candidate_layers(model, backdoored["hold_clean"][:2], max_layers=0)
 
@@ -57,13 +58,34 @@ def test_candidate_layers_look_into_a_backbone_and_its_block_list():
 
 
 @pytest.mark.slow
+def test_with_input_layer_exposes_the_pixels_as_a_candidate():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    net.custom = "kept"
+    x = torch.randn(5, 3, 8, 8)
+    assert "input" not in fr.candidate_layers(net, x)  # a parameter-free module that is not an identity
+    model = fr.with_input_layer(net.eval())
+    assert not model.training and model.model is net and model.custom == "kept"
+    assert torch.equal(model(x), net(x)) and set(model.state_dict()) == {f"model.{k}" for k in net.state_dict()}
+    assert fr.candidate_layers(model, x)[0] == "input"
+    with pytest.raises(ValueError, match="already has an input layer"):
+        fr.with_input_layer(model)
+    # a repair at `input` acts on the pixels: the profile attaches there like at any layer
+    est = fr.Estimator(model, ["input"], k=1)
+    est.observe_pairs(x, x + torch.ones_like(x))
+    est.observe(torch.randn(64, 3, 8, 8), poisoned=False)
+    with fr.attached(model, est.profile(mode="clamp", alpha=1.0)), torch.no_grad():
+        with fr.capture(model) as cap:
+            model(x + 1)
+        assert cap.score("input").shape == (5,)
+
+
 def test_fit_with_pairs_repairs_with_found_layers(backdoored):
     b = backdoored
     model = b["model"]
     ca0, pa0, asr0 = _rates(model, b)
     pairs = tuple(t[:16] for t in b["hold_pairs"])
     res = fr.fit(model, b["hold_clean"], pairs=pairs)
-    assert res.paired and res.layers == ["block1", "block2", "block3", "fc"]
+    assert res.paired and res.layers == ["input", "block1", "block2", "block3", "fc"]
     assert res.choice["mode"] in fr.recipe.PAIRED_MODES and set(res.choice["layers"]) <= set(res.layers)
     assert res.profile.info["coverage"]["n_seen"] == 10
     assert "predicted classes 10 of 10" in res.table() and " *" in res.table()

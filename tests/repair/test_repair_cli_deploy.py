@@ -53,9 +53,25 @@ def test_cli_fit_writes_the_profile_choice_and_evidence(user_files, monkeypatch,
     choice = json.loads((root / "out" / "choice.json").read_text())
     assert choice["mode"] in ("clamp", "gated", "invert") and choice["coverage"]["n_seen"] == 10
     assert " *" in (root / "out" / "evidence.md").read_text()
+    # the model behind fr.with_input_layer: its pixels are the first layer offered
+    assert choice["layers_offered"][0] == "input" and choice["layers_offered"][1].startswith("model.")
     model = cli.load_model("mynet:make", str(root / "weights.safetensors"))
     profile = fr.Profile.load(root / "out" / "profile.fire.safetensors", model)
     assert profile.layer_names == choice["layers"]
+
+
+def test_cli_export_says_when_fit_made_another_input_layer_choice(user_files, monkeypatch, capsys, tmp_path):
+    root = user_files
+    if not (root / "out" / "profile.fire.safetensors").exists():
+        assert _run(["fit", "--model", "mynet:make", "--weights", "weights.safetensors", "--clean", "clean",
+                     "--pairs", "twins", "triggered", "--out", "out"], monkeypatch, root) == 0
+    capsys.readouterr()
+    rc = _run(["export", "--model", "mynet:make", "--weights", "weights.safetensors", "--no-input-layer",
+               "--profile", "out/profile.fire.safetensors", "--example", "twins", "--out", str(tmp_path / "m.pt2")],
+              monkeypatch, root)
+    err = capsys.readouterr().err
+    assert rc == 2 and "same --no-input-layer choice" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.pt2").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
