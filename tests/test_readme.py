@@ -22,11 +22,12 @@ def test_the_readme_quickstart_runs_as_written(backdoored, tmp_path, monkeypatch
     names = {"model": b["model"], "clean": b["hold_clean"][:256], "x": b["hold_pairs"][0][:16],
              "x_triggered": b["hold_pairs"][1][:16]}
     exec(compile(_quickstart(), "README.md", "exec"), names)  # noqa: S102 (our own README)
-    assert not fr.repair_modules(b["model"])  # detached at the end, as it says
+    model = names["model"]  # the README wraps it with fr.with_input_layer
+    assert model.model is b["model"] and not fr.repair_modules(model)  # detached at the end, as it says
     assert (tmp_path / "model.fire.safetensors").is_file() and (tmp_path / "model.pt2").is_file()
     assert names["scores"][list(names["scores"])[0]].shape == (8,)
-    with fr.attached(b["model"], fr.Profile.load("model.fire.safetensors", b["model"])):
-        pa = (fr.predict(b["model"], b["eval_poison"]) == b["eval_poison_y"]).float().mean().item()
+    with fr.attached(model, fr.Profile.load("model.fire.safetensors", model)):
+        pa = (fr.predict(model, b["eval_poison"]) == b["eval_poison_y"]).float().mean().item()
     assert pa > 0.9
 
 
