@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .attachment import attach, capture, detach, repair_modules
-from .estimate import Estimator, _poison_mask
+from .estimate import Estimator, poison_mask
 from .profile import Profile
 
 
@@ -71,7 +71,7 @@ class Online:
         if flags is None and cap is not None and self.threshold is not None:
             flags = cap.score(self.estimator.layers[0]) > self.threshold
         if flags is not None:  # the estimator's rules: bools, numpy, sequences, 0/1 tensors
-            flags = _poison_mask(flags, x.shape[0])
+            flags = poison_mask(flags, x.shape[0])
             if flags is None:  # poisoned=False: nothing to learn from this batch
                 flags = torch.zeros(x.shape[0], dtype=torch.bool)
         if flags is not None and flags.any():

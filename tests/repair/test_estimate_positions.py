@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fire_repair as fr
-from fire_repair.estimate import PositionStats
+from fire_repair.stats import PositionStats
 
 C, H, W = 8, 6, 6
 

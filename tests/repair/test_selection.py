@@ -322,12 +322,12 @@ def test_a_candidate_that_cannot_be_estimated_is_reported_not_fatal(backdoored, 
     """Per position at a layer where no flagged position stands out, unpaired estimation raises;
     selection keeps that candidate's error in the evidence and chooses among the others, and
     raises only when no candidate can be estimated."""
-    from fire_repair.estimate import PositionStats
+    from fire_repair.stats import PositionStats
 
     def none_stands_out(self):
         raise ValueError("no poisoned position stands out from the clean positions: no direction to estimate")
 
-    monkeypatch.setattr(PositionStats, "_triggered", none_stands_out)
+    monkeypatch.setattr(PositionStats, "triggered", none_stands_out)
     model = backdoored["model"]
     flat = fr.Estimator(model, ["block2"])
     pos = fr.Estimator(model, ["block2"], per_position=True, channel_dim=1)
