@@ -74,17 +74,14 @@ class Replay:
         fr.attach(self.model, self.full[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], layers=e["layers"],
                                                            with_fingerprint=False, **kw))
         try:
-            return sel.predict(self.model, x)
+            return fr.predict(self.model, x)
         finally:
             fr.detach(self.model)
 
     def measure(self, e):
         if key(e) not in self.costs:
-            pred = self._predict(e, self.clean)
-            p = self.ref_prob
-            self.costs[key(e)] = {"clean_change": (pred != self.ref_pred).float().mean().item(),
-                                  "expected_drop": (p.gather(1, self.ref_pred[:, None]) -
-                                                    p.gather(1, pred[:, None])).mean().item()}
+            changed, drop = sel.clean_costs(self._predict(e, self.clean), self.ref_pred, self.ref_prob)
+            self.costs[key(e)] = {"clean_change": changed.mean().item(), "expected_drop": drop.mean().item()}
         e.update(self.costs[key(e)])
 
     def score(self, e):
@@ -125,7 +122,7 @@ def main():
     if not torch.equal(all_px[:len(triggered)], triggered):  # a trigger drawn at random per call
         all_px, all_cx = triggered, twins
     layers = cfg.layers or models_mod.MODELS[cfg.model].REPAIRABLE
-    ref_logits = sel.logits(model, held.clean)
+    ref_logits = fr.logits(model, held.clean)
     n = cfg.n_pairs
     out = {"model": model_name, "attack": attack_name, "rate": rate, "params": params, "n_pairs": n,
            "paired_beta": args.paired_beta,

@@ -43,51 +43,40 @@ class RunConfig:
     layers: Optional[list] = None  # candidate layers (default: the model's REPAIRABLE list)
     layer_pairs: bool = True  # also try each two consecutive candidate layers together
     # the repair forms selection chooses between; per position only at layers with positions
+    # (evidence: docs/method.md#forms)
     forms: list = field(default_factory=lambda: ["flattened", "per_position"])
-    # paired selection's alphas. 3.0: global triggers on the ViT need more than 2 (measured: Blended PA 47%
-    # with alphas up to 2, 67% with 3); steps of 0.25 between 1 and 2: over 20 draws of the pairs, ViT
-    # Blended's best alpha is 1.25, with the control-variate beta 16/20 draws meet PA >= 0.95 x CA against
-    # 0/20 on steps of 0.5 (benchmarks/results/selection-draws/); it costs 8/5 of selection's passes
+    # paired selection's alphas (evidence: docs/method.md#alphas)
     alphas: list = field(default_factory=lambda: [0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0])
-    # unpaired selection's: its criterion (flagged samples moved off the inferred target, ties within 2
-    # of 64 by margin gap plus half the alpha) is weaker than agreement with twins, and more candidates give it more to
-    # pick wrongly: with the paired grid, CIFAR-10 Blended fell from 73.4 to 63.3% (block3, alpha 1.75)
+    # unpaired selection's alphas, the coarser grid (evidence: docs/method.md#unpaired-alphas)
     unpaired_alphas: list = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 3.0])
-    k: int = 1
-    # clamp's tau: candidate clean quantiles, chosen per layer set by selection (like alpha)
+    k: int = 1  # directions per layer (evidence: docs/method.md#k)
+    # clamp's tau: candidate clean quantiles, chosen per layer set like alpha (evidence: docs/method.md#tau-quantiles)
     tau_quantile: list = field(default_factory=lambda: [0.9, 0.99])
-    # gated shifts a flagged sample by the whole beta (a clean one too, where it crosses tau), so
-    # its gate sits further out than clamp's tau: CA cost target 0.3 points
+    # gated's tau, one clean quantile (evidence: docs/method.md#gate-quantile)
     gate_quantile: float = 0.999
-    # invert's gate: two candidates. Off an exact blend (blended-jpeg: the blend JPEG-compressed
-    # at quality 75) the triggered images score lower along beta, and a 0.999 gate let many
-    # through: digits ViT 86.1% PA mean over 5 draws of the pairs with 0.999 alone (one draw fell
-    # to clamp at block4, 63.6%), 93.3% with these two (worst 90.8%; 0.99 chosen on 4 draws, at
-    # 0.7 point of CA); on the exact blend 0.999 is still chosen, 97.5% on every draw
+    # invert's gate: candidate clean quantiles, chosen per layer set (evidence: docs/method.md#invert-quantiles)
     invert_quantile: list = field(default_factory=lambda: [0.99, 0.999])
-    n_pairs: int = 16  # paired FIRE estimates and selects from this many triggered images and twins
-    n_poison_seen: int = 64  # unpaired FIRE: flagged triggered images, no twins
+    # paired FIRE estimates and selects from this many triggered images and twins (evidence: docs/method.md#n-pairs)
+    n_pairs: int = 16
+    n_poison_seen: int = 64  # unpaired FIRE: flagged triggered images, no twins (docs/method.md#n-pairs)
     n_clean_holdout: Optional[int] = None  # clean held-out images for estimation (None: half the test set)
     n_eval: Optional[int] = None  # evaluation images per split (None: the other half)
-    folds: int = 4
-    match_clean: bool = True  # unpaired: leave the inferred target class out of the clean reference
+    folds: int = 4  # selection's out-of-fold split (evidence: docs/method.md#folds)
+    # unpaired: leave the inferred target class out of the clean reference (evidence: docs/method.md#match-clean)
+    match_clean: bool = True
+    # the clean cost a chosen repair may have, measured as clean_cost: "expected_drop" (each flipped
+    # prediction weighed by the unrepaired model's probabilities) or "clean_change" (the share of
+    # predictions flipped) (evidence: docs/method.md#max-clean-change)
     max_clean_change: float = 0.01
-    max_class_cost: float = 0.1  # fr.FitConfig.max_class_cost
-    # what max_clean_change limits (fr.select): the share of clean predictions flipped counts a flip
-    # between two classes the model found equally likely as a full error; measured on CIFAR-10
-    # WaNet, clamp at block3+fc with tau at the clean 0.9 quantile flips 2.25 % of them and raises
-    # CA by 0.7 points (PA 71.9 % against 61.1 % at the 0.99 quantile): "expected_drop" weighs each
-    # flip by the unrepaired model's probabilities (0.72 % there)
+    max_class_cost: float = 0.1  # the same within any one predicted class (fr.FitConfig.max_class_cost)
     clean_cost: str = "expected_drop"
-    tie_break: str = "twin_kl"  # paired selection: "twin_kl" or "margin" (see fr.select)
-    agreement_slack: int = 1  # paired selection: agreements this many twins apart are ties (fr.select)
-    # paired estimation: "mean" or "control_variate" (fr.Estimator): the latter corrects beta for which
-    # images the 16 pairs are (selection-draws: ViT Blended 87.6 -> 93.0% mean PA with the fine grid,
-    # CIFAR-10 Blended 73.8 -> 75.5%, every other case within 0.2 point)
+    tie_break: str = "twin_kl"  # paired selection's: "twin_kl" or "margin" (evidence: docs/method.md#tie-break)
+    # paired selection: agreements this many twins apart are ties (evidence: docs/method.md#agreement-slack)
+    agreement_slack: int = 1
+    # paired estimation: "mean" or "control_variate" (fr.Estimator) (evidence: docs/method.md#paired-beta)
     paired_beta: str = "control_variate"
     # paired FIRE's headline fitted again on this many draws of the defender's pairs (draw 0: the
-    # rows' own pairs): with 16 twins one twin is 6 % of the agreement, so one draw is one sample
-    # of what the label-free choice does (selection-draws: ViT Blended 77.8-94.6 % PA over 20)
+    # rows' own pairs) (evidence: docs/method.md#one-draw-of-the-pairs-is-one-sample)
     pair_draws: int = 1
     online: bool = True
     ablations: bool = True
@@ -186,10 +175,9 @@ class FireDefense(ProfileDefense):
 
 
 # `fire` and `fire-unpaired` choose the mode too (label-free, with the layer and alpha): clamp
-# moves what lies beyond the clean range, gated shifts by beta what the clean quantile flags
-# (measured on CIFAR-10: SIG 78.1 % PA gated against 77.1 % clamp; on the digits ViT, Blended
-# 90.8 % against 79.1 %), invert also undoes the scaling a blend applies (paired only: its slope
-# comes from the pairs). The one-mode rows are FIRE's ablations of that choice.
+# moves what lies beyond the clean range, gated shifts by beta what the clean quantile flags,
+# invert also undoes the scaling a blend applies (paired only: its slope comes from the pairs).
+# The one-mode rows are FIRE's ablations of that choice (evidence: docs/method.md#modes).
 SELECTED_MODES = ("clamp", "gated", "invert")
 UNPAIRED_MODES = ("clamp", "gated")
 FIRE_DEFENSES = {

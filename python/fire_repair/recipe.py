@@ -4,7 +4,8 @@ It finds candidate layers in the model's structure (or takes the ones named), bu
 flattened estimator and, where layers have positions, a per-position one, observes the clean
 images, and lets label-free selection (`select` with pairs, `select_unpaired` with flagged
 images only) choose the layers, form, mode, tau and alpha out of fold. The defaults are the
-recipe the evaluation suite measures; the reason for each is in docs/method.md#defaults.
+recipe the evaluation suite measures; the evidence for each is in
+docs/method.md#defaults-and-their-evidence.
 """
 import math
 import warnings
@@ -26,26 +27,39 @@ UNPAIRED_MODES = ("clamp", "gated")
 
 @dataclass
 class FitConfig:
-    """Every knob of the recipe; the defaults are the recommended recipe (docs/method.md#defaults).
+    """Every knob of the recipe; the defaults are the recommended recipe, the evidence for each
+    on the page named (all of them: docs/method.md#defaults-and-their-evidence).
 
     layers: candidate layers (None: `candidate_layers(model, example)`, at most `max_layers`).
     layer_pairs: also offer each two consecutive candidate layers together.
     forms: the repair forms offered ("flattened", "per_position"; per position only at layers
-      with positions). channel_dim: where a layer's channels sit for the per-position form (1:
-      (N, C, ...) maps, -1: (N, T, C) tokens; None: -1 if a candidate returns 3-d tokens, else 1).
-    modes: None: clamp, gated and invert with pairs; clamp and gated unpaired.
-    alphas / unpaired_alphas: the alpha grid with pairs / with flagged images only.
+      with positions) (evidence: docs/method.md#forms). channel_dim: where a layer's channels sit
+      for the per-position form (1: (N, C, ...) maps, -1: (N, T, C) tokens; None: -1 if a
+      candidate returns 3-d tokens, else 1).
+    modes: None: clamp, gated and invert with pairs; clamp and gated unpaired (evidence:
+      docs/method.md#modes).
+    alphas / unpaired_alphas: the alpha grid with pairs / with flagged images only (evidence:
+      docs/method.md#alphas, docs/method.md#unpaired-alphas).
     tau_quantile, gate_quantile, invert_quantile: clean-quantile candidates of tau for clamp,
-      gated and invert (unpaired: the highest candidate of each mode only).
-    k, folds, seed, paired_beta: see `Estimator` and `select`.
-    max_clean_change, clean_cost: the clean cost a candidate may have on the clean images.
-    max_class_cost: the clean cost it may have within any one predicted class (so that a repair
-      that wrecks one class is refused even where the mean hides it).
+      gated and invert (evidence: docs/method.md#tau-quantiles, docs/method.md#gate-quantile,
+      docs/method.md#invert-quantiles); unpaired: the highest candidate of each mode only
+      (evidence: docs/method.md#unpaired-tau).
+    k: directions per layer (`Estimator`; evidence: docs/method.md#k). paired_beta: `Estimator`'s
+      (evidence: docs/method.md#paired-beta). folds, seed: the out-of-fold split of `select`
+      (evidence: docs/method.md#folds).
+    max_clean_change, clean_cost: the clean cost a chosen repair may have on the clean images
+      (evidence: docs/method.md#max-clean-change).
+    max_class_cost: the clean cost it may have within any one predicted class, so that a repair
+      that wrecks one class is refused even where the mean hides it (a guard, not a measured value).
     min_coverage: warn where the clean images' predicted classes cover less than this share of
-      the model's outputs (the clean cost cannot see the classes it never saw).
-    tie_break, agreement_slack: paired selection's; the unpaired ones are `select_unpaired`'s.
+      the model's outputs (the clean cost cannot see the classes it never saw; a guard).
+    tie_break, agreement_slack: paired selection's (evidence: docs/method.md#tie-break,
+      docs/method.md#agreement-slack); unpaired selection keeps `select_unpaired`'s (evidence:
+      docs/method.md#unpaired-tie-break).
     match_clean: unpaired: leave the inferred target class out of the clean set the directions
-      are estimated against (triggered images never come from it).
+      are estimated against, since triggered images never come from it (evidence:
+      docs/method.md#match-clean).
+    batch: the batch size of the model's forward passes here.
     """
     layers: Optional[Sequence[str]] = None
     max_layers: int = 8

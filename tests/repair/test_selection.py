@@ -115,12 +115,12 @@ def test_selection_is_label_free_and_reports_evidence(backdoored):
 def test_selection_scores_out_of_fold(backdoored, monkeypatch):
     """Each fold's directions come from the other folds' pairs only (12 of 16 here); the final
     profile from all 16."""
-    from fire_repair.selection import _folds
+    from fire_repair.selection import fold_splits
 
-    folds = _folds(16, 4, seed=0)
+    folds = fold_splits(16, 4, seed=0)
     assert sorted(torch.cat(folds).tolist()) == list(range(16)) and all(len(f) == 4 for f in folds)
     with pytest.raises(ValueError, match="at least 2"):
-        _folds(1, 4, seed=0)
+        fold_splits(1, 4, seed=0)
     clones = []
     original = fr.Estimator.clone
     monkeypatch.setattr(fr.Estimator, "clone", lambda self: clones.append(original(self)) or clones[-1])
@@ -144,7 +144,7 @@ def test_selection_ties_go_to_the_margin_not_the_order():
 
 
 def test_twin_kl_tie_break_prefers_the_closest_restoration():
-    from fire_repair.selection import _kl, choose
+    from fire_repair.selection import choose, kl
 
     ev = [{"layers": ["a"], "agreement": 1.0, "margin": 9.0, "twin_kl": 0.8, "clean_change": 0.0},
           {"layers": ["b"], "agreement": 1.0, "margin": 3.0, "twin_kl": 0.1, "clean_change": 0.0},
@@ -152,10 +152,10 @@ def test_twin_kl_tie_break_prefers_the_closest_restoration():
     assert choose(ev, 0.01)["layers"] == ["a"]
     assert choose(ev, 0.01, tie="twin_kl")["layers"] == ["b"]  # smaller wins; agreement still first
     p = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
-    assert torch.allclose(_kl(p, p), torch.zeros(2), atol=1e-7)
+    assert torch.allclose(kl(p, p), torch.zeros(2), atol=1e-7)
     q = torch.tensor([[0.0, 2.0, -1.0], [1.0, 0.0, 0.0]])
     ref = (p.softmax(1) * (p.log_softmax(1) - q.log_softmax(1))).sum(1)
-    torch.testing.assert_close(_kl(p, q), ref)
+    torch.testing.assert_close(kl(p, q), ref)
 
 
 def test_agreements_closer_than_one_sample_are_ties_for_the_margin():

@@ -10,7 +10,8 @@ from pathlib import Path
 from fire_eval import attacks as attacks_mod
 from fire_eval import data as data_mod
 from fire_eval import harness
-from fire_repair.selection import _margin_for, logits
+from fire_repair import logits
+from fire_repair.selection import margin
 
 HERE = Path(os.environ.get("HINDSIGHT_DIR", Path(__file__).parent))  # where the JSON files are
 
@@ -26,7 +27,7 @@ for spec in ["badnets", "blended", "sig:0.05", "wanet::s=2.0", "trojan", "adapti
     assert cached, name
     held, *_ = harness.split(cfg, ds, attack)
     lg = logits(model, held.clean)
-    m = _margin_for(lg, lg.argmax(1))
+    m = margin(lg, lg.argmax(1))
     out[name] = {"mean": m.mean().item(), "median": m.median().item()}
     print(name, out[name], flush=True)
 HERE.joinpath("clean-margin.json").write_text(json.dumps(out, indent=1))

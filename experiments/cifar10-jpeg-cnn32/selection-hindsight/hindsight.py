@@ -25,7 +25,7 @@ from fire_eval import attacks as attacks_mod
 from fire_eval import data as data_mod
 from fire_eval import harness
 from fire_eval import models as models_mod
-from fire_repair.selection import logits, predict
+from fire_repair import logits, predict
 
 attack_name, rate, params = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
 vit = sys.argv[4:] == ["vit"]  # the digits ViT instead (every candidate kept: see below)
