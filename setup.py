@@ -48,7 +48,7 @@ setup(
     version="0.3.0",
     description="Fused kernels for FIRE: inference-time repair of backdoored networks",
     package_dir={"": "python", "fire_kernels": "fire_kernels"},
-    packages=["fire_repair", "fire_eval", "fire_kernels"],
+    packages=["fire_repair", "fire_repair._op", "fire_eval", "fire_kernels"],
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp311"}},

@@ -7,11 +7,20 @@ import time
 import pytest
 import torch
 
-import fire_repair  # noqa: F401  (registers the ops)
+import fire_repair.ops  # registers the ops
 
 SMOKE = os.environ.get("FIRE_BENCH_SMOKE") == "1"
 FULL = os.environ.get("FIRE_BENCH_FULL") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def use_backend(monkeypatch):
+    """use_backend(name): FIRE_BACKEND for this test, applied (fire_repair.ops.set_backend); the
+    environment and the backend as they were after it."""
+    yield lambda name: (monkeypatch.setenv("FIRE_BACKEND", name), fire_repair.ops.set_backend())
+    monkeypatch.undo()
+    fire_repair.ops.set_backend()
 
 
 def device_name() -> str:

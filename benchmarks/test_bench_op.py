@@ -63,14 +63,14 @@ _compiled = {}
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-N{c[1]}-K{c[2]}-{str(c[3])[6:]}-{c[4]}")
-def test_op(benchmark, case, impl, monkeypatch):
+def test_op(benchmark, case, impl, use_backend):
     name, n, k, dtype, mode = case
     shape = SHAPES[name]
     x, V, a, mu, tau, slope = _inputs(shape, n, k, dtype, mode)
     if impl == "fire":
         fn = lambda: torch.ops.fire.repair(x, V, a, mu, tau, mode, None, slope)  # noqa: E731
     elif impl == "fire-cuda-native":
-        monkeypatch.setenv("FIRE_BACKEND", "cuda")
+        use_backend("cuda")
         fn = lambda: torch.ops.fire.repair(x, V, a, mu, tau, mode, None, slope)  # noqa: E731
     elif impl == "fire-compiled":
         fn = compiled_call(n, (x, V, a, mu, tau, mode, None, slope))

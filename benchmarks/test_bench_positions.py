@@ -58,12 +58,12 @@ def _eager(x, V, a, mu, tau, mode, cd):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-N{c[1]}-K{c[2]}-{str(c[3])[6:]}-{c[4]}")
-def test_op_per_position(benchmark, case, impl, monkeypatch):
+def test_op_per_position(benchmark, case, impl, use_backend):
     name, n, k, dtype, mode = case
     x, V, a, mu, tau, cd = _inputs(name, n, k, dtype, mode)
     if impl in ("fire", "fire-cuda-native"):
         if impl == "fire-cuda-native":
-            monkeypatch.setenv("FIRE_BACKEND", "cuda")
+            use_backend("cuda")
         fn = lambda: torch.ops.fire.repair(x, V, a, mu, tau, mode, cd)  # noqa: E731
     elif impl == "fire-compiled":
         fn = compiled_call(n, (x, V, a, mu, tau, mode, cd))

@@ -123,8 +123,9 @@ std::tuple<at::Tensor, at::Tensor> repair_native_cuda(const at::Tensor& x, const
                                                       const c10::optional<at::Tensor>& tau, int64_t mode,
                                                       bool want_scores, const c10::optional<at::Tensor>& slope);
 
-// Whether Triton serves CUDA tensors under FIRE_BACKEND=auto (fire_repair.ops says so at import);
-// where it does not, the C++ op takes eager CUDA calls itself (csrc/repair_op.cpp).
-void set_triton_serves_cuda(bool serves);
+// Which devices' eager calls the native kernels serve (the backend decision, made in
+// fire_repair/_op/backend.py); the C++ op (csrc/repair_op.cpp) takes those calls itself and
+// defers the others to the Python implementation.
+void set_native_backends(bool cpu, bool cuda);
 
 }  // namespace fire

@@ -502,18 +502,18 @@ TORCH_LIBRARY_IMPL(fire, CPU, m) { m.impl("_repair_native", &repair_native_cpu);
 }  // namespace fire
 
 // The importable module: importing it runs the registrations above; its one function tells the
-// C++ op whether Triton serves CUDA tensors (fire_repair._ext.set_triton_serves_cuda).
+// C++ op which devices' eager calls the native kernels serve (fire_repair._ext.set_native_backends).
 namespace {
-PyObject* set_triton_serves_cuda_py(PyObject*, PyObject* flag) {
-  const int serves = PyObject_IsTrue(flag);
-  if (serves < 0) return nullptr;
-  fire::set_triton_serves_cuda(serves != 0);
+PyObject* set_native_backends_py(PyObject*, PyObject* args) {
+  int cpu = 0, cuda = 0;
+  if (!PyArg_ParseTuple(args, "pp", &cpu, &cuda)) return nullptr;
+  fire::set_native_backends(cpu != 0, cuda != 0);
   Py_RETURN_NONE;
 }
 
 PyMethodDef methods[] = {
-    {"set_triton_serves_cuda", set_triton_serves_cuda_py, METH_O,
-     "Whether Triton serves CUDA tensors under FIRE_BACKEND=auto (else the C++ op takes them)."},
+    {"set_native_backends", set_native_backends_py, METH_VARARGS,
+     "set_native_backends(cpu, cuda): whether the native kernels serve eager calls on each device."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

@@ -1,6 +1,7 @@
 // The eager native path of torch.ops.fire.repair and fire::repair_with_scores, in C++.
 //
-// The ops are defined in Python (fire_repair/ops.py: schema, fake, autograd, the Triton path).
+// The ops are defined in Python (fire_repair/ops.py: schema, fake, autograd, the Triton path),
+// which also makes the backend decision (fire_repair/_op/backend.py); this file only reads it.
 // A served model calls them on every request, and on the CPU the Python body (validation,
 // layout, the custom-op wrapper) cost about 100 us a call, 15x the kernel at batch 1. These
 // kernels, registered at the CPU and AutogradCPU keys (and CUDA and AutogradCUDA in builds with
@@ -12,17 +13,16 @@
 //   under torch.compile and export, which then sees fire::repair itself).
 // - CPU / CUDA: the inputs the production path prepares (fp32 contiguous directions and centre laid
 //   out in x's memory order, as RepairModule keeps them; x dense in some order) are checked,
-//   laid out as rows without a copy and sent to the kernel. Anything else (FIRE_BACKEND=triton,
-//   a layout that needs a copy, other dtypes, any argument these checks do not accept) goes to
-//   the Python twin, which copies what it must and raises the errors that name the argument.
+//   laid out as rows without a copy and sent to the kernel. Anything else (a device the backend
+//   decision gives to Triton, e.g. FIRE_BACKEND=triton, a layout that needs a copy, other dtypes,
+//   any argument these checks do not accept) goes to the Python twin, which copies what it must
+//   and raises the errors that name the argument.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <numeric>
 #include <optional>
 #include <string>
@@ -61,19 +61,17 @@ std::optional<int64_t> mode_of(c10::string_view mode) {
   return std::nullopt;
 }
 
-// Whether Triton serves CUDA tensors when FIRE_BACKEND is auto (set by fire_repair.ops at import;
-// until then CUDA calls go to Python, which decides).
-std::atomic<bool> triton_serves_cuda{true};
+// Which devices' eager calls the native kernels serve: the backend decision, made once in Python
+// (fire_repair/_op/backend.py, from FIRE_BACKEND and Triton's presence) and told here through
+// set_native_backends at import and on each fire_repair.ops.set_backend. This side only reads
+// it: no environment lookup per call. Until Python has told it, every call goes to Python.
+std::atomic<bool> native_serves_cpu{false};
+std::atomic<bool> native_serves_cuda{false};
 
-// Whether the C++ kernel serves tensors on `device` (fire_repair.ops.backend_for's choice);
-// otherwise the Python twin runs Triton or raises the error that names the setting.
 bool native_backend_selected(const c10::Device& device) {
-  const char* choice = std::getenv("FIRE_BACKEND");
-  const bool automatic = choice == nullptr || !std::strcmp(choice, "auto") || !std::strcmp(choice, "cpu");
-  const bool cuda = choice != nullptr && !std::strcmp(choice, "cuda");
-  if (device.is_cpu()) return automatic || cuda;
+  if (device.is_cpu()) return native_serves_cpu.load(std::memory_order_relaxed);
 #ifdef FIRE_WITH_CUDA
-  if (device.is_cuda()) return cuda || (automatic && !triton_serves_cuda.load(std::memory_order_relaxed));
+  if (device.is_cuda()) return native_serves_cuda.load(std::memory_order_relaxed);
 #endif
   return false;
 }
@@ -299,7 +297,10 @@ void register_autograd(torch::Library& m) {
 
 }  // namespace
 
-void set_triton_serves_cuda(bool serves) { triton_serves_cuda.store(serves, std::memory_order_relaxed); }
+void set_native_backends(bool cpu, bool cuda) {
+  native_serves_cpu.store(cpu, std::memory_order_relaxed);
+  native_serves_cuda.store(cuda, std::memory_order_relaxed);
+}
 
 TORCH_LIBRARY_IMPL(fire, CPU, m) { register_native(m); }
 TORCH_LIBRARY_IMPL(fire, AutogradCPU, m) { register_autograd(m); }

@@ -35,10 +35,35 @@ def available_backends():
 BACKENDS = available_backends()
 
 
+def _set_env(name, value):
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@pytest.fixture
+def use_backend():
+    """use_backend(value): FIRE_BACKEND set to value (None: unset) and applied
+    (fire_repair.ops.set_backend: the op's one backend decision) for this test; both are as they
+    were after it."""
+    from fire_repair.ops import set_backend
+
+    saved = os.environ.get("FIRE_BACKEND")
+
+    def use(value):
+        _set_env("FIRE_BACKEND", value)
+        set_backend()
+
+    yield use
+    _set_env("FIRE_BACKEND", saved)
+    set_backend()
+
+
 @pytest.fixture(params=BACKENDS, ids=[b[0] for b in BACKENDS])
-def backend(request, monkeypatch):
+def backend(request, use_backend):
     name, device, env = request.param
-    monkeypatch.setenv("FIRE_BACKEND", env)
+    use_backend(env)
     return device
 
 

@@ -24,12 +24,12 @@ class NativeUnavailable(RuntimeError):
     pass
 
 
-def set_triton_serves_cuda(serves: bool) -> None:
-    """Tells the C++ op whether Triton serves CUDA tensors under FIRE_BACKEND=auto; where it does
-    not, eager CUDA calls of prepared inputs run the CUDA C++ kernel without entering Python
-    (builds with CUDA only; a no-op otherwise)."""
+def set_native_backends(cpu: bool, cuda: bool) -> None:
+    """Tells the C++ op which devices' eager calls the native kernels serve (the backend decision
+    of fire_repair._op.backend); it takes those calls without entering Python and defers the
+    others to the Python implementation (a no-op where the extension is not loaded)."""
     if AVAILABLE:
-        _C.set_triton_serves_cuda(bool(serves))
+        _C.set_native_backends(bool(cpu), bool(cuda))
 
 
 def require_native() -> None:

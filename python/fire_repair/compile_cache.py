@@ -2,7 +2,7 @@
 this library.
 
 Inductor's FX-graph cache and AOTAutograd's cache key a graph on Dynamo's view of it, where our
-ops are single nodes: the Python body that AOTAutograd traces through (`ops._run`, the Triton
+ops are single nodes: the Python body that AOTAutograd traces through (`ops.py` and `_op/`, the Triton
 launchers, the plain maths small CPU calls compile to) is not in the key, so after an upgrade or
 an edit a warm cache would run the old code (seen: a changed body still compiled to the old
 kernel call). Importing `fire_repair` adds a hash of those sources to
@@ -16,7 +16,7 @@ import fire_kernels
 
 _HERE = Path(__file__).resolve().parent
 # what torch.compile traces through when it compiles our ops
-TRACED_SOURCES = [_HERE / "ops.py", _HERE / "reference.py",
+TRACED_SOURCES = [_HERE / "ops.py", *sorted((_HERE / "_op").glob("*.py")), _HERE / "reference.py",
                   *sorted(Path(fire_kernels.__file__).resolve().parent.glob("*.py"))]
 
 

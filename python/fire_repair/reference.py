@@ -37,7 +37,7 @@ def repair_reference(x, directions, alpha, center=None, tau=None, mode="project"
 def repair_rows_reference(xr, V, alpha, center=None, tau=None, mode="project", slope=None):
     """The maths on rows, in the rows' dtype: xr (R, D), V (K, D), alpha (K,) or (R, K), center
     (D,), tau (K,), slope (K,) (invert), all of one dtype. Returns (out (R, D), scores (R, K)). Also what the op
-    compiles to for small inputs under torch.compile on the CPU (ops._run)."""
+    compiles to for small inputs under torch.compile on the CPU (fire_repair/_op/inline.py)."""
     xc = xr if center is None else xr - center
     c = xc @ V.T
     if mode == "shift":

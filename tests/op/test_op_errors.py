@@ -71,8 +71,8 @@ def test_non_finite_parameters_give_the_ieee_answer_not_an_error(change):
     torch.testing.assert_close(out, ref, equal_nan=True)
 
 
-def test_unknown_backend_variable(monkeypatch):
-    monkeypatch.setenv("FIRE_BACKEND", "tpu")
+def test_unknown_backend_variable(use_backend):
+    use_backend("tpu")
     with pytest.raises(ValueError, match="FIRE_BACKEND"):
         _call(**_args())
 

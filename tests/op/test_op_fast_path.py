@@ -50,8 +50,8 @@ LAYOUTS = ["flat", "nchw", "channels_last", "row_strided", "per_position_nchw", 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode", fr.MODES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_prepared_calls_stay_in_cpp_and_match_python_bit_for_bit(monkeypatch, layout, mode, dtype):
-    monkeypatch.delenv("FIRE_BACKEND", raising=False)
+def test_prepared_calls_stay_in_cpp_and_match_python_bit_for_bit(use_backend, layout, mode, dtype):
+    use_backend(None)
     x, V, mu, cd = _prepared(layout)
     x = x.to(dtype)
     a = torch.tensor([1.0, 0.5])
@@ -68,8 +68,8 @@ def test_prepared_calls_stay_in_cpp_and_match_python_bit_for_bit(monkeypatch, la
 
 @pytest.mark.parametrize("case", ["needs grad", "fp16 directions", "directions in another order", "x not dense",
                                   "FIRE_BACKEND=triton", "bad mode", "alpha of the wrong K"])
-def test_other_calls_go_to_the_python_implementation(monkeypatch, case):
-    monkeypatch.delenv("FIRE_BACKEND", raising=False)
+def test_other_calls_go_to_the_python_implementation(use_backend, case):
+    use_backend(None)
     x, V, mu, cd = _prepared("nchw")
     a, mode = torch.ones(2), "project"
     if case == "needs grad":
@@ -81,7 +81,7 @@ def test_other_calls_go_to_the_python_implementation(monkeypatch, case):
     elif case == "x not dense":
         x = torch.randn(3, 4, 5, 12)[..., ::2]
     elif case == "FIRE_BACKEND=triton":
-        monkeypatch.setenv("FIRE_BACKEND", "triton")
+        use_backend("triton")
     elif case == "bad mode":
         mode = "projct"
     else:
@@ -120,3 +120,23 @@ def test_inference_mode_and_no_grad_take_the_cpp_path():
         with ctx():
             assert fire_ops_called(lambda: torch.ops.fire.repair(xg, V, torch.ones(2), mu, None, "shift")) == \
                 {"fire::repair"}
+
+
+def test_the_cpp_op_follows_the_one_backend_decision(use_backend):
+    """The backend is decided once, in Python (fire_repair.ops.set_backend; at import, from
+    FIRE_BACKEND); the C++ op reads that decision, never the environment per call."""
+    from fire_repair.ops import backend_for, set_backend
+
+    x, V, mu, _ = _prepared("flat")
+    call = lambda: torch.ops.fire.repair(x, V, torch.ones(2), mu, None, "project")  # noqa: E731
+    use_backend("cpu")
+    assert fire_ops_called(call) == {"fire::repair"}
+    os.environ["FIRE_BACKEND"] = "tpu"  # an edit of the environment is applied by set_backend() only
+    assert fire_ops_called(call) == {"fire::repair"} and backend_for(x.device) == "native"
+    assert set_backend() == "tpu"
+    with pytest.raises(ValueError, match="FIRE_BACKEND"):  # both sides follow: the C++ op defers, Python names it
+        call()
+    with pytest.raises(ValueError, match="FIRE_BACKEND"):  # an unknown name given directly is refused at once
+        set_backend("tpu")
+    assert set_backend("cpu") == "cpu" and os.environ["FIRE_BACKEND"] == "cpu"
+    assert fire_ops_called(call) == {"fire::repair"}

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("mode", fr.MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(256, 64, 32, 32), (7, 512, 4, 4), (1024, 640), (3, 300001)], ids=str)
-def test_triton_and_cuda_fallback_agree(monkeypatch, mode, dtype, shape):
+def test_triton_and_cuda_fallback_agree(use_backend, mode, dtype, shape):
     if not _cuda_native_available():
         pytest.skip("the extension was built without CUDA")
     x = torch.randn(shape, device="cuda", dtype=dtype)
@@ -22,9 +22,9 @@ def test_triton_and_cuda_fallback_agree(monkeypatch, mode, dtype, shape):
         x = x.to(memory_format=torch.channels_last)
     V, a, mu, tau = make_params(x, 16, mode, "cuda")
     g = make_slope(mode, 16, "cuda")
-    monkeypatch.setenv("FIRE_BACKEND", "triton")
+    use_backend("triton")
     t_out, t_sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, slope=g)
-    monkeypatch.setenv("FIRE_BACKEND", "cuda")
+    use_backend("cuda")
     c_out, c_sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, slope=g)
     exact, ref_sc = fr.repair_reference(x.double(), V, a, mu, tau, mode, slope=g)
     rtol, atol = OUT_TOL[dtype]
@@ -57,10 +57,10 @@ def test_compile_cuda_matches_eager():
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_cuda_graph_capture(monkeypatch, backend):
+def test_cuda_graph_capture(use_backend, backend):
     if backend == "cuda" and not _cuda_native_available():
         pytest.skip("the extension was built without CUDA")
-    monkeypatch.setenv("FIRE_BACKEND", backend)
+    use_backend(backend)
     x = torch.randn(32, 64, 16, 16, device="cuda")
     V, a, mu, tau = make_params(x, 4, "clamp", "cuda")
     torch.ops.fire.repair(x, V, a, mu, tau, "clamp")  # warm-up: compiles kernels, checks values
@@ -90,7 +90,7 @@ POSITION_SHAPES = [
 @pytest.mark.parametrize("mode", fr.MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,fmt,cd", POSITION_SHAPES, ids=[f"{s}-{f}" for s, f, _ in POSITION_SHAPES])
-def test_per_position_backends_agree(monkeypatch, mode, dtype, shape, fmt, cd):
+def test_per_position_backends_agree(use_backend, mode, dtype, shape, fmt, cd):
     x = torch.randn(shape, device="cuda", dtype=dtype)
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)
@@ -103,7 +103,7 @@ def test_per_position_backends_agree(monkeypatch, mode, dtype, shape, fmt, cd):
     exact, ref_sc = fr.repair_reference(x.double(), V, a, mu, tau, mode, channel_dim=cd, slope=slope)
     backends = ["triton"] + (["cuda"] if _cuda_native_available() else [])
     for backend in backends:
-        monkeypatch.setenv("FIRE_BACKEND", backend)
+        use_backend(backend)
         out, sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd, slope)
         # the same memory layout (strides of size-1 dims carry no meaning)
         assert [st for st, n in zip(out.stride(), x.shape, strict=True) if n > 1] == \
@@ -128,13 +128,12 @@ def _cpp_cuda_path_registered() -> bool:
 @pytest.mark.parametrize("serves", ["cuda", "auto-without-triton"])
 @pytest.mark.parametrize("mode", fr.MODES)
 @pytest.mark.parametrize("layout", ["flat", "nchw", "channels_last", "per_position_nchw", "tokens", "empty"])
-def test_cuda_native_calls_stay_in_cpp_and_match_python(monkeypatch, layout, mode, serves):
+def test_cuda_native_calls_stay_in_cpp_and_match_python(monkeypatch, use_backend, layout, mode, serves):
     """Eager CUDA calls that the CUDA C++ kernel serves (FIRE_BACKEND=cuda, or auto where Triton
     is missing) go from the C++ op straight to the kernel, with the Python twin's result bit for bit."""
     from test_op_fast_path import _prepared, fire_ops_called
 
-    import fire_kernels
-    from fire_repair import _ext
+    from fire_repair.ops import set_backend
     if not _cpp_cuda_path_registered():
         pytest.skip("the extension was built without CUDA")
     x, V, mu, cd = _prepared(layout)
@@ -143,28 +142,28 @@ def test_cuda_native_calls_stay_in_cpp_and_match_python(monkeypatch, layout, mod
     tau = torch.tensor([0.1, -0.2], device="cuda") if mode in ("clamp", "gated", "invert") else None
     g = torch.tensor([-0.3, 0.2], device="cuda") if mode == "invert" else None
     if serves == "cuda":
-        monkeypatch.setenv("FIRE_BACKEND", "cuda")
-    else:
-        monkeypatch.delenv("FIRE_BACKEND", raising=False)
-        _ext.set_triton_serves_cuda(False)
-        monkeypatch.setattr("fire_repair.ops.HAVE_TRITON", False)  # the Python twin decides alike
+        use_backend("cuda")
+    else:  # the one backend decision, made as where Triton is missing: the C++ op and the twin follow it
+        monkeypatch.setattr("fire_repair._op.backend.HAVE_TRITON", False)
+        use_backend(None)
     try:
         called = fire_ops_called(lambda: torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd, g))
         out, sc = torch.ops.fire.repair_with_scores(x, V, a, mu, tau, mode, cd, g)
         py_out, py_sc = torch.ops.fire._repair_with_scores_py(x, V, a, mu, tau, mode, cd, g)
     finally:
-        _ext.set_triton_serves_cuda(fire_kernels.HAVE_TRITON)
+        monkeypatch.undo()  # Triton back where it is installed, and the decision made again with it
+        set_backend()
     assert called == {"fire::repair_with_scores"}, called
     assert torch.equal(out, py_out) and torch.equal(sc, py_sc)
 
 
-def test_cuda_calls_go_to_triton_where_it_serves(monkeypatch):
+def test_cuda_calls_go_to_triton_where_it_serves(use_backend):
     from test_op_fast_path import fire_ops_called
 
     import fire_kernels
     if not (_cpp_cuda_path_registered() and fire_kernels.HAVE_TRITON):
         pytest.skip("needs the CUDA build and Triton")
-    monkeypatch.delenv("FIRE_BACKEND", raising=False)
+    use_backend(None)
     x = torch.randn(3, 40, device="cuda")
     V, a = torch.randn(2, 40, device="cuda"), torch.ones(2, device="cuda")
     called = fire_ops_called(lambda: torch.ops.fire.repair(x, V, a, None, None, "project"))

@@ -84,8 +84,8 @@ def _call(args, mode, cd, scores):
     return torch.ops.fire.repair(*a), None
 
 
-def _run_grid(monkeypatch, backend_env, cases, with_scores=(False, True)):
-    monkeypatch.setenv("FIRE_BACKEND", backend_env)
+def _run_grid(use_backend, backend_env, cases, with_scores=(False, True)):
+    use_backend(backend_env)
     for case in cases:
         mode, param, val, flagged, form, layout = case
         args, cd = _case(*case)
@@ -99,16 +99,16 @@ def test_grid_size():
     assert len(GRID) == 480
 
 
-def test_nonfinite_grid_cpu_kernel(monkeypatch):
+def test_nonfinite_grid_cpu_kernel(use_backend):
     """Eager CPU (the C++ fast path, row and tile kernels): every case as the reference."""
-    _run_grid(monkeypatch, "cpu", GRID)
+    _run_grid(use_backend, "cpu", GRID)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_nonfinite_grid_cpu_kernel_half_precision_x(monkeypatch, dtype):
+def test_nonfinite_grid_cpu_kernel_half_precision_x(use_backend, dtype):
     """The same cases with x in bf16 / fp16 (the kernel converts in registers and copies
     untouched rows raw): the same NaN and inf pattern as the reference on that x."""
-    monkeypatch.setenv("FIRE_BACKEND", "cpu")
+    use_backend("cpu")
     for case in GRID:
         mode, param, val, flagged, form, layout = case
         args, cd = _case(*case)
@@ -123,9 +123,9 @@ def test_nonfinite_grid_cpu_kernel_half_precision_x(monkeypatch, dtype):
         torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2, equal_nan=True, msg=str(case))
 
 
-def test_nonfinite_grid_python_twin(monkeypatch):
+def test_nonfinite_grid_python_twin(use_backend):
     """The same cases through the Python twin (what gradients, copies and odd dtypes take)."""
-    monkeypatch.setenv("FIRE_BACKEND", "cpu")
+    use_backend("cpu")
     for case in GRID:
         mode, param, val, flagged, form, layout = case
         args, cd = _case(*case)
@@ -160,14 +160,14 @@ def test_nonfinite_grid_compiled_inline_maths():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the Triton interpreter
 @pytest.mark.skipif(not (fire_kernels.HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="needs Triton and TRITON_INTERPRET=1")
-def test_nonfinite_grid_triton_interpreted(monkeypatch):
+def test_nonfinite_grid_triton_interpreted(use_backend):
     """The Triton kernels under the interpreter: slow per call, so one layout per form (the
     kernels take rows at any stride; the layouts differ only in the strides they are given),
     NaN everywhere and +inf in the directions and slope (what a zero weight multiplies), with
     scores (the same kernel writes out with or without them)."""
     cases = [c for c in GRID if (c[5] == "channels_last") == (c[4] == "flattened")
              and (c[2] == "nan" or (c[2] == "inf" and c[1] in ("directions", "slope")))]
-    _run_grid(monkeypatch, "triton", cases, with_scores=(True,))
+    _run_grid(use_backend, "triton", cases, with_scores=(True,))
 
 
 # The examples of the issue, verbatim.
