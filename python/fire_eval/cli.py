@@ -20,7 +20,7 @@ def _common(p):
     p.add_argument("--out", default="fire-demo-out", help="folder for results.json, the table and the plot")
     p.add_argument("--json", default=None, help="where to write the JSON results (default: OUT/results.json)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 8; 30 for vit and vit-gap)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 8; 30 for the transformers)")
     p.add_argument("--rate", type=float, default=0.1, help="poison rate")
     p.add_argument("--target", type=int, default=0, help="target class")
     p.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",

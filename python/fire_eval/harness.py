@@ -291,7 +291,7 @@ def run(cfg: RunConfig, dataset: Optional[data_mod.Dataset] = None, progress: bo
     attack = attacks_mod.build(cfg.attack, target=cfg.target, seed=cfg.seed, **cfg.attack_params)
     model, cached, n_poisoned = backdoored_model(cfg, ds, attack, progress)
     held, (eval_clean, eval_y), (eval_poison, eval_poison_y), stream = split(cfg, ds, attack)
-    layers = cfg.layers or models_mod.MODELS[cfg.model].REPAIRABLE
+    layers = cfg.layers or model.REPAIRABLE
 
     def score(defense):
         return rates(defense.predict(eval_clean), eval_y, defense.predict(eval_poison), eval_poison_y, attack.target)

@@ -170,10 +170,40 @@ class ViTMeanPool(ViT):
         return t.mean(1)
 
 
-MODELS = {"cnn": SmallCNN, "preact18": PreActResNet18, "vgg": VGG, "vit": ViT, "vit-gap": ViTMeanPool}
+class HFViT(nn.Module):
+    """Hugging Face's `ViTForImageClassification` (transformers; `pip install 'fire-kernels[hf]'`),
+    built from a config of the small ViT's size (no download, random init): 4x4 patches, a class
+    token, four encoder layers of width 64. A real architecture from a library people use, as it
+    is: FIRE reads its modules' outputs (the encoder layers' hidden states) and its `ModelOutput`.
+    Repairable at `input` (the pixels, flattened), the embeddings (tokens with the position
+    embedding) and each encoder layer (tokens, per position); the names are transformers' own,
+    found at build time (`REPAIRABLE` is set per instance)."""
+
+    CHANNEL_DIM = -1
+
+    def __init__(self, num_classes: int = 10, width: int = 64, heads: int = 4, patch: int = 4):
+        super().__init__()
+        try:
+            from transformers import ViTConfig, ViTForImageClassification
+        except ImportError as err:
+            raise ImportError("model 'hf-vit' needs transformers: pip install 'fire-kernels[hf]'") from err
+        config = ViTConfig(image_size=32, patch_size=patch, num_channels=3, hidden_size=width, num_hidden_layers=4,
+                           num_attention_heads=heads, intermediate_size=2 * width, num_labels=num_classes)
+        self.input = nn.Identity()
+        self.hf = ViTForImageClassification(config)
+        layers = [name for name, m in self.named_modules() if type(m).__name__ == "ViTLayer"]
+        self.BLOCKS = layers
+        self.REPAIRABLE = ["input", "hf.vit.embeddings", *layers]
+
+    def forward(self, x):
+        return self.hf(pixel_values=self.input(x)).logits
+
+
+MODELS = {"cnn": SmallCNN, "preact18": PreActResNet18, "vgg": VGG, "vit": ViT, "vit-gap": ViTMeanPool,
+          "hf-vit": HFViT}
 # training epochs by default (the transformer learns more slowly: 30 epochs, about 50 s on the
 # digits on 2 cores, CA 97-98%)
-EPOCHS = {"vit": 30, "vit-gap": 30}
+EPOCHS = {"vit": 30, "vit-gap": 30, "hf-vit": 30}
 
 
 def channel_dim(model: nn.Module) -> int:

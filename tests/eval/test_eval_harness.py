@@ -88,6 +88,22 @@ def test_harness_on_the_other_architectures(tmp_path, arch, layer_prefix):
 
 
 @pytest.mark.slow
+def test_harness_runs_a_hugging_face_vit_as_it_is(tmp_path):
+    """`hf-vit`: transformers' ViTForImageClassification, its own module names and outputs."""
+    pytest.importorskip("transformers")
+    model = models.build("hf-vit")
+    assert model.REPAIRABLE[:2] == ["input", "hf.vit.embeddings"] and len(model.BLOCKS) == 4
+    assert set(model.REPAIRABLE) <= dict(model.named_modules()).keys()
+    cfg = harness.RunConfig(attack="badnets", model="hf-vit", epochs=1, cache_dir=None, alphas=[1.0],
+                            defenses=["none", "fire-clamp"], ablations=False, online=False, n_eval=64)
+    res = harness.run(cfg, progress=False, log=lambda *a: None)
+    tried = {name for e in res["fire"]["fire-clamp"]["evidence"] for name in e["layers"]}
+    assert {"input", "hf.vit.embeddings", *model.BLOCKS} <= tried
+    forms = {e["form"] for e in res["fire"]["fire-clamp"]["evidence"] if list(e["layers"]) == ["hf.vit.embeddings"]}
+    assert forms == {"flattened", "per_position"}
+
+
+@pytest.mark.slow
 def test_moving_patch_is_repaired_per_position(tmp_path):
     """The moving patch on the digits: selection picks the per-position form, which beats the
     flattened form at the same layers, that form given its own mode, tau and alpha by the same
