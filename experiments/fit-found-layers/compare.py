@@ -9,8 +9,6 @@ import argparse
 import json
 import time
 
-import torch
-
 import fire_repair as fr
 from fire_eval import attacks, data, harness, metrics, models
 

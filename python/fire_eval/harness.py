@@ -26,6 +26,9 @@ from .metrics import auroc, predict, rates
 from .report import headline_name
 from .train import load_or_train
 
+# the recipe's defaults are the harness's: one definition, fr.FitConfig's
+RECIPE = fr.FitConfig()
+
 
 @dataclass
 class RunConfig:
@@ -41,40 +44,40 @@ class RunConfig:
     width: Optional[int] = None
     defenses: list = field(default_factory=lambda: list(DEFAULT_DEFENSES))
     layers: Optional[list] = None  # candidate layers (default: the model's REPAIRABLE list)
-    layer_pairs: bool = True  # also try each two consecutive candidate layers together
+    layer_pairs: bool = RECIPE.layer_pairs  # also try each two consecutive candidate layers together
     # the repair forms selection chooses between; per position only at layers with positions
     # (evidence: docs/method.md#forms)
-    forms: list = field(default_factory=lambda: ["flattened", "per_position"])
+    forms: list = field(default_factory=lambda: list(RECIPE.forms))
     # paired selection's alphas (evidence: docs/method.md#alphas)
-    alphas: list = field(default_factory=lambda: [0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0])
+    alphas: list = field(default_factory=lambda: list(RECIPE.alphas))
     # unpaired selection's alphas, the coarser grid (evidence: docs/method.md#unpaired-alphas)
-    unpaired_alphas: list = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 3.0])
-    k: int = 1  # directions per layer (evidence: docs/method.md#k)
+    unpaired_alphas: list = field(default_factory=lambda: list(RECIPE.unpaired_alphas))
+    k: int = RECIPE.k  # directions per layer (evidence: docs/method.md#k)
     # clamp's tau: candidate clean quantiles, chosen per layer set like alpha (evidence: docs/method.md#tau-quantiles)
-    tau_quantile: list = field(default_factory=lambda: [0.9, 0.99])
+    tau_quantile: list = field(default_factory=lambda: list(RECIPE.tau_quantile))
     # gated's tau, one clean quantile (evidence: docs/method.md#gate-quantile)
-    gate_quantile: float = 0.999
+    gate_quantile: float = RECIPE.gate_quantile[0]
     # invert's gate: candidate clean quantiles, chosen per layer set (evidence: docs/method.md#invert-quantiles)
-    invert_quantile: list = field(default_factory=lambda: [0.99, 0.999])
+    invert_quantile: list = field(default_factory=lambda: list(RECIPE.invert_quantile))
     # paired FIRE estimates and selects from this many triggered images and twins (evidence: docs/method.md#n-pairs)
     n_pairs: int = 16
     n_poison_seen: int = 64  # unpaired FIRE: flagged triggered images, no twins (docs/method.md#n-pairs)
     n_clean_holdout: Optional[int] = None  # clean held-out images for estimation (None: half the test set)
     n_eval: Optional[int] = None  # evaluation images per split (None: the other half)
-    folds: int = 4  # selection's out-of-fold split (evidence: docs/method.md#folds)
+    folds: int = RECIPE.folds  # selection's out-of-fold split (evidence: docs/method.md#folds)
     # unpaired: leave the inferred target class out of the clean reference (evidence: docs/method.md#match-clean)
-    match_clean: bool = True
+    match_clean: bool = RECIPE.match_clean
     # the clean cost a chosen repair may have, measured as clean_cost: "expected_drop" (each flipped
     # prediction weighed by the unrepaired model's probabilities) or "clean_change" (the share of
     # predictions flipped) (evidence: docs/method.md#max-clean-change)
-    max_clean_change: float = 0.01
-    max_class_cost: float = 0.1  # the same within any one predicted class (fr.FitConfig.max_class_cost)
-    clean_cost: str = "expected_drop"
-    tie_break: str = "twin_kl"  # paired selection's: "twin_kl" or "margin" (evidence: docs/method.md#tie-break)
+    max_clean_change: float = RECIPE.max_clean_change
+    max_class_cost: float = RECIPE.max_class_cost  # the same within any one predicted class (a guard)
+    clean_cost: str = RECIPE.clean_cost
+    tie_break: str = RECIPE.tie_break  # paired selection's: "twin_kl" or "margin" (evidence: docs/method.md#tie-break)
     # paired selection: agreements this many twins apart are ties (evidence: docs/method.md#agreement-slack)
-    agreement_slack: int = 1
+    agreement_slack: int = RECIPE.agreement_slack
     # paired estimation: "mean" or "control_variate" (fr.Estimator) (evidence: docs/method.md#paired-beta)
-    paired_beta: str = "control_variate"
+    paired_beta: str = RECIPE.paired_beta
     # paired FIRE's headline fitted again on this many draws of the defender's pairs (draw 0: the
     # rows' own pairs) (evidence: docs/method.md#one-draw-of-the-pairs-is-one-sample)
     pair_draws: int = 1

@@ -252,3 +252,15 @@ def test_clean_reference_leaves_out_the_inferred_target(backdoored):
     assert len(kept) < len(clean) and not (predict(backdoored["model"], kept) == target).any()
     same, none = harness.clean_reference(backdoored["model"], clean, poisoned, match=False)
     assert none is None and same is clean
+
+
+def test_the_harness_defaults_are_the_recipe():
+    """The harness's FIRE runs fr.fit with fr.FitConfig's defaults: one recipe, not two copies."""
+    import dataclasses
+
+    import fire_repair as fr
+
+    ours = harness.fit_config(harness.RunConfig(), None, ["input"], ("clamp",))
+    recipe = fr.FitConfig()
+    differ = {f.name for f in dataclasses.fields(recipe) if getattr(ours, f.name) != getattr(recipe, f.name)}
+    assert differ == {"layers", "modes"}  # what each run names: its model's layers and the mode of the row
