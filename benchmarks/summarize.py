@@ -121,6 +121,24 @@ def e2e_table(benchmarks) -> list:
     return lines
 
 
+def export_table(benchmarks) -> list:
+    """The AOTInductor package against eager, plain and repaired, from one run."""
+    g = defaultdict(dict)
+    for b in benchmarks:
+        info = b["extra_info"]
+        if "runtime" in info:
+            g[(info["arch"], info["batch"])][(info["runtime"], info["with_repair"])] = _seconds(b)
+    lines = ["| model | batch | eager plain ms | eager repaired ms | package plain ms | package repaired ms | "
+             "repair in the package | package vs eager (repaired) |", "|---|---|---|---|---|---|---|---|"]
+    for (arch, batch), t in sorted(g.items()):
+        if len(t) == 4:
+            ep, er, pp, pr = (1e3 * t[k] for k in [("eager", False), ("eager", True), ("package", False),
+                                                   ("package", True)])
+            lines.append(f"| {arch} | {batch} | {ep:.3f} | {er:.3f} | {pp:.3f} | {pr:.3f} | "
+                         f"{100 * (pr / pp - 1):+.1f}% | {er / pr:.2f}x |")
+    return lines
+
+
 def online_table(benchmarks) -> list:
     lines = ["| model | layer | batch | ms per sample (repair + direction update) |", "|---|---|---|---|"]
     for b in benchmarks:
@@ -148,6 +166,7 @@ def main(path, before_path=None):
     out = [f"Device: {device}; torch {benchmarks[0]['extra_info'].get('torch', '?')}; "
            f"{data.get('datetime', '')}", "", "### The op", ""]
     out += op_table(benchmarks, gpu) + ["", "### End to end", ""] + e2e_table(benchmarks)
+    out += ["", "### Exported package (AOTInductor)", ""] + export_table(benchmarks)
     out += ["", "### Online step", ""] + online_table(benchmarks)
     if not gpu:  # --before A.json,B.json: the older run's cases, from one or more files
         before = [b for p in before_path.split(",") for b in json.load(open(p))["benchmarks"]] if before_path else None
