@@ -49,12 +49,9 @@ for layer in ("input", "tokens"):
     pas = []
     for draw in range(6):  # draw 0: the harness's own 16 pairs; then other draws of 16
         profile, g = inverse_profile(layer, held.drawn(draw, 16).pairs if draw else held.pairs)
-        fr.attach(model, profile)
-        try:
+        with fr.attached(model, profile):
             ca = (predict(model, xc) == yc).float().mean().item()
             pa = (predict(model, xp) == yp).float().mean().item()
-        finally:
-            fr.detach(model)
         pas.append(pa)
         print(f"{model_name} {data} Blended, invert at {layer}, draw {draw} (g = {g:.3f}): "
               f"CA {100 * ca:.1f}  PA {100 * pa:.1f}", flush=True)

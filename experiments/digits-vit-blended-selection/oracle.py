@@ -51,11 +51,8 @@ for form in ("mean", "control_variate"):
     if form == "control_variate":
         form += f" (g = {est.stats['input'].pair_slope():.3f})"
     for alpha in (1.0, 1.25, 1.5, 1.75, 2.0):
-        fr.attach(model, est.profile(mode="gated", alpha=alpha, tau_quantile=0.999))
-        try:
+        with fr.attached(model, est.profile(mode="gated", alpha=alpha, tau_quantile=0.999)):
             pa, ca = accuracy(eval_poison, eval_poison_y), accuracy(eval_clean, eval_y)
-        finally:
-            fr.detach(model)
         print(f"| {form} | {alpha} | {pa:.1f} | {ca:.1f} |", flush=True)
 
 # What the label-free selection sees of the same alphas: out-of-fold agreement on the 16 twins.

@@ -30,12 +30,9 @@ class Add(nn.Module):
 
 
 def score(profile):
-    fr.attach(model, profile)
-    try:
+    with fr.attached(model, profile):
         ca = (predict(model, ec) == ey).float().mean().item()
         pa = (predict(model, ep) == epy).float().mean().item()
-    finally:
-        fr.detach(model)
     return ca, pa
 
 

@@ -71,12 +71,10 @@ class Replay:
 
     def _predict(self, e, x):
         kw = {} if e["tau_quantile"] is None else {"tau_quantile": e["tau_quantile"]}
-        fr.attach(self.model, self.full[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], layers=e["layers"],
-                                                           with_fingerprint=False, **kw))
-        try:
+        profile = self.full[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], layers=e["layers"],
+                                               with_fingerprint=False, **kw)
+        with fr.attached(self.model, profile):
             return fr.predict(self.model, x)
-        finally:
-            fr.detach(self.model)
 
     def measure(self, e):
         if key(e) not in self.costs:

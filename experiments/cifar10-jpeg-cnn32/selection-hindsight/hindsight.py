@@ -72,13 +72,10 @@ for e in sorted(evidence, key=lambda e: -e["agreement"]):
     kw = {} if e["tau_quantile"] is None else {"tau_quantile": e["tau_quantile"]}
     prof = by_form[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], layers=e["layers"], with_fingerprint=False,
                                       **kw)
-    fr.attach(model, prof)
-    try:
+    with fr.attached(model, prof):
         pa = (predict(model, eval_poison) == eval_poison_y).float().mean().item()
         ca = (predict(model, eval_clean) == eval_y).float().mean().item()
         new = predict(model, held.clean)
-    finally:
-        fr.detach(model)
     out.append({**e, "pa": pa, "ca": ca, "clean_change_all": (new != ref).float().mean().item(),
                 "expected_drop_all": (ref_prob[rows, ref] - ref_prob[rows, new]).mean().item()})
 report = {k: v for k, v in chosen.report().items() if k != "evidence"}
