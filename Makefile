@@ -26,7 +26,7 @@ demo-full: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=15
 
 BENCH_JSON ?= benchmarks/results/latest.json
 bench: $(STAMP)
