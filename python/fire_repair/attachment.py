@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .ops import _physical_perm
+from ._op.layout import physical_perm
 from .outputs import hidden_state, with_hidden_state
 from .profile import MODULE_WORDS, LayerProfile, Profile, check_values
 
@@ -76,7 +76,7 @@ class RepairModule(torch.nn.Module):
             return
         if torch.is_inference_mode_enabled():  # new buffers made here would be inference tensors
             return
-        perm = _physical_perm(h)
+        perm = physical_perm(h)
         if perm is None:
             return
         for name, lead in (("directions", 1), ("center", 0)):
@@ -314,5 +314,3 @@ def detach(model: torch.nn.Module) -> torch.nn.Module:
 def repair_modules(model: torch.nn.Module) -> dict:
     """{layer name (as the profile names it): RepairModule} of an attached model."""
     return {m.fire_repair.layer_name: m.fire_repair for m in model.modules() if isinstance(m, RepairWrapper)}
-
-

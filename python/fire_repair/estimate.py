@@ -13,12 +13,12 @@ from tqdm.auto import tqdm
 from fire_kernels import MAX_K
 from fire_kernels.modes import MODES
 
+from ._op.validate import channel_dim_of
 from .attachment import RepairWrapper
 from .calibrate import calibrate
 from .directions import PAIRED_BETAS, choose_source
 from .distributed import all_reduce_stats
 from .inference import eval_mode
-from .ops import _channel_dim
 from .outputs import hidden_state
 from .profile import Profile, _sha256, fingerprint
 from .stats import LayerStats, PositionStats, check_state, stats_from_state_dict
@@ -127,7 +127,7 @@ class Estimator:
         per position (the channel dim moved last, every other feature dim a position)."""
         if not self.per_position:
             return h.detach().reshape(h.shape[0], -1).float()
-        hm = h.detach().movedim(_channel_dim(h, self.channel_dim), -1)  # the op's own check of channel_dim
+        hm = h.detach().movedim(channel_dim_of(h, self.channel_dim), -1)  # the op's own check of channel_dim
         return hm.reshape(h.shape[0], -1, hm.shape[-1]).float()
 
     @torch.no_grad()

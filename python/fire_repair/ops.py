@@ -53,14 +53,7 @@ from ._op import backward as _backward
 from ._op.backend import BACKENDS, backend_for, set_backend  # noqa: F401  (public)
 from ._op.body import run as _run
 from ._op.inline import COMPILE_INLINE_WORK, plain_maths  # noqa: F401  (public)
-from ._op.inline import inline_rows as _inline_rows  # noqa: F401  (tests)
-from ._op.inline import inline_under_compile as _inline_under_compile  # noqa: F401  (tests)
-from ._op.layout import flat_rows as _flat_rows  # noqa: F401  (tests)
-from ._op.layout import in_order as _in_order  # noqa: F401  (tests)
-from ._op.layout import physical_perm as _physical_perm  # noqa: F401  (attachment)
-from ._op.layout import position_rows as _position_rows  # noqa: F401  (tests)
-from ._op.validate import FLOAT_DTYPES, MODE_IDS  # noqa: F401  (public)
-from ._op.validate import channel_dim_of as _channel_dim  # noqa: F401  (estimate)
+from ._op.validate import FLOAT_DTYPES, MODE_IDS, channel_dim_of  # noqa: F401  (public)
 from ._op.validate import validate as _validate
 
 
@@ -121,7 +114,7 @@ def _repair_grad(
 ) -> tuple[Tensor, Tensor]:
     """grad - sum_k weights[r, k] <grad_r, v_k> v_k, and <grad_r, v_k>, per row r, in one pass
     (backward). Rows as in the forward op: per sample, or per sample and position."""
-    cd = _channel_dim(grad, channel_dim)
+    cd = channel_dim_of(grad, channel_dim)
     out, p = _run(grad, directions, weights, None, None, fire_kernels.PROJECT, True, cd)
     return out, p
 

@@ -4,6 +4,7 @@ import torch
 from helpers import check_compiled_matches_eager, check_compiled_scores_and_grads, make_params, make_slope
 
 import fire_repair as fr
+from fire_repair._op import inline
 
 
 class Repaired(torch.nn.Module):
@@ -116,7 +117,7 @@ def test_larger_inputs_keep_the_kernel_under_compile():
 
 def test_small_inputs_inline_only_under_compile():
     """Eager calls of any size take the C++ kernel (the C++ entry point: no Python on the way)."""
-    assert not fr.ops._inline_under_compile(torch.zeros(1, 1, 8), 1)
+    assert not inline.inline_under_compile(torch.zeros(1, 1, 8), 1)
 
 
 @pytest.mark.parametrize("cd", [None, 1])

@@ -17,7 +17,8 @@ import torch
 import fire_kernels
 import fire_repair  # noqa: F401  (registers the ops)
 from fire_kernels.modes import MODES, SLOPE_MODES, TAU_MODES
-from fire_repair import ops
+from fire_repair._op import inline, validate
+from fire_repair._op import layout as rows
 from fire_repair.reference import repair_reference
 
 VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
@@ -135,25 +136,25 @@ def test_nonfinite_grid_python_twin(use_backend):
 
 
 def test_nonfinite_grid_compiled_inline_maths():
-    """What small calls compile to under torch.compile on the CPU (ops._inline_rows), on the
+    """What small calls compile to under torch.compile on the CPU (`_op.inline.inline_rows`), on the
     rows the op lays out: every case as the reference."""
     for case in GRID:
         mode, param, val, flagged, form, layout = case
         args, cd = _case(*case)
         x = args["x"]
-        mode_id, a, t, cdn, g = ops._validate(x, args["directions"], args["alpha"], args["center"], args["tau"],
+        mode_id, a, t, cdn, g = validate.validate(x, args["directions"], args["alpha"], args["center"], args["tau"],
                                               mode, cd, args["slope"])
         if cdn is None:
-            x3, perm, restore = ops._flat_rows(x)
+            x3, perm, restore = rows.flat_rows(x)
             feat = list(x.shape[1:])
-            V = ops._in_order(args["directions"], 2, feat, perm)
-            mu = ops._in_order(args["center"], 0, feat, perm)
+            V = rows.in_order(args["directions"], 2, feat, perm)
+            mu = rows.in_order(args["center"], 0, feat, perm)
             lead = [x.shape[0]]
         else:
-            x3, restore = ops._position_rows(x, cdn)
+            x3, restore = rows.position_rows(x, cdn)
             V, mu = args["directions"].float().contiguous(), args["center"].float().contiguous()
             lead = [s for d, s in enumerate(x.shape) if d != cdn]
-        out3, c = ops._inline_rows(x3, V, a, mu, t, mode_id, True, g)
+        out3, c = inline.inline_rows(x3, V, a, mu, t, mode_id, True, g)
         _check(restore(out3), c.reshape(*lead, 2), args, mode, cd, f"inline {case}")
 
 
