@@ -18,11 +18,12 @@ def label(res: dict, results: list) -> str:
 
 
 def choice(d: dict) -> str:
-    """A FIRE choice (layers, form, mode, tau quantile, alpha) as the tables write it."""
+    """A FIRE choice (layers, form, mode, tau quantile, alpha, smoothing) as the tables write it."""
     form = ", per position" if d.get("form") == "per_position" else ""
     mode = f", {d['mode']}" if "mode" in d else ""
     tau = f" (tau q {d['tau_quantile']:g})" if d.get("tau_quantile") is not None else ""
-    return f"{'+'.join(d['layers'])}{form}{mode}{tau}, alpha {d['alpha']:g}"
+    smooth = f", smoothing (gate q {d['smoothing']:g})" if d.get("smoothing") is not None else ""
+    return f"{'+'.join(d['layers'])}{form}{mode}{tau}, alpha {d['alpha']:g}{smooth}"
 
 
 def table(results: list) -> str:

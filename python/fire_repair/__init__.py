@@ -23,12 +23,13 @@ from .profile import LayerProfile, Profile, ProfileError, fingerprint
 from .recipe import FORMS, Fit, FitConfig, candidate_layers, estimators, fit, matched_clean, positional_layers
 from .reference import repair_reference
 from .selection import Selection, choose, select, select_unpaired
+from .smoothing import Smoothing
 
 __version__ = "0.3.0"
 tag_compile_caches()  # no compiled graph of another build of our ops is served from disk
 __all__ = [
     "Capture", "Estimator", "FORMS", "Fit", "FitConfig", "LayerProfile", "MODES", "TAU_MODES", "Online", "Profile",
-    "ProfileError", "RepairModule", "Selection", "WithInputLayer",
+    "ProfileError", "RepairModule", "Selection", "Smoothing", "WithInputLayer",
     "attach", "attached", "backdoor_scores", "backend_for", "candidate_layers", "capture", "check_repairs", "choose",
     "detach", "estimators", "eval_mode", "export", "fingerprint", "fit", "logits", "matched_clean", "positional_layers",
     "predict", "repair", "repair_modules", "repair_reference", "repair_with_scores", "select",

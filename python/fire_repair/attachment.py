@@ -16,6 +16,7 @@ import torch
 from ._op.layout import physical_perm
 from .outputs import hidden_state, with_hidden_state
 from .profile import MODULE_WORDS, LayerProfile, Profile, check_values
+from .smoothing import SmoothingHook
 
 CHILD = "fire_repair"
 
@@ -45,6 +46,7 @@ class RepairModule(torch.nn.Module):
         scale = layer.score_scale if layer.score_scale is not None else torch.ones(layer.k)
         self.register_buffer("score_scale", scale.detach().to(**f32, copy=True))
         self._capture: Optional["Capture"] = None  # set only inside `capture(model)`
+        self._smoothing: Optional[SmoothingHook] = None  # the model's pre-hook that reads this layer's scores
         self.register_load_state_dict_pre_hook(_check_incoming)
         self._register_state_dict_hook(_contiguous_state)
 
@@ -285,6 +287,9 @@ def attach(model: torch.nn.Module, profile: Profile, check_fingerprint: bool = T
             repair.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else None)
         parent, child = _parent(model, layer.name)
         setattr(parent, child, RepairWrapper(modules[layer.name], repair))
+    if profile.smoothing is not None:  # kept on the repair module it reads, removed by detach
+        repair = repair_modules(model)[profile.smoothing.layer]
+        repair._smoothing = SmoothingHook(model, repair, profile.smoothing)
     return model
 
 
@@ -305,6 +310,10 @@ def attached(model: torch.nn.Module, profile: Profile, check_fingerprint: bool =
 def detach(model: torch.nn.Module) -> torch.nn.Module:
     """Removes every repair attached to the model (a no-op on a model without one)."""
     paths = [name for name, m in model.named_modules() if isinstance(m, RepairWrapper)]
+    for repair in repair_modules(model).values():
+        if repair._smoothing is not None:
+            repair._smoothing.remove()
+            repair._smoothing = None
     for name in sorted(paths, key=lambda n: -n.count(".")):
         parent, child = _parent(model, name)
         setattr(parent, child, getattr(parent, child).layer)

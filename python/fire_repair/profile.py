@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 from fire_kernels import MAX_K
 from fire_kernels.modes import MODES, SLOPE_MODES, TAU_MODES
 
+from .smoothing import Smoothing
+
 FORMAT = "fire-profile"
 VERSION = "2"  # 2 records each layer's form (channel_dim); version 1 files (all flattened) still load
 READABLE = ("1", "2")
@@ -213,6 +215,8 @@ class Profile:
     layers: list  # of LayerProfile, in the order they are applied
     fingerprint: Optional[str] = None
     info: dict = field(default_factory=dict)
+    # blur the input where the scores at one per-position layer flag a trigger (fire_repair.smoothing)
+    smoothing: Optional[Smoothing] = None
 
     def __post_init__(self):
         names = [layer.name for layer in self.layers]
@@ -220,6 +224,15 @@ class Profile:
             raise ProfileError(f"a layer appears twice in the profile: {names}")
         if not names:
             raise ProfileError("a profile needs at least one layer")
+        if self.smoothing is not None:
+            if not isinstance(self.smoothing, Smoothing):
+                raise ProfileError(f"smoothing must be a fire_repair.Smoothing, got {type(self.smoothing).__name__}")
+            if self.smoothing.layer not in names:
+                raise ProfileError(f"smoothing reads the scores at {self.smoothing.layer!r}, which is not a layer of "
+                                   f"the profile ({names})")
+            if self.layer(self.smoothing.layer).channel_dim != 1:
+                raise ProfileError(f"smoothing needs a per-position layer of images (channel_dim 1); "
+                                   f"{self.smoothing.layer!r} is not one")
 
     def layer(self, name: str) -> LayerProfile:
         for layer in self.layers:
@@ -242,6 +255,8 @@ class Profile:
             "format": FORMAT, "version": VERSION, "layers": json.dumps(layers),
             "fingerprint": self.fingerprint or "", "info": json.dumps(self.info, default=str),
         }
+        if self.smoothing is not None:  # only then: a profile without it saves as before
+            metadata["smoothing"] = json.dumps(self.smoothing.to_dict())
         metadata["sha256"] = _digest(tensors, metadata)
         save_file(tensors, os.fsdecode(os.fspath(path)), metadata=metadata)
 
@@ -277,7 +292,11 @@ class Profile:
         if fp is None and not allow_other_model:
             raise ProfileError(f"{path} has no model fingerprint, so nothing ties it to a model; pass "
                                "allow_other_model=True to load it anyway")
-        profile = cls(layers=layers, fingerprint=fp, info=info)
+        try:
+            smoothing = Smoothing.from_dict(json.loads(meta["smoothing"])) if "smoothing" in meta else None
+        except (ValueError, TypeError) as e:
+            raise ProfileError(f"{path}: malformed smoothing: {e}") from None
+        profile = cls(layers=layers, fingerprint=fp, info=info, smoothing=smoothing)
         if model is not None:
             profile.check(model, check_fingerprint=check_fingerprint)
         return profile

@@ -18,7 +18,9 @@ from .estimate import Estimator
 from .inference import eval_mode, logits, predict
 from .outputs import hidden_state
 from .profile import Profile
-from .selection import Selection, select, select_unpaired, tau_candidates
+from .search import clean_costs, worst_class
+from .selection import Selection, choose, kl, select, select_unpaired, tau_candidates
+from .smoothing import calibrate as calibrate_smoothing
 
 FORMS = ("flattened", "per_position")
 PAIRED_MODES = ("clamp", "gated", "invert")  # invert needs the pairs' slope: paired only
@@ -59,6 +61,12 @@ class FitConfig:
     match_clean: unpaired: leave the inferred target class out of the clean set the directions
       are estimated against, since triggered images never come from it (evidence:
       docs/method.md#match-clean).
+    smoothing, smoothing_quantile: where the chosen repair is per position at a layer of images,
+      also try it with gated input smoothing (`fire_repair.Smoothing`, its gate the clean
+      positions' `smoothing_quantile`), and keep the smoothing if, on the triggered samples, it
+      agrees more (paired: with the twins; unpaired: moves more off the inferred target), or as
+      much and closer (paired: twin_kl; unpaired: the target's probability), within the clean
+      limits (evidence: docs/method.md#gated-smoothing).
     batch: the batch size of the model's forward passes here.
     """
     layers: Optional[Sequence[str]] = None
@@ -83,6 +91,8 @@ class FitConfig:
     tie_break: str = "twin_kl"
     agreement_slack: int = 1
     match_clean: bool = True
+    smoothing: bool = True
+    smoothing_quantile: float = 0.9999
     batch: int = 256
 
     def tau_candidates(self, modes) -> dict:
@@ -106,7 +116,9 @@ class Fit:
     def choice(self) -> dict:
         """The chosen layers, form, mode, tau quantile and alpha."""
         s = self.selection
-        return {"layers": s.layers, "form": s.form, "mode": s.mode, "tau_quantile": s.tau_quantile, "alpha": s.alpha}
+        smoothing = self.profile.smoothing
+        return {"layers": s.layers, "form": s.form, "mode": s.mode, "tau_quantile": s.tau_quantile, "alpha": s.alpha,
+                "smoothing": None if smoothing is None else smoothing.quantile}
 
     def table(self) -> str:
         """Every candidate's evidence (the choice starred), after a line on the clean coverage."""
@@ -299,6 +311,7 @@ def fit(model: torch.nn.Module, clean: torch.Tensor, pairs: Optional[tuple] = No
                       "the clean cost cannot see what a repair does to the others. Pass clean images that cover the "
                       "classes the model serves.", stacklevel=3)  # the caller of fit (under no_grad's wrapper)
     example = clean[:2]
+    explicit = sets is not None
     if sets is None:
         layers = list(config.layers) if config.layers else candidate_layers(model, example, config.max_layers)
         sets = layer_sets(layers, config.layer_pairs)
@@ -307,6 +320,8 @@ def fit(model: torch.nn.Module, clean: torch.Tensor, pairs: Optional[tuple] = No
         layers = list(dict.fromkeys(name for s in sets for name in s))
     modes = tuple(config.modes) if config.modes else (PAIRED_MODES if paired else UNPAIRED_MODES)
     ests = estimators(model, layers, config, example)
+    if not explicit:  # a found or named layer that no form offered can repair (fc, per position only) is no candidate
+        sets = [s for s in sets if any(set(s) <= set(e.layers) for e in ests)]
     grid = dict(layer_sets=sets, modes=list(modes), max_clean_change=config.max_clean_change,
                 clean_cost=config.clean_cost, folds=config.folds, seed=config.seed,
                 max_class_cost=config.max_class_cost)
@@ -323,7 +338,125 @@ def fit(model: torch.nn.Module, clean: torch.Tensor, pairs: Optional[tuple] = No
         # one tau per mode, the most conservative candidate (docs/method.md#unpaired-tau)
         grid["tau_quantile"] = {m: max(q) for m, q in quantiles.items()}
         sel = select_unpaired(ests, flagged, clean, alphas=list(config.unpaired_alphas), **grid)
+    if config.smoothing:
+        est = next((e for e in ests if e.form == sel.form), None)
+        offer_smoothing(model, sel, clean, config, estimator=est, pairs=pairs, flagged=flagged)
     sel.profile.info["coverage"] = {k: v for k, v in cov.items() if k != "counts"}
     if math.isfinite(config.max_class_cost):
         sel.profile.info["selection"]["max_class_cost"] = config.max_class_cost
     return Fit(profile=sel.profile, selection=sel, coverage=cov, layers=layers, paired=paired, config=config)
+
+
+def _evidence(model, profile, clean, ref, config, pairs, flagged, target, with_costs: bool = True) -> dict:
+    """The label-free evidence of `profile` (with its smoothing, if any) on the triggered samples:
+    paired, `agreement` with the twins and `twin_kl`; unpaired, the share moved off `target` and
+    the target's mean probability (`target_probability`); with_costs, its clean costs too."""
+    from .attachment import attached
+
+    with attached(model, profile):
+        if pairs is not None:
+            out = logits(model, pairs[1], config.batch)
+            twin = ref["twin"]
+            e = {"agreement": (out.argmax(1) == twin.argmax(1)).float().mean().item(),
+                 "twin_kl": kl(out, twin).mean().item()}
+        else:
+            out = logits(model, flagged, config.batch)
+            e = {"agreement": (out.argmax(1) != target).float().mean().item(),
+                 "target_probability": torch.softmax(out.float(), 1)[:, target].mean().item()}
+        if with_costs:
+            e.update(_clean_costs(model, clean, ref, config))
+    return e
+
+
+def _clean_costs(model, clean, ref, config) -> dict:
+    """The clean costs of the repair attached to `model` (see `search.clean_costs`)."""
+    pred = predict(model, clean, config.batch)
+    changed, drop = clean_costs(pred, ref["pred"], ref["prob"])
+    per_row = changed if config.clean_cost == "clean_change" else drop
+    return {"clean_change": changed.mean().item(), "expected_drop": drop.mean().item(),
+            "worst_class_cost": worst_class(per_row, ref["pred"])[0]}
+
+
+@torch.no_grad()
+def offer_smoothing(model, sel: Selection, clean, config: FitConfig, estimator=None, pairs=None,
+                    flagged=None) -> None:
+    """Offers gated input smoothing (`fire_repair.Smoothing`, at the chosen repair's first
+    per-position layer of images), and replaces `sel.profile` by the winner where a smoothed
+    repair wins; the comparison is recorded in the profile's `info["smoothing"]`.
+
+    Paired: the chosen repair competes with every candidate of its layer set and mode (each tau
+    and alpha of the grid, estimated from all the pairs by `estimator`, which has observed the
+    clean images) with smoothing, by `choose`'s rule (agreement with the twins within the slack,
+    then twin_kl, within the clean limits), on the pairs. Unpaired: the chosen repair with
+    smoothing against without it (more flagged samples off the target, or as many and a lower
+    target probability, within the clean limits). Nothing is offered where the repair is
+    flattened or its layer has no 2-D positions."""
+    profile = sel.profile
+    images = clean.dim() == 4 and sel.form == "per_position"
+    layer = next((name for name in sel.layers if profile.layer(name).channel_dim == 1), None) if images else None
+    if layer is None:
+        return
+    try:
+        smoothing = calibrate_smoothing(model, profile, layer, clean, config.smoothing_quantile, config.batch)
+    except ValueError as e:  # e.g. a layer with one position dim
+        profile.info["smoothing"] = {"offered": False, "why": str(e)}
+        return
+    with eval_mode(model):
+        ref_logits = logits(model, clean, config.batch)
+        ref = {"pred": ref_logits.argmax(1), "prob": torch.softmax(ref_logits.float(), 1),
+               "twin": logits(model, pairs[0], config.batch) if pairs is not None else None}
+        target = None if pairs is not None else int(predict(model, flagged, config.batch).mode().values)
+        args = (clean, ref, config, pairs, flagged, target)
+        chosen = {"tau_quantile": sel.tau_quantile, "alpha": sel.alpha, "smoothing": None,
+                  **_evidence(model, profile, *args)}
+        if pairs is None:
+            candidates = [(sel.tau_quantile, sel.alpha)]
+        else:
+            full = estimator.clone()
+            full.observe_pairs(*pairs)
+            taus = config.tau_candidates([sel.mode])[sel.mode]
+            candidates = [(q, a) for q in taus for a in config.alphas]
+
+        def smoothed(q, a):
+            if pairs is None:
+                p = Profile(layers=profile.layers, fingerprint=profile.fingerprint, info=profile.info)
+            else:
+                p = full.profile(mode=sel.mode, alpha=a, layers=list(sel.layers), with_fingerprint=True,
+                                 **({} if q is None else {"tau_quantile": q}))
+            p.smoothing = smoothing
+            return p
+
+        try:
+            evidence = [chosen] + [{"tau_quantile": q, "alpha": a, "smoothing": smoothing.quantile,
+                                    "clean_change": None, "expected_drop": None,
+                                    **_evidence(model, smoothed(q, a), *args, with_costs=False)}
+                                   for q, a in candidates]
+        except ValueError as e:  # the model's input is not images
+            profile.info["smoothing"] = {"offered": False, "why": str(e)}
+            return
+
+        def measure(e):
+            from .attachment import attached
+            with attached(model, smoothed(e["tau_quantile"], e["alpha"])):
+                e.update(_clean_costs(model, clean, ref, config))
+
+        n = len(pairs[0]) if pairs is not None else len(flagged)
+        if pairs is not None:
+            won = choose(evidence, config.max_clean_change, measure, n, "twin_kl", config.clean_cost,
+                         config.agreement_slack, config.max_class_cost)
+        else:
+            measure(evidence[1])
+            e = evidence[1]
+            fits = e[config.clean_cost] <= config.max_clean_change and e["worst_class_cost"] <= config.max_class_cost
+            better = (round(e["agreement"] * n), -e["target_probability"]) > \
+                (round(chosen["agreement"] * n), -chosen["target_probability"])
+            won = e if fits and better else chosen
+    info = {"offered": True, "chosen": won is not chosen, "settings": smoothing.to_dict(),
+            "rule": "paired: choose (agreement within the slack, then twin_kl), in sample" if pairs is not None else
+            "unpaired: flagged moved off the target, then the target's probability", "candidates": evidence}
+    if won is not chosen:
+        sel.profile = smoothed(won["tau_quantile"], won["alpha"])
+        sel.profile.info = {**profile.info, "smoothing": info}
+        sel.tau_quantile, sel.alpha = won["tau_quantile"], won["alpha"]
+    else:
+        profile.info["smoothing"] = info

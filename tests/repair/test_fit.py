@@ -111,6 +111,22 @@ def test_fit_unpaired_and_its_knobs(backdoored):
     assert pa > ca0 - 0.1 and ca >= ca0 - 0.01
 
 
+@pytest.mark.slow
+def test_fit_per_position_only_leaves_out_layers_without_positions(backdoored):
+    """forms=("per_position",) with the found layers: fc has no positions, so no set holding it
+    is a candidate (it used to raise that the estimator does not watch fc); named sets that no
+    form can repair are still refused."""
+    b = backdoored
+    model = b["model"]
+    pairs = tuple(t[:16] for t in b["hold_pairs"])
+    res = fr.fit(model, b["hold_clean"], pairs=pairs, forms=("per_position",), modes=("clamp",), alphas=(1.0,))
+    offered = {tuple(e["layers"]) for e in res.selection.evidence}
+    assert offered and all("fc" not in s for s in offered) and ("block3",) in offered
+    assert {e["form"] for e in res.selection.evidence} == {"per_position"}
+    with pytest.raises(ValueError, match="can be repaired in the forms"):
+        fr.fit(model, b["hold_clean"], pairs=pairs, forms=("per_position",), sets=[["fc"]])
+
+
 def test_fit_refuses_inconsistent_data(backdoored):
     b = backdoored
     model, clean, pairs = b["model"], b["hold_clean"], b["hold_pairs"]

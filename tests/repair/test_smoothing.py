@@ -1,0 +1,145 @@
+"""Gated input smoothing (`fire_repair.Smoothing`): its settings, the blur and the flagged
+pixels against plain references, attach / detach / save / load with a profile that carries it,
+and fr.fit's label-free offer of it on the moving patch."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import fire_repair as fr
+from fire_repair.smoothing import flagged_pixels, gaussian_blur, position_scores, smooth
+
+
+def test_settings_are_checked_and_round_trip():
+    s = fr.Smoothing(layer="block1", gate=3.5, quantile=0.9999)
+    assert fr.Smoothing.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    for bad in (dict(gate=float("nan")), dict(quantile=1.0), dict(sigma=0.0), dict(size=4), dict(dilate=-1),
+                dict(layer=""), dict(size=True)):
+        with pytest.raises(ValueError, match="Smoothing"):
+            fr.Smoothing(**{"layer": "block1", "gate": 1.0, "quantile": 0.9, **bad})
+    with pytest.raises(ValueError, match="smoothing must be"):
+        fr.Smoothing.from_dict({"layer": "block1", "gate": 1.0})
+
+
+@pytest.mark.parametrize("size,sigma", [(3, 0.8), (5, 1.0)])
+def test_gaussian_blur_against_a_direct_sum(size, sigma):
+    x = torch.rand(2, 3, 9, 11, dtype=torch.float64)
+    out = gaussian_blur(x, sigma, size)
+    r = torch.arange(size, dtype=torch.float64) - size // 2
+    w = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma ** 2))
+    w = w / w.sum()
+    pad = F.pad(x, [size // 2] * 4, mode="reflect")
+    ref = torch.zeros_like(x)
+    for i in range(size):
+        for j in range(size):
+            ref += w[i, j] * pad[..., i:i + 9, j:j + 11]
+    torch.testing.assert_close(out, ref)
+    const = torch.full((1, 3, 2, 2), 0.3)  # smaller than the window: replicate padding, a constant stays
+    torch.testing.assert_close(gaussian_blur(const, sigma, size), const)
+
+
+def test_flagged_pixels_are_the_footprint_dilated():
+    scores = torch.zeros(1, 4, 4)
+    scores[0, 1, 2] = 5.0
+    mask = flagged_pixels(scores, 1.0, (8, 8), dilate=0)[0, 0]
+    ref = torch.zeros(8, 8, dtype=torch.bool)
+    ref[2:4, 4:6] = True
+    assert torch.equal(mask, ref)
+    grown = flagged_pixels(scores, 1.0, (8, 8), dilate=1)[0, 0]
+    ref[1:5, 3:7] = True
+    assert torch.equal(grown, ref)
+    assert not flagged_pixels(scores, 5.0, (8, 8), dilate=1).any()  # strictly above the gate
+    with pytest.raises(ValueError, match="two position dims"):
+        flagged_pixels(torch.zeros(1, 16), 1.0, (8, 8), dilate=0)
+
+
+def _per_position_profile(b, layer="block1"):
+    model = b["model"]
+    est = fr.Estimator(model, [layer], per_position=True, channel_dim=1)
+    est.observe(b["hold_clean"], poisoned=False)
+    est.observe_pairs(*(t[:16] for t in b["hold_pairs"]))
+    return est.profile(mode="clamp", alpha=1.0, tau_quantile=0.9, with_fingerprint=True)
+
+
+@pytest.mark.slow
+def test_attached_smoothing_is_repair_on_the_smoothed_input(backdoored_moving, tmp_path):
+    b = backdoored_moving
+    model, x = b["model"], b["eval_poison"][:32]
+    profile = _per_position_profile(b)
+    s = fr.smoothing.calibrate(model, profile, "block1", b["hold_clean"], 0.999)
+    with fr.attached(model, profile), torch.no_grad():
+        plain = model(x)
+        with fr.capture(model) as cap:
+            model(x)
+        expected_input = smooth(x, (cap.projections["block1"] / cap.modules["block1"].score_scale).amax(-1), s)
+        torch.testing.assert_close(position_scores(cap.modules["block1"], cap.inputs["block1"]),
+                                   (cap.projections["block1"] / cap.modules["block1"].score_scale).amax(-1))
+        expected = model(expected_input)
+    assert not torch.equal(expected_input, x)  # the trigger was flagged and blurred
+    profile.smoothing = s
+    with fr.attached(model, profile), torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+    with torch.no_grad():  # detached: no hook left behind
+        assert not model._forward_pre_hooks
+        fr.attach(model, fr.Profile(layers=profile.layers, fingerprint=profile.fingerprint))
+        torch.testing.assert_close(model(x), plain)
+        fr.detach(model)
+    # saved and loaded with the profile, under its checksum
+    path = tmp_path / "p.safetensors"
+    profile.save(path)
+    assert fr.Profile.load(path, model).smoothing == s
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["smoothing"] = json.dumps({**s.to_dict(), "gate": s.gate + 1})
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=meta)
+    with pytest.raises(fr.ProfileError, match="checksum"):
+        fr.Profile.load(tmp_path / "edited.safetensors", model)
+
+
+def test_a_profile_refuses_smoothing_at_a_layer_it_cannot_read(backdoored):
+    b = backdoored
+    est = fr.Estimator(b["model"], ["block2"], k=1)
+    est.observe(b["hold_clean"][:64], poisoned=False)
+    est.observe_pairs(*(t[:8] for t in b["hold_pairs"]))
+    flat = est.profile(mode="clamp", alpha=1.0)
+    with pytest.raises(fr.ProfileError, match="per-position"):
+        fr.Profile(layers=flat.layers, smoothing=fr.Smoothing(layer="block2", gate=1.0, quantile=0.9))
+    with pytest.raises(fr.ProfileError, match="not a layer"):
+        fr.Profile(layers=flat.layers, smoothing=fr.Smoothing(layer="block1", gate=1.0, quantile=0.9))
+    with pytest.raises(ValueError, match="per-position"):
+        fr.smoothing.calibrate(b["model"], flat, "block2", b["hold_clean"][:8], 0.9)
+
+
+@pytest.mark.slow
+def test_fit_offers_smoothing_and_keeps_it_by_the_recorded_evidence(backdoored_moving):
+    b = backdoored_moving
+    model = b["model"]
+    pairs = tuple(t[:16] for t in b["hold_pairs"])
+    res = fr.fit(model, b["hold_clean"], pairs=pairs, forms=("per_position",), modes=("clamp",), alphas=(1.0,))
+    info = res.profile.info["smoothing"]
+    assert info["offered"] and info["settings"]["quantile"] == 0.9999
+    first, rest = info["candidates"][0], info["candidates"][1:]
+    assert first["smoothing"] is None and {c["smoothing"] for c in rest} == {0.9999}
+    assert {(c["tau_quantile"], c["alpha"]) for c in rest} == {(0.9, 1.0), (0.99, 1.0)}  # the grid at the layer set
+    winner = next(c for c in info["candidates"] if (c["tau_quantile"], c["alpha"], c["smoothing"]) ==
+                  (res.choice["tau_quantile"], res.choice["alpha"], res.choice["smoothing"]))
+    assert info["chosen"] == (winner is not first) == (res.profile.smoothing is not None)
+    assert winner["expected_drop"] <= 0.01
+    # choose's rule: the best agreement within one sample, then the smaller twin_kl
+    best = max(round(16 * c["agreement"]) for c in info["candidates"])
+    assert round(16 * winner["agreement"]) >= best - 1
+    assert all(winner["twin_kl"] <= c["twin_kl"] for c in info["candidates"]
+               if round(16 * c["agreement"]) >= best - 1 and c.get("expected_drop") is not None
+               and c["expected_drop"] <= 0.01)
+    with fr.attached(model, res.profile):  # the profile that won is the one fit returns
+        assert res.profile.smoothing is None or model._forward_pre_hooks
+    off = fr.fit(model, b["hold_clean"], pairs=pairs, forms=("per_position",), modes=("clamp",), alphas=(1.0,),
+                 smoothing=False)
+    assert off.profile.smoothing is None and "smoothing" not in off.profile.info
+    # a flattened choice is not offered smoothing
+    flat = fr.fit(model, b["hold_clean"], pairs=pairs, forms=("flattened",), modes=("clamp",), alphas=(1.0,),
+                  layers=["block2"], layer_pairs=False)
+    assert flat.profile.smoothing is None and "smoothing" not in flat.profile.info
