@@ -12,8 +12,14 @@ from fire_repair.augment import random_shift
 
 
 def train(model, x, y, epochs: int = 8, batch: int = 64, lr: float = 2e-3, seed: int = 0, progress: bool = True,
-          desc: str = "training"):
-    """Adam with a cosine schedule and light augmentation (random 2-pixel shifts)."""
+          desc: str = "training", regularizer=None):
+    """Adam with a cosine schedule and light augmentation (random 2-pixel shifts).
+
+    `regularizer` (None: plain cross-entropy): a callable (model, xb, yb, idx) -> (logits, term)
+    that runs the batch's forward pass itself (e.g. with hooks on the layers it reads) and adds
+    `term` to the batch's cross-entropy; idx are the batch's rows of (x, y) (an attack looks up
+    which are poisoned: attacks.training_regularizer). It draws nothing from the training's
+    generator: the batches and shifts are those of the same training without it."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -26,7 +32,11 @@ def train(model, x, y, epochs: int = 8, batch: int = 64, lr: float = 2e-3, seed:
         for i in range(0, len(y), batch):
             idx = perm[i:i + batch]
             xb = random_shift(x[idx], 2, gen)
-            loss = F.cross_entropy(model(xb), y[idx])
+            if regularizer is None:
+                loss = F.cross_entropy(model(xb), y[idx])
+            else:
+                logits, term = regularizer(model, xb, y[idx], idx)
+                loss = F.cross_entropy(logits, y[idx]) + term
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
