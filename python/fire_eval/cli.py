@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import attacks as attacks_mod
 from . import data as data_mod
 from . import harness, report
 from . import models as models_mod
@@ -124,11 +125,13 @@ def main(argv=None):
     demo.add_argument("--full", action="store_true",
                       help="every attack on the CNN and the ViT, with ablations, the online curve and 5 draws of the "
                            "pairs (about 20 minutes on 2 cores)")
-    demo.add_argument("--attacks", nargs="+", default=None, help="attacks on the small CNN")
-    demo.add_argument("--vit-attacks", nargs="*", default=None, help="attacks on the small ViT")
+    demo.add_argument("--attacks", nargs="+", default=None, choices=sorted(attacks_mod.ATTACKS),
+                      help="attacks on the small CNN")
+    demo.add_argument("--vit-attacks", nargs="*", default=None, choices=sorted(attacks_mod.ATTACKS),
+                      help="attacks on the small ViT")
     ev = sub.add_parser("eval", help="one attack / model / data set / defense list")
     _common(ev)
-    ev.add_argument("--attack", nargs="+", default=["badnets"])
+    ev.add_argument("--attack", nargs="+", default=["badnets"], choices=sorted(attacks_mod.ATTACKS))
     ev.add_argument("--model", default="cnn", choices=sorted(models_mod.MODELS))
     ev.add_argument("--width", type=int, default=None, help="model width (default: the model's standard width)")
     ev.add_argument("--data", default="digits", choices=sorted(data_mod.DATASETS))

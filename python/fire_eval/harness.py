@@ -171,7 +171,7 @@ class FireDefense(ProfileDefense):
     def report_choice(self) -> dict:
         sel = self.selection
         return {"layers": sel.layers, "form": sel.form, "mode": sel.mode, "tau_quantile": sel.tau_quantile,
-                "alpha": sel.alpha}
+                "alpha": sel.alpha, "smoothing": self.fitted.choice["smoothing"]}
 
     def report(self) -> dict:
         return {**self.report_choice(), "evidence": self.selection.evidence}
@@ -234,16 +234,18 @@ def positional_layers(model, layers, x) -> list:
     return fr.positional_layers(model, layers, x, models_mod.channel_dim(model))
 
 
-def trained_model(cfg: RunConfig, ds, x, y, spec: dict, progress: bool):
+def trained_model(cfg: RunConfig, ds, x, y, spec: dict, progress: bool, regularizer=None):
     """(model, cached): the run's architecture trained on (x, y) with the run's recipe, or loaded
-    from the cache under `spec` (what it was trained on) and the recipe; frozen."""
+    from the cache under `spec` (what it was trained on) and the recipe; frozen. `regularizer`:
+    train.train's (an attack's training loss; `spec` must name what sets it)."""
     torch.manual_seed(cfg.seed)
     model = models_mod.build(cfg.model, ds.num_classes, cfg.width)
     epochs = cfg.epochs or models_mod.EPOCHS.get(cfg.model, 8)
     spec = {**spec, "model": cfg.model, "width": cfg.width, "data": ds.name, "n_train": len(y), "seed": cfg.seed,
             "epochs": epochs}
+    extra = {} if regularizer is None else {"regularizer": regularizer}
     model, cached = load_or_train(model, x, y, cfg.cache_dir, spec, epochs=epochs, seed=cfg.seed, progress=progress,
-                                  desc=f"training {cfg.model} / {spec['attack']}")
+                                  desc=f"training {cfg.model} / {spec['attack']}", **extra)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, cached
@@ -260,7 +262,9 @@ def backdoored_model(cfg: RunConfig, ds, attack, progress: bool):
     x_train, y_train, poisoned_idx = attacks_mod.poison_training_set(ds.x_train, ds.y_train, attack, cfg.rate,
                                                                      cfg.seed)
     spec = {"attack": cfg.attack, "params": attack.params(), "rate": cfg.rate}
-    model, cached = trained_model(cfg, ds, x_train, y_train, spec, progress)
+    # an attack that shapes training (latent) adds its loss; its parameters are in the spec
+    regularizer = attacks_mod.training_regularizer(attack, poisoned_idx, len(y_train))
+    model, cached = trained_model(cfg, ds, x_train, y_train, spec, progress, regularizer)
     return model, cached, len(poisoned_idx)
 
 

@@ -11,9 +11,10 @@ def backdoored_digits(attack: str = "badnets", seed: int = 0, epochs: int = 8, p
     eval_poison, eval_poison_y}; triggered sets exclude samples of the target class."""
     ds = data.digits(seed=seed)
     atk = attacks.build(attack, target=0, seed=seed)
-    x, y, _ = attacks.poison_training_set(ds.x_train, ds.y_train, atk, rate=0.1, seed=seed)
+    x, y, poisoned = attacks.poison_training_set(ds.x_train, ds.y_train, atk, rate=0.1, seed=seed)
     torch.manual_seed(seed)
-    model = train.train(models.build("cnn"), x, y, epochs=epochs, seed=seed, progress=progress)
+    model = train.train(models.build("cnn"), x, y, epochs=epochs, seed=seed, progress=progress,
+                        regularizer=attacks.training_regularizer(atk, poisoned, len(y)))
     px, cx, ty = attacks.poisoned_test_set(ds.x_test, ds.y_test, atk)
     half, phalf = len(ds.y_test) // 2, len(ty) // 2
     return {
