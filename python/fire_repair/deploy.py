@@ -16,6 +16,7 @@ from fire_kernels import HAVE_TRITON
 from .attachment import repair_modules
 from .inference import eval_mode
 from .ops import plain_maths
+from .smoothing import Smoothed
 
 
 def export(model: torch.nn.Module, example: torch.Tensor, path: Union[str, Path], max_batch: int = 4096,
@@ -40,9 +41,11 @@ def export(model: torch.nn.Module, example: torch.Tensor, path: Union[str, Path]
                            "AOTInductor compile the repair into the package instead of calling fire_repair's extension")
     # CPU repairs become maths Inductor compiles, not calls of our extension (which the serving
     # process does not have)
+    hooks = [m._smoothing for m in repair_modules(model).values() if m._smoothing is not None]
+    traced = Smoothed(model, hooks[0]) if hooks else model  # the smoothing as one forward, not a hook
     with eval_mode(model), torch.no_grad(), plain_maths():
         try:
-            program = torch.export.export(model, (sample,), dynamic_shapes=({0: batch},))
+            program = torch.export.export(traced, (sample,), dynamic_shapes=({0: batch},))
         except Exception as err:  # torch's own message says what in the model it cannot trace
             raise RuntimeError(f"torch.export could not export the model: {err}") from err
         try:

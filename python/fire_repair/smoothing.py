@@ -125,14 +125,18 @@ class SmoothingHook:
     def __call__(self, model, args, kwargs):
         if self._inner:
             return None
+        return self.smoothed_args(model, args, kwargs)
+
+    def smoothed_args(self, model, args, kwargs) -> tuple:
+        """(args, kwargs) of the call with the first argument, the images, smoothed."""
         if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 4:
             raise ValueError("a profile with smoothing needs the model's first argument to be images (N, C, H, W)")
         grab = self.repair.register_forward_hook(self._grab)
-        self._inner = True
+        inner, self._inner = self._inner, True
         try:
             model(*args, **kwargs)
         finally:
-            self._inner = False
+            self._inner = inner
             grab.remove()
         scores, self._scores = self._scores, None
         if scores is None:
@@ -172,3 +176,21 @@ def calibrate(model: torch.nn.Module, profile, layer: str, clean: torch.Tensor, 
     gate = torch.quantile(scores, quantile).item() if scores.numel() <= 2 ** 24 else \
         torch.kthvalue(scores.cpu(), max(1, math.ceil(quantile * scores.numel()))).values.item()
     return Smoothing(layer=layer, gate=gate, quantile=quantile, **settings)
+
+
+class Smoothed(torch.nn.Module):
+    """The attached model with its smoothing written out as one forward (the pre-hook off
+    inside): what `fire_repair.export` traces, so that the package smooths whether or not the
+    exporter runs forward pre-hooks."""
+
+    def __init__(self, model: torch.nn.Module, hook: SmoothingHook):
+        super().__init__()
+        self.model, self.hook = model, hook
+
+    def forward(self, x):
+        (x,), _ = self.hook.smoothed_args(self.model, (x,), {})
+        inner, self.hook._inner = self.hook._inner, True
+        try:
+            return self.model(x)
+        finally:
+            self.hook._inner = inner

@@ -143,3 +143,24 @@ def test_fit_offers_smoothing_and_keeps_it_by_the_recorded_evidence(backdoored_m
     flat = fr.fit(model, b["hold_clean"], pairs=pairs, forms=("flattened",), modes=("clamp",), alphas=(1.0,),
                   layers=["block2"], layer_pairs=False)
     assert flat.profile.smoothing is None and "smoothing" not in flat.profile.info
+
+
+@pytest.mark.slow
+def test_exported_package_smooths_like_eager(backdoored_moving, tmp_path):
+    """fr.export traces the smoothing as one forward: the package matches the eager attached
+    model on triggered images (where the smoothing acts) at two batch sizes."""
+    b = backdoored_moving
+    model, x = b["model"], b["eval_poison"][:9]
+    profile = _per_position_profile(b)
+    profile.smoothing = fr.smoothing.calibrate(model, profile, "block1", b["hold_clean"], 0.999)
+    with fr.attached(model, profile), torch.no_grad():
+        expected = model(x)
+        path = fr.export(model, x, tmp_path / "m.pt2")
+        assert model._forward_pre_hooks  # export left the attached model as it was
+        torch.testing.assert_close(model(x), expected)
+    with fr.attached(model, fr.Profile(layers=profile.layers, fingerprint=profile.fingerprint)), torch.no_grad():
+        unsmoothed = model(x)
+    assert not torch.allclose(unsmoothed, expected, atol=1e-3)  # the smoothing changes these outputs
+    package = torch._inductor.aoti_load_package(str(path))
+    for n in (1, 9):
+        torch.testing.assert_close(package(x[:n]), expected[:n], atol=1e-4, rtol=1e-4)
