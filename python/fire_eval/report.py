@@ -22,7 +22,8 @@ def choice(d: dict) -> str:
     form = ", per position" if d.get("form") == "per_position" else ""
     mode = f", {d['mode']}" if "mode" in d else ""
     tau = f" (tau q {d['tau_quantile']:g})" if d.get("tau_quantile") is not None else ""
-    smooth = f", smoothing (gate q {d['smoothing']:g})" if d.get("smoothing") is not None else ""
+    sm = d.get("smoothing")
+    smooth = f", smoothing at {sm['layer']} (gate q {sm['quantile']:g})" if sm else ""
     return f"{'+'.join(d['layers'])}{form}{mode}{tau}, alpha {d['alpha']:g}{smooth}"
 
 

@@ -118,7 +118,7 @@ class Fit:
         s = self.selection
         smoothing = self.profile.smoothing
         return {"layers": s.layers, "form": s.form, "mode": s.mode, "tau_quantile": s.tau_quantile, "alpha": s.alpha,
-                "smoothing": None if smoothing is None else smoothing.quantile}
+                "smoothing": None if smoothing is None else {"layer": smoothing.layer, "quantile": smoothing.quantile}}
 
     def table(self) -> str:
         """Every candidate's evidence (the choice starred), after a line on the clean coverage."""
@@ -340,7 +340,7 @@ def fit(model: torch.nn.Module, clean: torch.Tensor, pairs: Optional[tuple] = No
         sel = select_unpaired(ests, flagged, clean, alphas=list(config.unpaired_alphas), **grid)
     if config.smoothing:
         est = next((e for e in ests if e.form == sel.form), None)
-        offer_smoothing(model, sel, clean, config, estimator=est, pairs=pairs, flagged=flagged)
+        offer_smoothing(model, sel, clean, config, estimator=est, sets=sets, pairs=pairs, flagged=flagged)
     sel.profile.info["coverage"] = {k: v for k, v in cov.items() if k != "counts"}
     if math.isfinite(config.max_class_cost):
         sel.profile.info["selection"]["max_class_cost"] = config.max_class_cost
@@ -378,28 +378,23 @@ def _clean_costs(model, clean, ref, config) -> dict:
 
 
 @torch.no_grad()
-def offer_smoothing(model, sel: Selection, clean, config: FitConfig, estimator=None, pairs=None,
+def offer_smoothing(model, sel: Selection, clean, config: FitConfig, estimator=None, sets=None, pairs=None,
                     flagged=None) -> None:
-    """Offers gated input smoothing (`fire_repair.Smoothing`, at the chosen repair's first
-    per-position layer of images), and replaces `sel.profile` by the winner where a smoothed
-    repair wins; the comparison is recorded in the profile's `info["smoothing"]`.
+    """Offers gated input smoothing (`fire_repair.Smoothing`) where the chosen repair is per
+    position on images, and replaces `sel.profile` by the winner where a smoothed repair wins;
+    the comparison is recorded in the winner's `info["smoothing"]`.
 
-    Paired: the chosen repair competes with every candidate of its layer set and mode (each tau
-    and alpha of the grid, estimated from all the pairs by `estimator`, which has observed the
-    clean images) with smoothing, by `choose`'s rule (agreement with the twins within the slack,
-    then twin_kl, within the clean limits), on the pairs. Unpaired: the chosen repair with
-    smoothing against without it (more flagged samples off the target, or as many and a lower
-    target probability, within the clean limits). Nothing is offered where the repair is
-    flattened or its layer has no 2-D positions."""
+    Paired: the chosen repair competes with every per-position candidate of its mode (each layer
+    set of `sets` that `estimator`, the per-position estimator, watches; each tau and alpha of
+    the grid; estimated from all the pairs) smoothed at each layer of its set, by `choose`'s rule
+    (agreement with the twins within the slack, then twin_kl, within the clean limits), on the
+    pairs. Unpaired: the chosen repair smoothed at each layer of its set against it unsmoothed
+    (more flagged samples off the target, then a lower target probability, within the clean
+    limits). Each smoothing layer's gate is the clean positions' `smoothing_quantile`."""
+    from .attachment import attached
+
     profile = sel.profile
-    images = clean.dim() == 4 and sel.form == "per_position"
-    layer = next((name for name in sel.layers if profile.layer(name).channel_dim == 1), None) if images else None
-    if layer is None:
-        return
-    try:
-        smoothing = calibrate_smoothing(model, profile, layer, clean, config.smoothing_quantile, config.batch)
-    except ValueError as e:  # e.g. a layer with one position dim
-        profile.info["smoothing"] = {"offered": False, "why": str(e)}
+    if clean.dim() != 4 or sel.form != "per_position" or any(lp.channel_dim != 1 for lp in profile.layers):
         return
     with eval_mode(model):
         ref_logits = logits(model, clean, config.batch)
@@ -407,37 +402,48 @@ def offer_smoothing(model, sel: Selection, clean, config: FitConfig, estimator=N
                "twin": logits(model, pairs[0], config.batch) if pairs is not None else None}
         target = None if pairs is not None else int(predict(model, flagged, config.batch).mode().values)
         args = (clean, ref, config, pairs, flagged, target)
-        chosen = {"tau_quantile": sel.tau_quantile, "alpha": sel.alpha, "smoothing": None,
-                  **_evidence(model, profile, *args)}
+        chosen = {"layers": list(sel.layers), "tau_quantile": sel.tau_quantile, "alpha": sel.alpha,
+                  "smoothing_layer": None, **_evidence(model, profile, *args)}
         if pairs is None:
-            candidates = [(sel.tau_quantile, sel.alpha)]
+            repairs = {(tuple(sel.layers), sel.tau_quantile, sel.alpha): profile}
         else:
             full = estimator.clone()
             full.observe_pairs(*pairs)
             taus = config.tau_candidates([sel.mode])[sel.mode]
-            candidates = [(q, a) for q in taus for a in config.alphas]
+            repairs = {(tuple(s), q, a): None for s in sets if set(s) <= set(full.layers) for q in taus
+                       for a in config.alphas}
 
-        def smoothed(q, a):
-            if pairs is None:
-                p = Profile(layers=profile.layers, fingerprint=profile.fingerprint, info=profile.info)
-            else:
-                p = full.profile(mode=sel.mode, alpha=a, layers=list(sel.layers), with_fingerprint=True,
-                                 **({} if q is None else {"tau_quantile": q}))
-            p.smoothing = smoothing
-            return p
+        def repair(key):
+            if repairs[key] is None:
+                layers, q, a = key
+                repairs[key] = full.profile(mode=sel.mode, alpha=a, layers=list(layers), with_fingerprint=True,
+                                            **({} if q is None else {"tau_quantile": q}))
+            return repairs[key]
+
+        gates = {}
+
+        def smoothed(key, layer):
+            base = repair(key)
+            if layer not in gates:  # the gate reads the layer's input: the same for every set, tau and alpha
+                gates[layer] = calibrate_smoothing(model, base, layer, clean, config.smoothing_quantile,
+                                                   config.batch)
+            return Profile(layers=base.layers, fingerprint=base.fingerprint, info=dict(base.info),
+                           smoothing=gates[layer])
 
         try:
-            evidence = [chosen] + [{"tau_quantile": q, "alpha": a, "smoothing": smoothing.quantile,
-                                    "clean_change": None, "expected_drop": None,
-                                    **_evidence(model, smoothed(q, a), *args, with_costs=False)}
-                                   for q, a in candidates]
-        except ValueError as e:  # the model's input is not images
+            evidence = [chosen] + [{"layers": list(key[0]), "tau_quantile": key[1], "alpha": key[2],
+                                    "smoothing_layer": layer, "clean_change": None, "expected_drop": None,
+                                    **_evidence(model, smoothed(key, layer), *args, with_costs=False)}
+                                   for key in list(repairs) for layer in key[0]]
+        except ValueError as e:  # the model's input is not images, or a layer has no 2-D positions
             profile.info["smoothing"] = {"offered": False, "why": str(e)}
             return
 
+        def key_of(e):
+            return tuple(e["layers"]), e["tau_quantile"], e["alpha"]
+
         def measure(e):
-            from .attachment import attached
-            with attached(model, smoothed(e["tau_quantile"], e["alpha"])):
+            with attached(model, smoothed(key_of(e), e["smoothing_layer"])):
                 e.update(_clean_costs(model, clean, ref, config))
 
         n = len(pairs[0]) if pairs is not None else len(flagged)
@@ -445,18 +451,21 @@ def offer_smoothing(model, sel: Selection, clean, config: FitConfig, estimator=N
             won = choose(evidence, config.max_clean_change, measure, n, "twin_kl", config.clean_cost,
                          config.agreement_slack, config.max_class_cost)
         else:
-            measure(evidence[1])
-            e = evidence[1]
-            fits = e[config.clean_cost] <= config.max_clean_change and e["worst_class_cost"] <= config.max_class_cost
-            better = (round(e["agreement"] * n), -e["target_probability"]) > \
-                (round(chosen["agreement"] * n), -chosen["target_probability"])
-            won = e if fits and better else chosen
-    info = {"offered": True, "chosen": won is not chosen, "settings": smoothing.to_dict(),
+            won = chosen
+            for e in evidence[1:]:
+                measure(e)
+                fits = e[config.clean_cost] <= config.max_clean_change and \
+                    e["worst_class_cost"] <= config.max_class_cost
+                if fits and (round(e["agreement"] * n), -e["target_probability"]) > \
+                        (round(won["agreement"] * n), -won["target_probability"]):
+                    won = e
+    info = {"offered": True, "chosen": won is not chosen, "quantile": config.smoothing_quantile,
+            "gates": {layer: g.gate for layer, g in gates.items()},
             "rule": "paired: choose (agreement within the slack, then twin_kl), in sample" if pairs is not None else
             "unpaired: flagged moved off the target, then the target's probability", "candidates": evidence}
-    if won is not chosen:
-        sel.profile = smoothed(won["tau_quantile"], won["alpha"])
-        sel.profile.info = {**profile.info, "smoothing": info}
-        sel.tau_quantile, sel.alpha = won["tau_quantile"], won["alpha"]
-    else:
+    if won is chosen:
         profile.info["smoothing"] = info
+        return
+    sel.profile = smoothed(key_of(won), won["smoothing_layer"])
+    sel.profile.info = {**profile.info, "smoothing": info}
+    sel.layers, sel.tau_quantile, sel.alpha = list(won["layers"]), won["tau_quantile"], won["alpha"]
