@@ -277,6 +277,7 @@ def attach(model: torch.nn.Module, profile: Profile, check_fingerprint: bool = T
     if existing:
         raise RuntimeError(f"the model is already repaired at {sorted(existing)}; call fire_repair.detach(model) first")
     profile.check(model, check_fingerprint=check_fingerprint)
+    profile.check_smoothing()  # before anything is wrapped
     modules = dict(model.named_modules())
     ref = next(iter(model.parameters()), None)
     # deepest first: a child wrapped after its parent would be put into the parent's old place,

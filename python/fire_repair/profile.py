@@ -24,7 +24,8 @@ from .smoothing import Smoothing
 
 FORMAT = "fire-profile"
 VERSION = "2"  # 2 records each layer's form (channel_dim); version 1 files (all flattened) still load
-READABLE = ("1", "2")
+SMOOTHING_VERSION = "3"  # 3: a profile with smoothing (written only then, so older readers refuse it)
+READABLE = ("1", "2", "3")
 
 
 class ProfileError(ValueError):
@@ -224,6 +225,12 @@ class Profile:
             raise ProfileError(f"a layer appears twice in the profile: {names}")
         if not names:
             raise ProfileError("a profile needs at least one layer")
+        self.check_smoothing()
+
+    def check_smoothing(self) -> None:
+        """Refuses a smoothing that this profile cannot apply (run on construction, save and
+        attach, since the field can be set afterwards)."""
+        names = self.layer_names
         if self.smoothing is not None:
             if not isinstance(self.smoothing, Smoothing):
                 raise ProfileError(f"smoothing must be a fire_repair.Smoothing, got {type(self.smoothing).__name__}")
@@ -255,8 +262,10 @@ class Profile:
             "format": FORMAT, "version": VERSION, "layers": json.dumps(layers),
             "fingerprint": self.fingerprint or "", "info": json.dumps(self.info, default=str),
         }
+        self.check_smoothing()
         if self.smoothing is not None:  # only then: a profile without it saves as before
             metadata["smoothing"] = json.dumps(self.smoothing.to_dict())
+            metadata["version"] = SMOOTHING_VERSION  # an older library refuses it instead of serving it unsmoothed
         metadata["sha256"] = _digest(tensors, metadata)
         save_file(tensors, os.fsdecode(os.fspath(path)), metadata=metadata)
 
@@ -294,7 +303,7 @@ class Profile:
                                "allow_other_model=True to load it anyway")
         try:
             smoothing = Smoothing.from_dict(json.loads(meta["smoothing"])) if "smoothing" in meta else None
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError, RecursionError) as e:
             raise ProfileError(f"{path}: malformed smoothing: {e}") from None
         profile = cls(layers=layers, fingerprint=fp, info=info, smoothing=smoothing)
         if model is not None:

@@ -424,19 +424,27 @@ def offer_smoothing(model, sel: Selection, clean, config: FitConfig, estimator=N
 
         def smoothed(key, layer):
             base = repair(key)
-            if layer not in gates:  # the gate reads the layer's input: the same for every set, tau and alpha
-                gates[layer] = calibrate_smoothing(model, base, layer, clean, config.smoothing_quantile,
-                                                   config.batch)
+            # the gate reads the layer's input: the same for every tau and alpha where it is the
+            # set's first layer, else it depends on the repairs before it
+            gate_key = layer if layer == key[0][0] else (key, layer)
+            if gate_key not in gates:
+                gates[gate_key] = calibrate_smoothing(model, base, layer, clean, config.smoothing_quantile,
+                                                      config.batch)
             return Profile(layers=base.layers, fingerprint=base.fingerprint, info=dict(base.info),
-                           smoothing=gates[layer])
+                           smoothing=gates[gate_key])
 
-        try:
-            evidence = [chosen] + [{"layers": list(key[0]), "tau_quantile": key[1], "alpha": key[2],
-                                    "smoothing_layer": layer, "clean_change": None, "expected_drop": None,
-                                    **_evidence(model, smoothed(key, layer), *args, with_costs=False)}
-                                   for key in list(repairs) for layer in key[0]]
-        except ValueError as e:  # the model's input is not images, or a layer has no 2-D positions
-            profile.info["smoothing"] = {"offered": False, "why": str(e)}
+        def candidate(key, layer):
+            e = {"layers": list(key[0]), "tau_quantile": key[1], "alpha": key[2], "smoothing_layer": layer,
+                 "clean_change": None, "expected_drop": None}
+            try:
+                e.update(_evidence(model, smoothed(key, layer), *args, with_costs=False))
+            except ValueError as err:  # this layer cannot flag pixels (no 2-D positions); never chosen
+                e["error"] = str(err)
+            return e
+
+        evidence = [chosen] + [candidate(key, layer) for key in list(repairs) for layer in key[0]]
+        if all("error" in e for e in evidence[1:]):
+            profile.info["smoothing"] = {"offered": False, "why": evidence[1]["error"]}
             return
 
         def key_of(e):
@@ -453,6 +461,8 @@ def offer_smoothing(model, sel: Selection, clean, config: FitConfig, estimator=N
         else:
             won = chosen
             for e in evidence[1:]:
+                if "error" in e:
+                    continue
                 measure(e)
                 fits = e[config.clean_cost] <= config.max_clean_change and \
                     e["worst_class_cost"] <= config.max_class_cost
@@ -460,12 +470,15 @@ def offer_smoothing(model, sel: Selection, clean, config: FitConfig, estimator=N
                         (round(won["agreement"] * n), -won["target_probability"]):
                     won = e
     info = {"offered": True, "chosen": won is not chosen, "quantile": config.smoothing_quantile,
-            "gates": {layer: g.gate for layer, g in gates.items()},
+            "gates": [{"layer": g.layer, "gate": g.gate} for g in gates.values()],
             "rule": "paired: choose (agreement within the slack, then twin_kl), in sample" if pairs is not None else
             "unpaired: flagged moved off the target, then the target's probability", "candidates": evidence}
     if won is chosen:
         profile.info["smoothing"] = info
         return
+    # the winner's own estimate (its layers' info) with the selection's record, which says that
+    # the smoothing stage replaced the out-of-fold choice
     sel.profile = smoothed(key_of(won), won["smoothing_layer"])
-    sel.profile.info = {**profile.info, "smoothing": info}
+    sel.profile.info = {**sel.profile.info, "smoothing": info,
+                        "selection": {**profile.info.get("selection", {}), "replaced_by_smoothing": won}}
     sel.layers, sel.tau_quantile, sel.alpha = list(won["layers"]), won["tau_quantile"], won["alpha"]

@@ -21,6 +21,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+MAX_WINDOW = 31  # the largest blur window and dilation a profile may ask for
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
 
 @dataclass(frozen=True)
 class Smoothing:
@@ -42,7 +51,7 @@ class Smoothing:
             problems.append(f"layer must be a layer name, got {self.layer!r}")
         for name in ("gate", "quantile", "sigma"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
                 problems.append(f"{name} must be a finite number, got {v!r}")
         for name in ("size", "dilate"):
             v = getattr(self, name)
@@ -53,10 +62,10 @@ class Smoothing:
                 problems.append(f"quantile must be in (0, 1), got {self.quantile}")
             if self.sigma <= 0:
                 problems.append(f"sigma must be > 0, got {self.sigma}")
-            if self.size < 1 or self.size % 2 == 0:
-                problems.append(f"size must be a positive odd int, got {self.size}")
-            if self.dilate < 0:
-                problems.append(f"dilate must be >= 0, got {self.dilate}")
+            if not 1 <= self.size <= MAX_WINDOW or self.size % 2 == 0:
+                problems.append(f"size must be an odd int in [1, {MAX_WINDOW}], got {self.size}")
+            if not 0 <= self.dilate <= MAX_WINDOW:
+                problems.append(f"dilate must be in [0, {MAX_WINDOW}], got {self.dilate}")
         if problems:
             raise ValueError("Smoothing: " + "; ".join(problems))
 
@@ -117,10 +126,14 @@ class SmoothingHook:
         self.repair, self.smoothing = repair, smoothing
         self._inner = False
         self._scores: Optional[torch.Tensor] = None
-        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+        # registered once (not per call: a compiled model would meet a different hook each time);
+        # prepended, so that a pre-hook the user put on the model runs once, on the smoothed input
+        self.grab = repair.register_forward_hook(self._grab)
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True, prepend=True)
 
     def _grab(self, module, args, out):
-        self._scores = position_scores(self.repair, args[0])
+        if self._inner:
+            self._scores = position_scores(self.repair, args[0])
 
     def __call__(self, model, args, kwargs):
         if self._inner:
@@ -128,16 +141,17 @@ class SmoothingHook:
         return self.smoothed_args(model, args, kwargs)
 
     def smoothed_args(self, model, args, kwargs) -> tuple:
-        """(args, kwargs) of the call with the first argument, the images, smoothed."""
+        """(args, kwargs) of the call with the first argument, the images, smoothed. The scores
+        come from an inner pass without gradients (it only reads them)."""
         if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 4:
-            raise ValueError("a profile with smoothing needs the model's first argument to be images (N, C, H, W)")
-        grab = self.repair.register_forward_hook(self._grab)
+            raise ValueError("a profile with smoothing needs the model's first positional argument to be images "
+                             "(N, C, H, W)")
         inner, self._inner = self._inner, True
         try:
-            model(*args, **kwargs)
+            with torch.no_grad():
+                model(*args, **kwargs)
         finally:
             self._inner = inner
-            grab.remove()
         scores, self._scores = self._scores, None
         if scores is None:
             raise RuntimeError(f"the smoothing layer {self.smoothing.layer!r} did not run in the model's forward")
@@ -145,6 +159,7 @@ class SmoothingHook:
 
     def remove(self) -> None:
         self.handle.remove()
+        self.grab.remove()
 
 
 @torch.no_grad()
@@ -161,8 +176,11 @@ def calibrate(model: torch.nn.Module, profile, layer: str, clean: torch.Tensor, 
         raise ValueError(f"smoothing needs a per-position layer; {layer!r} is repaired flattened")
     if clean.dim() != 4 or len(clean) == 0:
         raise ValueError("smoothing is calibrated on clean images (N, C, H, W), N >= 1")
+    from .profile import Profile
+
     found = []
-    with attached(model, profile), eval_mode(model):
+    bare = Profile(layers=profile.layers, fingerprint=profile.fingerprint)  # its own smoothing, if any, off
+    with attached(model, bare, check_fingerprint=False), eval_mode(model):
         repair = repair_modules(model)[layer]
         handle = repair.register_forward_hook(lambda m, a, o: found.append(position_scores(m, a[0]).flatten()))
         try:

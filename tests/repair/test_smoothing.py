@@ -17,7 +17,7 @@ def test_settings_are_checked_and_round_trip():
     s = fr.Smoothing(layer="block1", gate=3.5, quantile=0.9999)
     assert fr.Smoothing.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     for bad in (dict(gate=float("nan")), dict(quantile=1.0), dict(sigma=0.0), dict(size=4), dict(dilate=-1),
-                dict(layer=""), dict(size=True)):
+                dict(layer=""), dict(size=True), dict(size=33), dict(dilate=32), dict(gate=10 ** 400)):
         with pytest.raises(ValueError, match="Smoothing"):
             fr.Smoothing(**{"layer": "block1", "gate": 1.0, "quantile": 0.9, **bad})
     with pytest.raises(ValueError, match="smoothing must be"):
@@ -141,7 +141,7 @@ def test_fit_offers_smoothing_and_keeps_it_by_the_recorded_evidence(backdoored_m
                and c["expected_drop"] <= 0.01)
     if won:
         assert won == {"layer": res.profile.smoothing.layer, "quantile": 0.9999}
-        assert res.profile.smoothing.gate == info["gates"][won["layer"]]
+        assert {"layer": won["layer"], "gate": res.profile.smoothing.gate} in info["gates"]
     off = fr.fit(model, b["hold_clean"], pairs=pairs, forms=("per_position",), modes=("clamp",), alphas=(1.0,),
                  smoothing=False)
     assert off.profile.smoothing is None and "smoothing" not in off.profile.info
@@ -170,3 +170,52 @@ def test_exported_package_smooths_like_eager(backdoored_moving, tmp_path):
     package = torch._inductor.aoti_load_package(str(path))
     for n in (1, 9):
         torch.testing.assert_close(package(x[:n]), expected[:n], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_smoothing_under_compile_hooks_grad_and_its_file_version(backdoored_moving, tmp_path):
+    """A compiled attached model runs every call (the scores' hook is not re-registered per
+    call); a pre-hook the user put on the model runs once per pass, never on top of itself; the inner
+    pass builds no graph; calibration ignores a smoothing the profile already has; a profile
+    with smoothing is file version 3 (an older reader refuses it), one without stays 2; a
+    smoothing set after construction at a flattened layer is refused by attach and save."""
+    b = backdoored_moving
+    model, x = b["model"], b["eval_poison"][:8]
+    profile = _per_position_profile(b)
+    s = fr.smoothing.calibrate(model, profile, "block1", b["hold_clean"], 0.999)
+    profile.smoothing = s
+    assert fr.smoothing.calibrate(model, profile, "block1", b["hold_clean"], 0.999) == s
+    with fr.attached(model, profile):
+        with torch.no_grad():
+            expected = model(x)
+        compiled = torch.compile(model, backend="eager")
+        with torch.no_grad():
+            for _ in range(3):
+                torch.testing.assert_close(compiled(x), expected)
+        seen = []
+        handle = model.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            handle.remove()
+        # once per pass: the inner pass (the scores) on the images, the model's on the smoothed ones
+        assert len(seen) == 2 and torch.equal(seen[0], x) and not torch.equal(seen[1], x)
+        out = model(x.requires_grad_(True))
+        out.sum().backward()  # the outer pass carries the graph; the inner one none
+        assert x.grad is not None
+    for smoothing, version in ((s, "3"), (None, "2")):
+        profile.smoothing = smoothing
+        profile.save(tmp_path / "p.safetensors")
+        with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
+            assert f.metadata()["version"] == version
+    est = fr.Estimator(model, ["block2"], k=1)
+    est.observe(b["hold_clean"][:64], poisoned=False)
+    est.observe_pairs(*(t[:8] for t in b["hold_pairs"]))
+    flat = est.profile(mode="clamp", alpha=1.0)
+    flat.smoothing = fr.Smoothing(layer="block2", gate=1.0, quantile=0.9)
+    with pytest.raises(fr.ProfileError, match="per-position"):
+        fr.attach(model, flat, check_fingerprint=False)
+    assert not fr.repair_modules(model) and not model._forward_pre_hooks
+    with pytest.raises(fr.ProfileError, match="per-position"):
+        flat.save(tmp_path / "q.safetensors")
