@@ -14,11 +14,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from .attachment import attached
 from .estimate import Estimator
 from .inference import eval_mode, logits, predict
 from .outputs import hidden_state
 from .profile import Profile
-from .search import clean_costs, worst_class
+from .search import clean_cost_evidence
 from .selection import Selection, choose, kl, select, select_unpaired, tau_candidates
 from .smoothing import calibrate as calibrate_smoothing
 
@@ -61,12 +62,12 @@ class FitConfig:
     match_clean: unpaired: leave the inferred target class out of the clean set the directions
       are estimated against, since triggered images never come from it (evidence:
       docs/method.md#match-clean).
-    smoothing, smoothing_quantile: where the chosen repair is per position at a layer of images,
-      also try it with gated input smoothing (`fire_repair.Smoothing`, its gate the clean
-      positions' `smoothing_quantile`), and keep the smoothing if, on the triggered samples, it
-      agrees more (paired: with the twins; unpaired: moves more off the inferred target), or as
-      much and closer (paired: twin_kl; unpaired: the target's probability), within the clean
-      limits (evidence: docs/method.md#gated-smoothing).
+    smoothing, smoothing_quantile: where the chosen repair is per position on images, offer gated
+      input smoothing (`fire_repair.Smoothing`, its gate the clean positions'
+      `smoothing_quantile`) as `offer_smoothing` says: paired, every per-position candidate of
+      the chosen mode smoothed at each layer of its set competes with the choice by `choose`'s
+      rule on the pairs; unpaired, the choice smoothed against it unsmoothed (evidence:
+      docs/method.md#gated-smoothing).
     batch: the batch size of the model's forward passes here.
     """
     layers: Optional[Sequence[str]] = None
@@ -114,7 +115,8 @@ class Fit:
 
     @property
     def choice(self) -> dict:
-        """The chosen layers, form, mode, tau quantile and alpha."""
+        """The chosen layers, form, mode, tau quantile, alpha and smoothing (its layer and gate
+        quantile, or None)."""
         s = self.selection
         smoothing = self.profile.smoothing
         return {"layers": s.layers, "form": s.form, "mode": s.mode, "tau_quantile": s.tau_quantile, "alpha": s.alpha,
@@ -351,8 +353,6 @@ def _evidence(model, profile, clean, ref, config, pairs, flagged, target, with_c
     """The label-free evidence of `profile` (with its smoothing, if any) on the triggered samples:
     paired, `agreement` with the twins and `twin_kl`; unpaired, the share moved off `target` and
     the target's mean probability (`target_probability`); with_costs, its clean costs too."""
-    from .attachment import attached
-
     with attached(model, profile):
         if pairs is not None:
             out = logits(model, pairs[1], config.batch)
@@ -369,12 +369,8 @@ def _evidence(model, profile, clean, ref, config, pairs, flagged, target, with_c
 
 
 def _clean_costs(model, clean, ref, config) -> dict:
-    """The clean costs of the repair attached to `model` (see `search.clean_costs`)."""
-    pred = predict(model, clean, config.batch)
-    changed, drop = clean_costs(pred, ref["pred"], ref["prob"])
-    per_row = changed if config.clean_cost == "clean_change" else drop
-    return {"clean_change": changed.mean().item(), "expected_drop": drop.mean().item(),
-            "worst_class_cost": worst_class(per_row, ref["pred"])[0]}
+    """The clean-cost evidence of the repair attached to `model` (`search.clean_cost_evidence`)."""
+    return clean_cost_evidence(predict(model, clean, config.batch), ref["pred"], ref["prob"], config.clean_cost)
 
 
 @torch.no_grad()
@@ -391,8 +387,6 @@ def offer_smoothing(model, sel: Selection, clean, config: FitConfig, estimator=N
     pairs. Unpaired: the chosen repair smoothed at each layer of its set against it unsmoothed
     (more flagged samples off the target, then a lower target probability, within the clean
     limits). Each smoothing layer's gate is the clean positions' `smoothing_quantile`."""
-    from .attachment import attached
-
     profile = sel.profile
     if clean.dim() != 4 or sel.form != "per_position" or any(lp.channel_dim != 1 for lp in profile.layers):
         return

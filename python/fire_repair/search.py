@@ -46,6 +46,17 @@ def clean_costs(pred: torch.Tensor, ref_pred: torch.Tensor, ref_prob: torch.Tens
     return changed, drop
 
 
+def clean_cost_evidence(pred: torch.Tensor, ref_pred: torch.Tensor, ref_prob: torch.Tensor, clean_cost: str) -> dict:
+    """A repair's clean-cost evidence from its predictions `pred` on the clean reference set:
+    the means of `clean_costs` (`clean_change`, `expected_drop`) and, by `clean_cost`, the
+    `worst_class_cost` / `worst_class` (see `worst_class`)."""
+    changed, drop = clean_costs(pred, ref_pred, ref_prob)
+    per_row = changed if clean_cost == "clean_change" else drop
+    worst, which = worst_class(per_row, ref_pred)
+    return {"clean_change": changed.mean().item() if len(pred) else 0.0,
+            "expected_drop": drop.mean().item() if len(pred) else 0.0, "worst_class_cost": worst, "worst_class": which}
+
+
 def tau_kwargs(q) -> dict:
     """The profile's tau_quantile argument for a candidate (None: a mode without tau)."""
     return {} if q is None else {"tau_quantile": q}
@@ -105,11 +116,7 @@ class Scored:
             pred = predict(self.model, self.clean_ref)
         finally:
             detach(self.model)
-        changed, drop = clean_costs(pred, self.ref_pred, self.ref_prob)
-        e["clean_change"] = changed.mean().item() if len(pred) else 0.0
-        e["expected_drop"] = drop.mean().item() if len(pred) else 0.0
-        per_row = changed if self.grid.clean_cost == "clean_change" else drop
-        e["worst_class_cost"], e["worst_class"] = worst_class(per_row, self.ref_pred)
+        e.update(clean_cost_evidence(pred, self.ref_pred, self.ref_prob, self.grid.clean_cost))
 
 
 def _score_candidate(entry: dict, fold_estimators, splits, scoring: Scoring) -> None:
