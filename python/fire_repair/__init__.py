@@ -14,6 +14,7 @@ from .attachment import Capture, RepairModule, attach, attached, capture, check_
 from .compile_cache import tag_compile_caches
 from .deploy import export
 from .detect import backdoor_scores
+from .diagnose import trigger_spectrum
 from .estimate import Estimator
 from .inference import eval_mode, logits, predict
 from .input_layer import WithInputLayer, with_input_layer
@@ -33,7 +34,7 @@ __all__ = [
     "attach", "attached", "backdoor_scores", "backend_for", "candidate_layers", "capture", "check_repairs", "choose",
     "detach", "estimators", "eval_mode", "export", "fingerprint", "fit", "logits", "matched_clean", "positional_layers",
     "predict", "repair", "repair_modules", "repair_reference", "repair_with_scores", "select",
-    "select_unpaired", "with_input_layer",
+    "select_unpaired", "trigger_spectrum", "with_input_layer",
 ]
 # Words: the op's `scores` output and `Capture.projections` are the raw projections
 # c = <v_k, x - center>; a "backdoor score" (`backdoor_scores`, `Capture.score`) is their
