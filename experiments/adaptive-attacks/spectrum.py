@@ -1,8 +1,9 @@
 """Why FIRE holds or fails on each attack: at every candidate layer of the evaluation suite's
 backdoored model, the share of the trigger's displacement in its top k directions and what a
 gate calibrated on clean images reaches there (fire_repair.trigger_spectrum), flattened and per
-position. Measured on the defender's half of the test set: up to --n-pairs triggered images with
-their twins, the held-out clean images as the gate's calibration (issue 36).
+position. Measured on up to --n-pairs triggered images of the defender's half of the test set with
+their twins; the gate is calibrated on the evaluation half's clean images (no twin among them)
+(issue 36).
 
     OMP_NUM_THREADS=2 python experiments/adaptive-attacks/spectrum.py --data digits \
         --attack badnets adap-blend adap-patch latent low-amp multi --out experiments/adaptive-attacks/digits
@@ -30,12 +31,12 @@ for name in args.attack:
                             **extra)
     attack = attacks.build(cfg.attack, target=cfg.target, seed=cfg.seed)
     model, cached, _ = harness.backdoored_model(cfg, ds, attack, progress=True)
-    held, _, _, _ = harness.split(cfg, ds, attack)
+    held, (x_other, _), _, _ = harness.split(cfg, ds, attack)
     twins, triggered = (x[:args.n_pairs] for x in held.pool)
     flat = model.REPAIRABLE
     positional = fr.positional_layers(model, flat, held.clean[:2], channel_dim=1)
     for form, layers in (("flattened", flat), ("per_position", positional)):
-        for r in fr.trigger_spectrum(model, layers, triggered, twins, held.clean, ks=KS,
+        for r in fr.trigger_spectrum(model, layers, triggered, twins, x_other, ks=KS,
                                      per_position=form == "per_position"):
             rows.append({"attack": name, "form": form, **r})
             print(json.dumps(rows[-1]), flush=True)
@@ -48,4 +49,7 @@ with open(f"{args.out}/spectrum.md", "w") as f:
     f.write("| " + " | ".join(head) + " |\n|" + "---|" * 3 + "---:|" * (len(head) - 3) + "\n")
     for r in rows:
         f.write("| " + " | ".join(str(r[h]) if isinstance(r[h], (str, int)) else f"{r[h]:.3f}" for h in head) + " |\n")
+    f.write("\nshare@k: the trigger's displacement energy in its top k directions; reach@k: triggered images over "
+            f"the clean 0.99 quantile of the largest |z| along them; amplitude: mean squared displacement / clean "
+            f"total variance. {args.n_pairs} pairs at most; fire_repair.trigger_spectrum.\n")
 print(f"wrote {args.out}/spectrum.md ({time.perf_counter() - t0:.0f} s)")
