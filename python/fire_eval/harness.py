@@ -182,7 +182,7 @@ class FireDefense(ProfileDefense):
 # invert also undoes the scaling a blend applies (paired only: its slope comes from the pairs).
 # The one-mode rows are FIRE's ablations of that choice (evidence: docs/method.md#modes).
 SELECTED_MODES = ("clamp", "gated", "invert")
-UNPAIRED_MODES = ("clamp", "gated")
+UNPAIRED_MODES = ("clamp", "gated", "invert")
 FIRE_DEFENSES = {
     "fire": lambda: FireDefense(SELECTED_MODES, name="fire"),
     "fire-unpaired": lambda: FireDefense(UNPAIRED_MODES, paired=False, name="fire-unpaired"),
@@ -371,10 +371,11 @@ def pair_draws(run: Run, name: str, first: dict, score, log=print) -> dict:
     return {"defense": name, "n_pairs": n, "draws": draws}
 
 
-def unpaired_mode(mode: str) -> str:
-    """The mode an unpaired estimate (online updates, the unpaired ablations) runs for a chosen
-    `mode`: invert needs the pairs' slope, so its unpaired counterpart is gated (invert without it)."""
-    return "gated" if mode == "invert" else mode
+def unpaired_mode(mode: str, form: str) -> str:
+    """The mode an unpaired estimate (the unpaired ablations) runs for a chosen `mode`: invert
+    per position needs the pairs' slope, so there its unpaired counterpart is gated (invert
+    without it); flattened, unpaired invert takes its slope from the flagged rows' spread."""
+    return "gated" if mode == "invert" and form == "per_position" else mode
 
 
 def tau_quantiles(cfg: RunConfig, modes) -> dict:
@@ -407,7 +408,7 @@ def online_curve(model, sel, cfg, hold_clean, stream, eval_poison, eval_poison_y
     clean, _ = clean_reference(model, hold_clean, stream[:batch], cfg.match_clean)
     est = estimator(model, sel.layers, cfg, sel.form)
     est.observe(clean, poisoned=False)
-    mode = unpaired_mode(sel.mode)
+    mode = "gated" if sel.mode == "invert" else sel.mode  # Online refuses invert (no slope online)
     online = fr.Online(est, mode=mode, alpha=sel.alpha, threshold=None,
                        **({} if sel.tau_quantile is None else {"tau_quantile": sel.tau_quantile}))
     curve = [[0, (predict(model, eval_poison) == eval_poison_y).float().mean().item()]]
@@ -472,7 +473,7 @@ def ablations(model, chosen: FireDefense, cfg, held: Held, layers, score) -> lis
     variants = (("unpaired", None, cfg.match_clean), ("unpaired, clean set not matched", None, False),
                 ("unpaired+photometric", Photometric(seed=cfg.seed), cfg.match_clean),
                 ("unpaired+shift", RandomShift(seed=cfg.seed), cfg.match_clean))
-    umode = unpaired_mode(mode)
+    umode = unpaired_mode(mode, sel.form)
     for what, augment, match in variants:
         clean, _ = clean_reference(model, held.clean, held.flagged, match)
         u = estimator(model, sel.layers, cfg, sel.form, augment=augment, n_augment=4 if augment else 1)

@@ -5,7 +5,7 @@ import torch
 
 from fire_kernels.modes import SHIFT_MODES, TAU_MODES
 
-from .directions import Evidence, beta, directions, pair_slope
+from .directions import Evidence, beta, directions, pair_slope, unpaired_slope
 from .profile import LayerProfile
 from .stats import PositionStats
 
@@ -28,18 +28,23 @@ def calibrate(st, name: str, mode: str, alpha: torch.Tensor, k: int, source: str
     scale = their std; `alpha` (k,) as given. Shift subtracts beta's part along each direction
     (the paper's rule); gated subtracts it where the sample's score exceeds tau (the shift
     applied to what the clean data's quantile flags), nothing elsewhere. Invert is gated plus
-    the pairs' slope g (`pair_slope`, on the first direction): a flagged row's distance to
-    the centre is divided by 1 + alpha g, which undoes a trigger that blends (x' - mu =
-    (1 + g)(x - mu) + beta); it needs pairs, and its beta is the control variate's (the
-    one consistent with g)."""
+    a slope g on the first direction: a flagged row's distance to the centre is divided by
+    1 + alpha g, which undoes a trigger that blends (x' - mu = (1 + g)(x - mu) + beta). Paired,
+    g is the pairs' regression (`pair_slope`) and beta the control variate's (the one
+    consistent with g); unpaired (flattened only), g compares the flagged rows' spread with the
+    clean rows' (`unpaired_slope`) and beta is the unpaired one."""
     ev = evidence(st, source)  # per position unpaired: the positions are picked once, for directions and beta
     slope = None
     if mode == "invert":
-        if source != "paired":
-            raise ValueError("mode 'invert' needs paired samples: its slope is the pairs' regression")
-        paired_beta = "control_variate"
         slope = torch.zeros(k)
-        slope[0] = pair_slope(ev.triggered)
+        if source == "paired":
+            paired_beta = "control_variate"
+            slope[0] = pair_slope(ev.triggered)
+        elif isinstance(st, PositionStats):  # the picked positions are no draws of the clean positions
+            raise ValueError("mode 'invert' per position needs paired samples: unpaired, its slope compares the "
+                             "flagged rows' spread with the clean rows', which picked positions do not share")
+        else:
+            slope[0] = unpaired_slope(ev)
     V = directions(ev, k, source, paired_beta)
     center = ev.clean.clean_mean().float()
     proj = clean_projections(ev.clean.clean_sample.rows, V, center)

@@ -97,6 +97,21 @@ def pair_slope(st) -> float:
     return cov / var if var > 1e-12 * float(st.sum_pair_cc.sum()) else 0.0
 
 
+def unpaired_slope(ev: Evidence) -> float:
+    """g without pairs. A trigger that blends maps every row to x' - mu = (1 + g)(x - mu) + beta,
+    so the flagged rows, other draws of the clean distribution, spread (1 + g)^2 times as much
+    as the clean rows: 1 + g = sqrt(total variance of the flagged rows / that of the clean
+    rows), from the two reservoirs, pooled over every feature as `pair_slope` pools its
+    regression. A trigger that only adds leaves the spread alone (g near 0); one that
+    collapses the rows toward one point gives g near -1. 0 with fewer than two rows on either
+    side or clean rows that do not vary."""
+    p, c = ev.triggered.poison_sample.rows, ev.clean.clean_sample.rows
+    if p.shape[0] < 2 or c.shape[0] < 2:
+        return 0.0
+    vp, vc = float(p.double().var(0).sum()), float(c.double().var(0).sum())
+    return (vp / vc) ** 0.5 - 1.0 if vc > 0 else 0.0
+
+
 def shrink_unpaired(beta: torch.Tensor, pcs: torch.Tensor, variances: torch.Tensor, n_poison: int,
                     n_clean: int) -> torch.Tensor:
     """The unpaired mean difference with its sampling noise shrunk away. The poisoned images

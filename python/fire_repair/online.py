@@ -24,9 +24,10 @@ class Online:
         """`estimator` holds what is known so far: at least clean statistics at its layers
         (and possibly some poisoned ones). `threshold`: detector cut-off in clean-std units
         (None: only caller flags update the directions)."""
-        if mode == "invert":  # online updates are unpaired: no pairs, no slope
-            raise ValueError("Online: mode 'invert' needs paired samples (its slope); online updates are unpaired, "
-                             "use 'gated' (invert without a slope)")
+        if mode == "invert":  # no pairs online, and the detector's picks are no draws of the triggered images
+            raise ValueError("Online: mode 'invert' is not served online: its slope needs pairs, or flagged images "
+                             "drawn like the clean ones (the online detector picks those that stand out); use "
+                             "'gated' (invert without a slope)")
         self.model, self.estimator = estimator.model, estimator
         self.mode, self.alpha, self.tau_quantile = mode, alpha, tau_quantile
         self.threshold, self.min_poisoned = threshold, min_poisoned

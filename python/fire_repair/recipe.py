@@ -24,8 +24,8 @@ from .selection import Selection, choose, kl, select, select_unpaired, tau_candi
 from .smoothing import calibrate as calibrate_smoothing
 
 FORMS = ("flattened", "per_position")
-PAIRED_MODES = ("clamp", "gated", "invert")  # invert needs the pairs' slope: paired only
-UNPAIRED_MODES = ("clamp", "gated")
+PAIRED_MODES = ("clamp", "gated", "invert")
+UNPAIRED_MODES = ("clamp", "gated", "invert")
 
 
 @dataclass
@@ -39,8 +39,8 @@ class FitConfig:
       with positions) (evidence: docs/method.md#forms). channel_dim: where a layer's channels sit
       for the per-position form (1: (N, C, ...) maps, -1: (N, T, C) tokens; None: -1 if a
       candidate returns 3-d tokens, else 1).
-    modes: None: clamp, gated and invert with pairs; clamp and gated unpaired (evidence:
-      docs/method.md#modes).
+    modes: None: clamp, gated and invert, with pairs or without (unpaired, invert only
+      flattened) (evidence: docs/method.md#modes, docs/method.md#unpaired-invert).
     alphas / unpaired_alphas: the alpha grid with pairs / with flagged images only (evidence:
       docs/method.md#alphas, docs/method.md#unpaired-alphas).
     tau_quantile, gate_quantile, invert_quantile: clean-quantile candidates of tau for clamp,

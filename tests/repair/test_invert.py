@@ -1,6 +1,8 @@
 """Mode invert above the op: the estimator's profile (beta and slope from the pairs), the profile
 file, the attached module, and the harness's choice of it. The op's maths is tested with the
 other modes (test_op_reference.py, test_op_positions.py, test_op_autograd.py)."""
+from collections import OrderedDict
+
 import pytest
 import torch
 from helpers import D, identity_model
@@ -56,12 +58,47 @@ def test_slope_only_on_the_first_direction_with_k_above_one():
     assert layer.slope.shape == (2,) and layer.slope[1] == 0 and layer.slope[0] == pytest.approx(-A, abs=1e-5)
 
 
-def test_unpaired_estimation_cannot_give_invert():
-    clean, _, blended, _ = blend_data()
-    est = fr.Estimator(identity_model(), ["feat"], k=1)
-    est.observe(clean, poisoned=False)
-    est.observe(blended, poisoned=True)
-    with pytest.raises(ValueError, match="invert' needs paired samples"):
+def test_unpaired_invert_takes_the_slope_from_the_flagged_rows_spread():
+    clean, _, _, p = blend_data(n_clean=1200)
+    ref, others = clean[:600], clean[600:]
+    flagged = (1 - A) * others + A * p  # other images than the clean ones, blended
+    est = fr.Estimator(identity_model(), ["feat"], k=1, reservoir=1024)
+    est.observe(ref, poisoned=False)
+    est.observe(flagged, poisoned=True)
+    layer = est.profile(mode="invert", alpha=1.0, tau_quantile=0.99).layer("feat")
+    assert layer.slope[0] == pytest.approx(-A, abs=0.03)
+    g = torch.Generator().manual_seed(7)
+    fresh = torch.rand(200, D, generator=g)
+    blended = (1 - A) * fresh + A * p
+    out, scores = torch.ops.fire.repair_with_scores(blended, layer.directions, layer.alpha, layer.center, layer.tau,
+                                                    "invert", slope=layer.slope)
+    flagged_now = scores[:, 0] > layer.tau[0]
+    assert flagged_now.float().mean() > 0.9
+    gated = est.profile(mode="gated", alpha=1.0, tau_quantile=0.99).layer("feat")
+    shifted = torch.ops.fire.repair(blended, gated.directions, gated.alpha, gated.center, gated.tau, "gated")
+    err_invert = (out - fresh)[flagged_now].norm(dim=1).mean()
+    err_gated = (shifted - fresh)[flagged_now].norm(dim=1).mean()
+    assert err_invert < 0.5 * err_gated  # the spread's slope undoes most of what the shift alone leaves
+
+
+def test_unpaired_slope_is_near_zero_for_a_trigger_that_only_adds():
+    clean, _, _, p = blend_data(n_clean=1200)
+    est = fr.Estimator(identity_model(), ["feat"], k=1, reservoir=1024)
+    est.observe(clean[:600], poisoned=False)
+    est.observe(clean[600:] + p, poisoned=True)
+    assert est.profile(mode="invert").layer("feat").slope[0] == pytest.approx(0.0, abs=0.05)
+
+
+def test_unpaired_invert_per_position_is_refused():
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(OrderedDict(feat=torch.nn.Identity()))
+    est = fr.Estimator(model, ["feat"], k=1, per_position=True, channel_dim=1)
+    x = torch.randn(40, 3, 4, 4, generator=g)
+    est.observe(x, poisoned=False)
+    trig = x.clone()
+    trig[:, :, 1, 1] += 5.0
+    est.observe(trig, poisoned=True)
+    with pytest.raises(ValueError, match="per position needs paired samples"):
         est.profile(mode="invert")
 
 
@@ -127,7 +164,7 @@ def test_attached_model_applies_the_slope_and_refuses_a_bad_one():
         fr.detach(model)
 
 
-def test_selection_offers_invert_and_records_why_it_cannot_be_estimated_unpaired():
+def test_selection_offers_invert_paired_and_unpaired():
     clean, _, _, p = blend_data(a=A)
     est = fr.Estimator(identity_model(), ["feat"], k=1)
     est.observe(clean[16:], poisoned=False)
@@ -141,14 +178,13 @@ def test_selection_offers_invert_and_records_why_it_cannot_be_estimated_unpaired
     unpaired.observe(clean[16:], poisoned=False)
     sel = fr.select_unpaired(unpaired, flagged, clean[16:80], modes=["clamp", "invert"], alphas=[1.0],
                              tau_quantile=0.99)
-    errors = [e for e in sel.evidence if e["mode"] == "invert"]
-    assert errors and all("needs paired samples" in e["error"] for e in errors)
-    assert sel.mode == "clamp"
+    inverts = [e for e in sel.evidence if e["mode"] == "invert"]
+    assert inverts and all("error" not in e for e in inverts)
 
 
 def test_online_refuses_invert_and_the_harness_runs_it_as_gated(monkeypatch):
     est, _, _ = fitted()
-    with pytest.raises(ValueError, match="Online: mode 'invert' needs paired samples"):
+    with pytest.raises(ValueError, match="Online: mode 'invert' is not served online"):
         fr.Online(est, mode="invert")
     from fire_eval import harness
 
@@ -168,12 +204,12 @@ def test_online_refuses_invert_and_the_harness_runs_it_as_gated(monkeypatch):
     assert seen["mode"] == "gated" and out["mode"] == "gated" and len(out["curve"]) == 3
 
 
-def test_the_harness_offers_invert_two_gates_and_unpaired_fire_none():
+def test_the_harness_offers_invert_two_gates_paired_and_unpaired():
     from fire_eval import harness
 
     cfg = harness.RunConfig(attack="blended")
     assert harness.tau_quantiles(cfg, harness.SELECTED_MODES) == {"clamp": (0.9, 0.99), "gated": (0.999,),
                                                                   "invert": (0.99, 0.999)}
     assert "invert" in harness.FIRE_DEFENSES["fire"]().modes
-    assert "invert" not in harness.FIRE_DEFENSES["fire-unpaired"]().modes
+    assert "invert" in harness.FIRE_DEFENSES["fire-unpaired"]().modes
     assert harness.FIRE_DEFENSES["fire-invert"]().modes == ("invert",)
