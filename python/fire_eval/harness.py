@@ -179,10 +179,11 @@ class FireDefense(ProfileDefense):
 
 # `fire` and `fire-unpaired` choose the mode too (label-free, with the layer and alpha): clamp
 # moves what lies beyond the clean range, gated shifts by beta what the clean quantile flags,
-# invert also undoes the scaling a blend applies (paired only: its slope comes from the pairs).
+# invert also undoes the scaling a blend applies (its slope from the pairs, or unpaired from the
+# flagged rows' spread, flattened only).
 # The one-mode rows are FIRE's ablations of that choice (evidence: docs/method.md#modes).
 SELECTED_MODES = ("clamp", "gated", "invert")
-UNPAIRED_MODES = ("clamp", "gated", "invert")
+UNPAIRED_MODES = SELECTED_MODES
 FIRE_DEFENSES = {
     "fire": lambda: FireDefense(SELECTED_MODES, name="fire"),
     "fire-unpaired": lambda: FireDefense(UNPAIRED_MODES, paired=False, name="fire-unpaired"),

@@ -25,7 +25,7 @@ from .smoothing import calibrate as calibrate_smoothing
 
 FORMS = ("flattened", "per_position")
 PAIRED_MODES = ("clamp", "gated", "invert")
-UNPAIRED_MODES = ("clamp", "gated", "invert")
+UNPAIRED_MODES = PAIRED_MODES  # unpaired invert takes its slope from the flagged rows' spread (flattened only)
 
 
 @dataclass

@@ -32,6 +32,15 @@ def fitted(paired_beta="mean", n_pairs=8):
     return est, clean, p
 
 
+def invert_fresh_blends(layer, p, seed):
+    """(fresh clean rows, them blended, `layer`'s invert repair of the blends, which it flagged)."""
+    fresh = torch.rand(200, D, generator=torch.Generator().manual_seed(seed))
+    blended = (1 - A) * fresh + A * p
+    out, scores = torch.ops.fire.repair_with_scores(blended, layer.directions, layer.alpha, layer.center, layer.tau,
+                                                    "invert", slope=layer.slope)
+    return fresh, blended, out, scores[:, 0] > layer.tau[0]
+
+
 @pytest.mark.parametrize("paired_beta", ["mean", "control_variate"])
 def test_the_profile_undoes_a_blend_whatever_the_paired_beta(paired_beta):
     est, clean, p = fitted(paired_beta)
@@ -40,12 +49,7 @@ def test_the_profile_undoes_a_blend_whatever_the_paired_beta(paired_beta):
     torch.testing.assert_close(layer.slope, torch.tensor([-A]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.directions[0], A * (p - mu), rtol=1e-4, atol=1e-6)  # the control variate's
     # unseen clean rows, blended: the flagged ones come back to their clean selves
-    g = torch.Generator().manual_seed(5)
-    fresh = torch.rand(200, D, generator=g)
-    blended = (1 - A) * fresh + A * p
-    out, scores = torch.ops.fire.repair_with_scores(blended, layer.directions, layer.alpha, layer.center, layer.tau,
-                                                    "invert", slope=layer.slope)
-    flagged = scores[:, 0] > layer.tau[0]
+    fresh, blended, out, flagged = invert_fresh_blends(layer, p, seed=5)
     assert flagged.float().mean() > 0.9
     torch.testing.assert_close(out[flagged], fresh[flagged], rtol=1e-4, atol=1e-5)
     gated = torch.ops.fire.repair(blended, layer.directions, layer.alpha, layer.center, layer.tau, "gated")
@@ -67,12 +71,7 @@ def test_unpaired_invert_takes_the_slope_from_the_flagged_rows_spread():
     est.observe(flagged, poisoned=True)
     layer = est.profile(mode="invert", alpha=1.0, tau_quantile=0.99).layer("feat")
     assert layer.slope[0] == pytest.approx(-A, abs=0.03)
-    g = torch.Generator().manual_seed(7)
-    fresh = torch.rand(200, D, generator=g)
-    blended = (1 - A) * fresh + A * p
-    out, scores = torch.ops.fire.repair_with_scores(blended, layer.directions, layer.alpha, layer.center, layer.tau,
-                                                    "invert", slope=layer.slope)
-    flagged_now = scores[:, 0] > layer.tau[0]
+    fresh, blended, out, flagged_now = invert_fresh_blends(layer, p, seed=7)
     assert flagged_now.float().mean() > 0.9
     gated = est.profile(mode="gated", alpha=1.0, tau_quantile=0.99).layer("feat")
     shifted = torch.ops.fire.repair(blended, gated.directions, gated.alpha, gated.center, gated.tau, "gated")
