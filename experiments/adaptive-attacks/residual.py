@@ -14,10 +14,11 @@ import argparse
 import json
 import time
 
+import suite
 import torch
 
 import fire_repair as fr
-from fire_eval import attacks, data, harness
+from fire_eval import data, harness
 
 p = argparse.ArgumentParser()
 p.add_argument("--data", default="digits")
@@ -25,41 +26,36 @@ p.add_argument("--data-path", default=None)
 p.add_argument("--attack", nargs="+", required=True)
 p.add_argument("--out", required=True)
 args = p.parse_args()
-extra = dict(width=32, epochs=6, n_eval=2000, n_clean_holdout=2000) if args.data != "digits" else {}
 ds = data.load(args.data, args.data_path, seed=0)
 rows, t0 = [], time.perf_counter()
 
 
-def touched(model, profile, x) -> torch.Tensor:
-    """(N,) bool: some repaired layer's projection of the image passed its tau (any direction,
-    any position)."""
-    hit = torch.zeros(x.shape[0], dtype=torch.bool)
+def repaired(model, profile, x) -> tuple:
+    """(predictions, touched), one pass of x through the model repaired by `profile`: touched[i]
+    is whether some repaired layer's projection of image i passed its tau (any direction, any
+    position)."""
+    preds, hit = [], []
     with fr.attached(model, profile), fr.capture(model) as cap:
         for i in range(0, x.shape[0], 256):
-            model(x[i:i + 256])
-            part = torch.zeros(min(256, x.shape[0] - i), dtype=torch.bool)
+            preds.append(fr.predict(model, x[i:i + 256]))
+            part = torch.zeros(preds[-1].shape[0], dtype=torch.bool)
             for layer in profile.layers:
                 c = cap.projections[layer.name]
                 over = (c > layer.tau.to(c.dtype)) if layer.tau is not None else torch.ones_like(c, dtype=torch.bool)
                 part |= over.reshape(over.shape[0], -1).any(1).cpu()
-            hit[i:i + part.shape[0]] = part
-    return hit
+            hit.append(part)
+    return torch.cat(preds), torch.cat(hit)
 
 
 for name in args.attack:
-    cfg = harness.RunConfig(attack=name, data=args.data, data_path=args.data_path, online=False, ablations=False,
-                            **extra)
-    attack = attacks.build(cfg.attack, target=cfg.target, seed=cfg.seed)
-    model, _, _ = harness.backdoored_model(cfg, ds, attack, progress=True)
+    c = suite.case(args.data, args.data_path, ds, name)
+    cfg, attack, model, held, (xp, yp) = c.cfg, c.attack, c.model, c.held, c.eval_poison
     clean_model = harness.clean_model(cfg, ds, progress=True)
-    held, _, (xp, yp), _ = harness.split(cfg, ds, attack)
     fit = fr.fit(model, held.clean, pairs=held.pairs,
                  config=harness.fit_config(cfg, model, model.REPAIRABLE, harness.SELECTED_MODES))
-    with fr.attached(model, fit.profile):
-        after = fr.predict(model, xp)
+    after, hit = repaired(model, fit.profile, xp)
     floor = fr.predict(clean_model, xp) == attack.target
     left = after == attack.target
-    hit = touched(model, fit.profile, xp)
     n = len(yp)
     row = {"attack": name, "choice": fit.choice, "n": n, "asr_after": left.double().mean().item(),
            "clean_model_asr": floor.double().mean().item(), "touched": hit.double().mean().item(),

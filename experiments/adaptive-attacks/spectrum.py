@@ -12,8 +12,10 @@ import argparse
 import json
 import time
 
+import suite
+
 import fire_repair as fr
-from fire_eval import attacks, data, harness
+from fire_eval import data
 
 KS = (1, 2, 4, 8)
 p = argparse.ArgumentParser()
@@ -23,15 +25,11 @@ p.add_argument("--attack", nargs="+", required=True)
 p.add_argument("--n-pairs", type=int, default=512)
 p.add_argument("--out", required=True)
 args = p.parse_args()
-extra = dict(width=32, epochs=6, n_eval=2000, n_clean_holdout=2000) if args.data != "digits" else {}
 ds = data.load(args.data, args.data_path, seed=0)
 rows, t0 = [], time.perf_counter()
 for name in args.attack:
-    cfg = harness.RunConfig(attack=name, data=args.data, data_path=args.data_path, online=False, ablations=False,
-                            **extra)
-    attack = attacks.build(cfg.attack, target=cfg.target, seed=cfg.seed)
-    model, cached, _ = harness.backdoored_model(cfg, ds, attack, progress=True)
-    held, (x_other, _), _, _ = harness.split(cfg, ds, attack)
+    c = suite.case(args.data, args.data_path, ds, name)
+    model, held, x_other = c.model, c.held, c.eval_clean[0]
     twins, triggered = (x[:args.n_pairs] for x in held.pool)
     flat = model.REPAIRABLE
     positional = fr.positional_layers(model, flat, held.clean[:2], channel_dim=1)

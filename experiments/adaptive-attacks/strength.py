@@ -23,10 +23,11 @@ import dataclasses
 import json
 import time
 
+import suite
 import torch
 
 import fire_repair as fr
-from fire_eval import attacks, data, harness
+from fire_eval import data, harness
 
 p = argparse.ArgumentParser()
 p.add_argument("--data", default="digits")
@@ -37,7 +38,6 @@ p.add_argument("--synthetic-pairs", type=int, default=256)
 p.add_argument("--min-explained", type=float, default=0.9)
 p.add_argument("--out", required=True)
 args = p.parse_args()
-extra = dict(width=32, epochs=6, n_eval=2000, n_clean_holdout=2000) if args.data != "digits" else {}
 ds = data.load(args.data, args.data_path, seed=0)
 QUANTILES = {"clamp": (0.9, 0.99), "gated": (0.999,), "invert": (0.99, 0.999), "project": (None,)}
 
@@ -63,26 +63,16 @@ def explained(x: torch.Tensor, x_trig: torch.Tensor) -> float:
     return min(shares)
 
 
-def measure(model, profile, xc, yc, xp, yp, target) -> dict:
-    with fr.attached(model, profile):
-        pc, pp = fr.predict(model, xc), fr.predict(model, xp)
-    return {"ca": (pc == yc).double().mean().item(), "pa": (pp == yp).double().mean().item(),
-            "asr": (pp == target).double().mean().item()}
-
-
 sweep, refits, t0 = [], [], time.perf_counter()
 for name in args.attack:
-    cfg = harness.RunConfig(attack=name, data=args.data, data_path=args.data_path, online=False, ablations=False,
-                            **extra)
-    attack = attacks.build(cfg.attack, target=cfg.target, seed=cfg.seed)
-    model, _, _ = harness.backdoored_model(cfg, ds, attack, progress=True)
+    c = suite.case(args.data, args.data_path, ds, name)
+    cfg, attack, model, held = c.cfg, c.attack, c.model, c.held
     clean_model = harness.clean_model(cfg, ds, progress=True)
-    held, (xc, yc), (xp, yp), _ = harness.split(cfg, ds, attack)
-    floor = (fr.predict(clean_model, xp) == attack.target).double().mean().item()
+    floor = (fr.predict(clean_model, c.eval_poison[0]) == attack.target).double().mean().item()
     config = harness.fit_config(cfg, model, model.REPAIRABLE, harness.SELECTED_MODES)
     fit = fr.fit(model, held.clean, pairs=held.pairs, config=config)
     choice = fit.choice
-    chosen = measure(model, fit.profile, xc, yc, xp, yp, attack.target)
+    chosen = suite.rates(c, fit.profile)
     print(name, choice, chosen, f"floor {floor:.4f}", flush=True)
 
     # 1. the chosen candidate at other strengths (without the smoothing fit may add)
@@ -100,7 +90,7 @@ for name in args.attack:
                 continue
             sweep.append({"attack": name, "layers": choice["layers"], "form": choice["form"], "mode": choice["mode"],
                           "tau_quantile": q, "alpha": alpha, "floor": floor,
-                          **measure(model, prof, xc, yc, xp, yp, attack.target)})
+                          **suite.rates(c, prof)})
             print(json.dumps(sweep[-1]), flush=True)
 
     # 2. 16 pairs plus synthetic twins from the affine trigger model
@@ -115,7 +105,7 @@ for name in args.attack:
         pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:args.synthetic_pairs]]
         made = (a + b * pick.double().flatten(1)).reshape(pick.shape).to(pick.dtype)
         more = fr.fit(model, held.clean, pairs=(torch.cat([x, pick]), torch.cat([x_trig, made])), config=config)
-        row.update(more_choice=more.choice, more=measure(model, more.profile, xc, yc, xp, yp, attack.target))
+        row.update(more_choice=more.choice, more=suite.rates(c, more.profile))
     refits.append(row)
     print(json.dumps(row, default=str), flush=True)
 

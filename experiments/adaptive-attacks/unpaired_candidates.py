@@ -18,8 +18,10 @@ import dataclasses
 import json
 import time
 
+import suite
+
 import fire_repair as fr
-from fire_eval import attacks, data, harness
+from fire_eval import data, harness
 
 p = argparse.ArgumentParser()
 p.add_argument("--data", default="digits")
@@ -32,7 +34,6 @@ p.add_argument("--clamp-tau-quantile", type=float, nargs="+", default=None,
 p.add_argument("--name", default="unpaired-candidates", help="the record's file name, without .md / .json")
 p.add_argument("--out", required=True)
 args = p.parse_args()
-extra = dict(width=32, epochs=6, n_eval=2000, n_clean_holdout=2000) if args.data != "digits" else {}
 params = {}
 for item in args.attack_param:
     name, kv = item.split(":", 1)
@@ -41,11 +42,8 @@ for item in args.attack_param:
 ds = data.load(args.data, args.data_path, seed=0)
 rows, t0 = [], time.perf_counter()
 for name in args.attack:
-    cfg = harness.RunConfig(attack=name, data=args.data, data_path=args.data_path, online=False, ablations=False,
-                            attack_params=params.get(name, {}), **extra)
-    attack = attacks.build(cfg.attack, target=cfg.target, seed=cfg.seed, **cfg.attack_params)
-    model, _, _ = harness.backdoored_model(cfg, ds, attack, progress=True)
-    held, (xc, yc), (xp, yp), _ = harness.split(cfg, ds, attack)
+    c = suite.case(args.data, args.data_path, ds, name, params.get(name))
+    cfg, model, held = c.cfg, c.model, c.held
     config = harness.fit_config(cfg, model, model.REPAIRABLE, harness.UNPAIRED_MODES)
     if args.clamp_tau_quantile:
         config = dataclasses.replace(config, tau_quantile=tuple(args.clamp_tau_quantile))
@@ -62,14 +60,10 @@ for name in args.attack:
         q = {} if e["tau_quantile"] is None else {"tau_quantile": e["tau_quantile"]}
         prof = ests[e["form"]].profile(mode=e["mode"], alpha=e["alpha"], layers=e["layers"], with_fingerprint=False,
                                        **q)
-        with fr.attached(model, prof):
-            pc, pp = fr.predict(model, xc), fr.predict(model, xp)
         is_chosen = all(e[k] == chosen[k] for k in ("layers", "form", "mode", "tau_quantile", "alpha"))
         rows.append({"attack": name, "layers": e["layers"], "form": e["form"], "mode": e["mode"],
                      "tau_quantile": e["tau_quantile"], "alpha": e["alpha"], "agreement": e["agreement"],
-                     "margin_gap_alpha": e.get("margin_gap_alpha"), "chosen": is_chosen,
-                     "ca": (pc == yc).double().mean().item(), "pa": (pp == yp).double().mean().item(),
-                     "asr": (pp == attack.target).double().mean().item()})
+                     "margin_gap_alpha": e.get("margin_gap_alpha"), "chosen": is_chosen, **suite.rates(c, prof)})
         print(json.dumps(rows[-1]), flush=True)
 
 wall = round(time.perf_counter() - t0, 1)
